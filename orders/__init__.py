@@ -1,0 +1,1 @@
+"""Orders that cancel themselves on time, exactly once."""

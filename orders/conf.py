@@ -1,0 +1,78 @@
+"""The app's own settings: one ``ORDERS`` dict in the host project, merged over these defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+from functools import cache
+from typing import Any
+
+from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+DEFAULTS: dict[str, Any] = {
+    # How long a customer has to pay, when the order does not say (seconds).
+    "DEFAULT_TIMEOUT": 30 * 60,
+    # Per-order timeouts outside these bounds are refused as mistakes (seconds).
+    "MIN_TIMEOUT": 1,
+    "MAX_TIMEOUT": 30 * 24 * 3600,
+    # Deadlines further away than this are not enqueued when the order is placed: the
+    # sweep arms them once they come this close. Must stay below the broker's
+    # visibility_timeout, or Redis redelivers the pending timer while a worker holds it.
+    "TIMER_HORIZON": 50 * 60,
+    # How often beat runs the sweep, and how long past its deadline an unpaid order must
+    # be before the sweep (rather than its own timer) expires it (seconds).
+    "SWEEP_INTERVAL": 30,
+    "SWEEP_GRACE": 5,
+    "SWEEP_BATCH_SIZE": 500,
+    # A paid order whose shipping task has not shipped it after this long is re-queued
+    # by the sweep (seconds).
+    "SHIPPING_RETRY_AFTER": 60,
+    "CURRENCY": "CNY",
+    # Pluggable backends, chosen by dotted path like SESSION_ENGINE.
+    "PAYMENT_GATEWAY": "orders.gateways.LocalPaymentGateway",
+    "LOGISTICS_PROVIDER": "orders.gateways.LocalLogisticsProvider",
+    # Shared secrets for the JSON API (Bearer token) and the signed webhooks. Empty
+    # means "refuse everything", never "accept everything".
+    "API_TOKEN": "",
+    "WEBHOOK_SECRET": "",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class OrdersSettings:
+    DEFAULT_TIMEOUT: int
+    MIN_TIMEOUT: int
+    MAX_TIMEOUT: int
+    TIMER_HORIZON: int
+    SWEEP_INTERVAL: int
+    SWEEP_GRACE: int
+    SWEEP_BATCH_SIZE: int
+    SHIPPING_RETRY_AFTER: int
+    CURRENCY: str
+    PAYMENT_GATEWAY: str
+    LOGISTICS_PROVIDER: str
+    API_TOKEN: str
+    WEBHOOK_SECRET: str
+
+    @property
+    def default_timeout(self) -> timedelta:
+        return timedelta(seconds=self.DEFAULT_TIMEOUT)
+
+
+def user_settings() -> dict[str, Any]:
+    return dict(getattr(settings, "ORDERS", {}) or {})
+
+
+@cache
+def get_settings() -> OrdersSettings:
+    """The merged settings. Unknown keys are reported by the system check orders.E001."""
+    merged = DEFAULTS | {k: v for k, v in user_settings().items() if k in DEFAULTS}
+    return OrdersSettings(**merged)
+
+
+@receiver(setting_changed)
+def _reload(*, setting: str, **kwargs: Any) -> None:
+    if setting == "ORDERS":
+        get_settings.cache_clear()

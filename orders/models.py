@@ -1,0 +1,245 @@
+"""The order, its lifecycle as a state machine, its payments and its transition log.
+
+The diagram is the code: each ``@transition`` below is one arrow of
+
+    created --pay--> paid --ship--> delivered
+    created --expire / cancel--> cancelled
+    paid | delivered --refund--> refunded --close--> cancelled
+
+Transitions only change the instance in memory; ``orders.services`` wraps each one
+with its row lock, ``save()`` and side effects.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.core.validators import MinValueValidator
+from django.db import models
+from django.dispatch import receiver
+from django.utils import timezone
+from django_fsm import FSMField, FSMModelMixin, transition
+from django_fsm.signals import post_transition
+
+from orders.conf import get_settings
+
+#: Who made a transition: a staff user, or a short description of the system part
+#: ("expiry timer", "sweep", "payment webhook", ...).
+Actor = AbstractBaseUser | str
+
+
+class Status(models.TextChoices):
+    CREATED = "created", "Awaiting payment"
+    PAID = "paid", "Paid, awaiting shipment"
+    DELIVERED = "delivered", "Delivered"
+    REFUNDED = "refunded", "Refunded"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+class CancelReason(models.TextChoices):
+    TIMEOUT = "timeout", "Not paid in time"
+    CUSTOMER = "customer", "Cancelled by the customer"
+    STAFF = "staff", "Cancelled by staff"
+    REFUND = "refund", "Closed after a refund"
+
+
+def _default_currency() -> str:
+    return get_settings().CURRENCY
+
+
+class Order(FSMModelMixin, models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    amount = models.DecimalField(
+        max_digits=12, decimal_places=2, validators=[MinValueValidator(Decimal("0.01"))]
+    )
+    currency = models.CharField(max_length=3, default=_default_currency)
+    status = FSMField(
+        max_length=16, choices=Status.choices, default=Status.CREATED, protected=True
+    )
+
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    expires_at = models.DateTimeField(help_text="Deadline for payment.")
+    paid_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    refunded_at = models.DateTimeField(null=True, blank=True)
+    cancelled_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    cancel_reason = models.CharField(max_length=16, choices=CancelReason.choices, blank=True)
+    payment_ref = models.CharField("payment reference", max_length=128, blank=True)
+    tracking_number = models.CharField(max_length=64, blank=True)
+    refund_ref = models.CharField("refund reference", max_length=128, blank=True)
+    # The deadline a timer was last enqueued for. Lets the sweep arm, exactly once,
+    # deadlines that were beyond the horizon or whose timer could not be published.
+    timer_armed_for = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            # The sweep's query: unpaid orders by deadline.
+            models.Index(fields=["status", "expires_at"], name="orders_status_expires_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(amount__gt=0), name="orders_amount_positive"
+            ),
+        ]
+        permissions = [
+            ("refund_order", "Can refund a paid or delivered order"),
+            ("cancel_order", "Can cancel an unpaid order"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Order {self.id} ({self.status})"
+
+    def time_left(self, now: datetime | None = None) -> float | None:
+        """Seconds until the payment deadline, for unpaid orders only."""
+        if self.status != Status.CREATED:
+            return None
+        return (self.expires_at - (now or timezone.now())).total_seconds()
+
+    # The lifecycle. Keyword arguments are recorded by the transition log below.
+
+    @transition(field=status, source=Status.CREATED, target=Status.PAID, custom={"admin": False})
+    def pay(self, *, by: Actor, reason: str = "", payment_ref: str, at: datetime) -> None:
+        self.payment_ref = payment_ref
+        self.paid_at = at
+
+    @transition(
+        field=status, source=Status.PAID, target=Status.DELIVERED, custom={"admin": False}
+    )
+    def ship(self, *, by: Actor, reason: str = "", tracking_number: str, at: datetime) -> None:
+        self.tracking_number = tracking_number
+        self.delivered_at = at
+
+    @transition(
+        field=status, source=Status.CREATED, target=Status.CANCELLED, custom={"admin": False}
+    )
+    def expire(self, *, by: Actor, reason: str = "", at: datetime) -> None:
+        self.cancel_reason = CancelReason.TIMEOUT
+        self.cancelled_at = at
+
+    @transition(
+        field=status,
+        source=Status.CREATED,
+        target=Status.CANCELLED,
+        permission="orders.cancel_order",
+        custom={
+            "label": "Cancel",
+            "help_text": "Cancel this unpaid order.",
+            "form": "orders.forms.ReasonForm",
+        },
+    )
+    def cancel(
+        self, *, by: Actor, reason: str = "", cancel_reason: str = CancelReason.STAFF,
+        at: datetime | None = None,
+    ) -> None:
+        self.cancel_reason = cancel_reason
+        self.cancelled_at = at or timezone.now()
+
+    @transition(
+        field=status,
+        source=[Status.PAID, Status.DELIVERED],
+        target=Status.REFUNDED,
+        permission="orders.refund_order",
+        custom={
+            "label": "Refund",
+            "help_text": "Refund the payment through the gateway, then close the order.",
+            "form": "orders.forms.ReasonForm",
+        },
+    )
+    def refund(
+        self, *, by: Actor, reason: str = "", refund_ref: str = "", at: datetime | None = None
+    ) -> None:
+        self.refund_ref = refund_ref
+        self.refunded_at = at or timezone.now()
+
+    @transition(
+        field=status, source=Status.REFUNDED, target=Status.CANCELLED, custom={"admin": False}
+    )
+    def close(self, *, by: Actor, reason: str = "", at: datetime) -> None:
+        self.cancel_reason = CancelReason.REFUND
+        self.cancelled_at = at
+
+
+class Payment(models.Model):
+    """Money received for an order. Every notification is kept, even one that arrives
+    too late or twice: a payment that does not pay its order is refunded."""
+
+    class Outcome(models.TextChoices):
+        ACCEPTED = "accepted", "Paid the order"
+        LATE = "late", "Arrived after the order was cancelled"
+        SURPLUS = "surplus", "Order was already paid"
+        MISMATCH = "mismatch", "Amount or currency does not match the order"
+
+    id = models.BigAutoField(primary_key=True)
+    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="payments")
+    reference = models.CharField(max_length=128, unique=True)
+    amount = models.DecimalField(max_digits=12, decimal_places=2)
+    currency = models.CharField(max_length=3)
+    outcome = models.CharField(max_length=16, choices=Outcome.choices)
+    received_at = models.DateTimeField(default=timezone.now)
+    refunded_at = models.DateTimeField(null=True, blank=True)
+    refund_ref = models.CharField("refund reference", max_length=128, blank=True)
+
+    class Meta:
+        ordering = ["received_at"]
+        indexes = [models.Index(fields=["outcome", "refunded_at"], name="orders_payment_refund_idx")]
+
+    def __str__(self) -> str:
+        return f"Payment {self.reference} ({self.get_outcome_display()})"
+
+    @property
+    def needs_refund(self) -> bool:
+        return self.outcome != self.Outcome.ACCEPTED and self.refunded_at is None
+
+
+class OrderTransition(models.Model):
+    """One line of an order's history. Our own small model rather than django-fsm-log,
+    whose ``object_id`` is a positive integer (our orders have UUID keys) and whose
+    organisation is winding down; a foreign key also makes the history one indexed join."""
+
+    id = models.BigAutoField(primary_key=True)
+    order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="history")
+    transition = models.CharField(max_length=32)
+    source = models.CharField(max_length=16)
+    target = models.CharField(max_length=16)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    actor = models.CharField(max_length=150, help_text="The user's name, or the system part.")
+    reason = models.TextField(blank=True)
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.transition}: {self.source} -> {self.target} by {self.actor}"
+
+
+@receiver(post_transition, sender=Order)
+def _record_transition(
+    sender: type[Order], instance: Order, name: str, source: str, target: str,
+    method_kwargs: dict[str, Any], **kwargs: Any,
+) -> None:
+    # Runs inside the service's transaction, before save(): the row and its history
+    # commit together or not at all.
+    by = method_kwargs.get("by", "system")
+    user = by if isinstance(by, AbstractBaseUser) else None
+    OrderTransition.objects.create(
+        order=instance,
+        transition=name,
+        source=source,
+        target=target,
+        user=user,
+        actor=user.get_username() if user is not None else str(by),
+        reason=method_kwargs.get("reason", ""),
+        at=method_kwargs.get("at") or timezone.now(),
+    )

@@ -1,0 +1,498 @@
+"""The order's story, one use case per function. Every write to an order goes through here.
+
+Each function that moves an order locks its row first (``select_for_update``; on SQLite
+every write transaction is IMMEDIATE, which serialises them), re-checks the state under
+the lock, and sends its side effects (tasks, signals) only after the commit. So a
+payment and an expiry cannot both win, and a task or webhook delivered twice does what
+it did once.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import F, QuerySet
+from django.dispatch import Signal
+from django.utils import timezone
+from django_fsm import can_proceed
+
+from orders import scheduling, signals
+from orders.conf import get_settings
+from orders.gateways import logistics_provider, payment_gateway
+from orders.models import Actor, CancelReason, Order, Payment, Status
+
+logger = logging.getLogger("orders")
+
+TIMER: Actor = "expiry timer"
+SWEEP: Actor = "sweep"
+SYSTEM: Actor = "system"
+
+
+class OrderError(Exception):
+    """A request the order cannot honour. The message is meant for the person who made it."""
+
+
+class InvalidInput(OrderError):
+    pass
+
+
+class OrderNotFound(OrderError):
+    pass
+
+
+class InvalidTransition(OrderError):
+    pass
+
+
+def _send_on_commit(signal: Signal, order: Order, **extra: Any) -> None:
+    transaction.on_commit(lambda: signal.send(sender=Order, order=order, **extra))
+
+
+def _locked(order_id: Any) -> Order:
+    try:
+        return Order.objects.select_for_update().get(pk=order_id)
+    except (Order.DoesNotExist, ValueError) as exc:
+        raise OrderNotFound(f"No order with id {order_id!r}.") from exc
+
+
+def _get(order_id: Any) -> Order:
+    try:
+        return Order.objects.get(pk=order_id)
+    except (Order.DoesNotExist, ValueError) as exc:  # ValueError: not a UUID at all
+        raise OrderNotFound(f"No order with id {order_id!r}.") from exc
+
+
+# Input checks -------------------------------------------------------------------------
+
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+
+
+def parse_amount(value: Any) -> Decimal:
+    if isinstance(value, bool | float):
+        # Floats carry binary rounding errors into money; ask for a string.
+        raise InvalidInput(f"amount must be a decimal string such as \"12.50\", got {value!r}.")
+    try:
+        amount = Decimal(str(value))
+    except (InvalidOperation, ValueError) as exc:
+        raise InvalidInput(f"amount must be a decimal number, got {value!r}.") from exc
+    if not amount.is_finite() or amount <= 0:
+        raise InvalidInput(f"amount must be greater than zero, got {value!r}.")
+    if amount != amount.quantize(Decimal("0.01")) or amount >= Decimal("1e10"):
+        raise InvalidInput(
+            f"amount must have at most 2 decimal places and 10 digits, got {value!r}."
+        )
+    return amount.quantize(Decimal("0.01"))
+
+
+def parse_currency(value: Any) -> str:
+    if value is None:
+        return get_settings().CURRENCY
+    if not isinstance(value, str) or not _CURRENCY.match(value.upper()):
+        raise InvalidInput(f"currency must be a 3-letter ISO 4217 code such as \"CNY\", got {value!r}.")
+    return value.upper()
+
+
+def parse_seconds(value: Any, *, name: str, minimum: float, maximum: float) -> timedelta:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidInput(f"{name} must be a number of seconds, got {value!r}.")
+    if not minimum <= value <= maximum:
+        raise InvalidInput(
+            f"{name} must be between {minimum:g} and {maximum:g} seconds, got {value:g}."
+        )
+    return timedelta(seconds=value)
+
+
+# Placing and paying -------------------------------------------------------------------
+
+
+def place_order(
+    *,
+    amount: Any,
+    currency: str | None = None,
+    timeout: timedelta | float | None = None,
+    now: datetime | None = None,
+) -> Order:
+    """Create an unpaid order whose deadline is ``now + timeout`` (default from settings),
+    and arm its expiry timer once the order is committed."""
+    conf = get_settings()
+    now = now or timezone.now()
+    timeout = conf.DEFAULT_TIMEOUT if timeout is None else timeout
+    delta = parse_seconds(
+        timeout, name="timeout", minimum=conf.MIN_TIMEOUT, maximum=conf.MAX_TIMEOUT
+    )
+    order = Order(
+        amount=parse_amount(amount),
+        currency=parse_currency(currency),
+        created_at=now,
+        expires_at=now + delta,
+    )
+    with transaction.atomic():
+        scheduling.arm_expiry_timer(order, now=now)
+        order.save(force_insert=True)
+        _send_on_commit(signals.order_placed, order)
+    logger.info(
+        "Order %s placed: %s %s, payment due by %s.",
+        order.pk, order.amount, order.currency, order.expires_at.isoformat(),
+    )
+    return order
+
+
+def record_payment(
+    *,
+    order_id: Any,
+    payment_ref: str,
+    amount: Any,
+    currency: str | None = None,
+    by: Actor = "payment gateway",
+    now: datetime | None = None,
+) -> Payment:
+    """Record money received for an order. It pays the order only if the order is still
+    unpaid, the deadline has not passed and the amount matches; any other payment is
+    kept and refunded. The same ``payment_ref`` again changes nothing."""
+    if not isinstance(payment_ref, str) or not 0 < len(payment_ref) <= 128:
+        raise InvalidInput("payment_ref must be a non-empty string of at most 128 characters.")
+    paid_amount = parse_amount(amount)
+    try:
+        return _record_payment(
+            order_id=order_id, payment_ref=payment_ref, amount=paid_amount,
+            currency=currency, by=by, now=now or timezone.now(),
+        )
+    except IntegrityError:
+        # The same reference raced in for another order: the unique index caught it.
+        return _existing_payment(order_id, payment_ref) or _raise_reused(payment_ref)
+
+
+def _existing_payment(order_id: Any, payment_ref: str) -> Payment | None:
+    payment = Payment.objects.filter(reference=payment_ref).first()
+    if payment is not None and str(payment.order_id) != str(order_id):
+        _raise_reused(payment_ref)
+    return payment
+
+
+def _raise_reused(payment_ref: str) -> Payment:
+    raise InvalidInput(f"payment_ref {payment_ref!r} was already used for another order.")
+
+
+def _record_payment(
+    *, order_id: Any, payment_ref: str, amount: Decimal, currency: str | None, by: Actor,
+    now: datetime,
+) -> Payment:
+    with transaction.atomic():
+        order = _locked(order_id)
+        duplicate = _existing_payment(order_id, payment_ref)
+        if duplicate is not None:
+            logger.info("Payment %s for order %s is a duplicate; nothing to do.", payment_ref, order.pk)
+            return duplicate
+        currency = parse_currency(currency) if currency is not None else order.currency
+
+        if order.status == Status.CREATED and now > order.expires_at:
+            # The timer has not fired yet, but the deadline is the deadline.
+            _expire(order, now=now, by=by, reason="payment arrived after the deadline")
+
+        if order.status != Status.CREATED:
+            outcome = Payment.Outcome.LATE if order.status == Status.CANCELLED else Payment.Outcome.SURPLUS
+        elif (amount, currency) != (order.amount, order.currency):
+            outcome = Payment.Outcome.MISMATCH
+        else:
+            outcome = Payment.Outcome.ACCEPTED
+            order.pay(by=by, payment_ref=payment_ref, at=now)
+            order.save()
+            _send_on_commit(signals.order_paid, order)
+            _enqueue_shipping(order)
+
+        payment = Payment.objects.create(
+            order=order, reference=payment_ref, amount=amount, currency=currency,
+            outcome=outcome, received_at=now,
+        )
+        if payment.needs_refund:
+            _enqueue_payment_refund(payment)
+    log = logger.info if outcome == Payment.Outcome.ACCEPTED else logger.warning
+    log("Payment %s of %s %s for order %s: %s.", payment_ref, amount, currency, order.pk,
+        payment.get_outcome_display().lower() + ("" if outcome == Payment.Outcome.ACCEPTED else "; it will be refunded"))
+    return payment
+
+
+# Expiring -----------------------------------------------------------------------------
+
+
+class ExpiryOutcome(enum.StrEnum):
+    EXPIRED = "expired"
+    MISSING = "missing"
+    NOT_UNPAID = "not unpaid"
+    REARMED = "deadline moved, timer re-armed"
+    WAITING = "deadline moved, timer already armed or beyond the horizon"
+
+
+def expire_order(*, order_id: Any, by: Actor = TIMER, now: datetime | None = None) -> ExpiryOutcome:
+    """Cancel the order if, under its row lock, it is still unpaid and past its deadline.
+    Anything else is a logged no-op, so the timer may fire any number of times."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        order = Order.objects.select_for_update().filter(pk=order_id).first()
+        if order is None:
+            outcome, detail = ExpiryOutcome.MISSING, "no such order"
+        elif order.status != Status.CREATED:
+            outcome, detail = ExpiryOutcome.NOT_UNPAID, f"it is {order.status}"
+        elif order.expires_at > now:
+            rearmed = scheduling.arm_expiry_timer(order, now=now)
+            if rearmed:
+                order.save(update_fields=["timer_armed_for", "updated_at"])
+            outcome = ExpiryOutcome.REARMED if rearmed else ExpiryOutcome.WAITING
+            detail = f"new deadline {order.expires_at.isoformat()}"
+        else:
+            _expire(order, now=now, by=by)
+            return ExpiryOutcome.EXPIRED
+    logger.info("Expiry of order %s by the %s: no-op, %s (%s).", order_id, by, outcome.value, detail)
+    return outcome
+
+
+def _expire(order: Order, *, now: datetime, by: Actor, reason: str = "not paid in time") -> None:
+    order.expire(by=by, reason=reason, at=now)
+    order.save()
+    _send_on_commit(signals.order_expired, order)
+    logger.info(
+        "Order %s expired by the %s, %.3fs after its deadline.",
+        order.pk, by, (now - order.expires_at).total_seconds(),
+    )
+
+
+def extend_order(
+    *, order_id: Any, seconds: Any, by: Actor, now: datetime | None = None
+) -> Order:
+    """Move an unpaid order's deadline later by ``seconds``."""
+    conf = get_settings()
+    now = now or timezone.now()
+    delta = parse_seconds(seconds, name="seconds", minimum=1, maximum=conf.MAX_TIMEOUT)
+    with transaction.atomic():
+        order = _locked(order_id)
+        if order.status != Status.CREATED:
+            raise InvalidTransition(f"Only an unpaid order can be extended; this one is {order.status}.")
+        if order.expires_at <= now:
+            raise InvalidTransition("The deadline has already passed; the order is expiring.")
+        new_deadline = order.expires_at + delta
+        if new_deadline - now > timedelta(seconds=conf.MAX_TIMEOUT):
+            raise InvalidInput(
+                f"The new deadline would be more than MAX_TIMEOUT ({conf.MAX_TIMEOUT}s) away."
+            )
+        order.expires_at = new_deadline
+        # The old timer, when it fires, sees the later deadline and does nothing.
+        scheduling.arm_expiry_timer(order, now=now)
+        order.save(update_fields=["expires_at", "timer_armed_for", "updated_at"])
+    logger.info("Order %s extended by %s to %s by %s.", order.pk, delta, new_deadline.isoformat(), by)
+    return order
+
+
+def cancel_order(
+    *, order_id: Any, by: Actor, reason: str = "",
+    cancel_reason: CancelReason = CancelReason.CUSTOMER, now: datetime | None = None,
+) -> Order:
+    """Cancel an unpaid order at the customer's or staff's request."""
+    with transaction.atomic():
+        order = _locked(order_id)
+        if not can_proceed(order.cancel):
+            raise InvalidTransition(f"Only an unpaid order can be cancelled; this one is {order.status}.")
+        order.cancel(by=by, reason=reason, cancel_reason=cancel_reason, at=now or timezone.now())
+        order.save()
+        _send_on_commit(signals.order_cancelled, order)
+    logger.info("Order %s cancelled by %s (%s).", order.pk, by, cancel_reason)
+    return order
+
+
+# Shipping -----------------------------------------------------------------------------
+
+
+def _enqueue_shipping(order: Order) -> None:
+    from orders.tasks import ship_order_task
+
+    scheduling.enqueue_on_commit(ship_order_task, str(order.pk), what="shipping")
+
+
+def ship_order(*, order_id: Any, now: datetime | None = None) -> Order:
+    """Book the shipment of a paid order and move it to ``delivered``.
+
+    The provider is called outside the lock, with the order as idempotency key, so a
+    repeated call books nothing new."""
+    order = _get(order_id)
+    if order.status != Status.PAID:
+        logger.info("Shipping of order %s: no-op, it is %s.", order.pk, order.status)
+        return order
+    tracking_number = logistics_provider().create_shipment(
+        order_id=str(order.pk), idempotency_key=f"ship:{order.pk}"
+    )
+    with transaction.atomic():
+        order = _locked(order_id)
+        if order.status != Status.PAID:
+            logger.info("Shipping of order %s: no-op, it became %s.", order.pk, order.status)
+            return order
+        order.ship(by="shipping", tracking_number=tracking_number, at=now or timezone.now())
+        order.save()
+        _send_on_commit(signals.order_delivered, order)
+    logger.info("Order %s shipped, tracking number %s.", order.pk, tracking_number)
+    return order
+
+
+# Refunds ------------------------------------------------------------------------------
+
+
+def _refund_at_gateway(payment: Payment) -> str:
+    # The payment's reference is the idempotency key: however often this runs, for
+    # whatever reason, the gateway refunds the payment once.
+    return payment_gateway().refund(
+        payment_ref=payment.reference, amount=payment.amount, currency=payment.currency,
+        idempotency_key=f"refund:{payment.reference}",
+    )
+
+
+def refund_order(*, order_id: Any, by: Actor, reason: str, now: datetime | None = None) -> Order:
+    """Refund a paid or delivered order, then close it. The state moves only after the
+    gateway confirms; a ``GatewayError`` leaves the order as it was."""
+    order = _get(order_id)
+    if not can_proceed(order.refund):
+        raise InvalidTransition(f"Only a paid or delivered order can be refunded; this one is {order.status}.")
+    if not reason.strip():
+        raise InvalidInput("A refund needs a reason.")
+    payment = order.payments.get(outcome=Payment.Outcome.ACCEPTED)
+    refund_ref = _refund_at_gateway(payment)
+    now = now or timezone.now()
+    with transaction.atomic():
+        order = _locked(order_id)
+        if order.status not in (Status.PAID, Status.DELIVERED):
+            logger.info("Refund of order %s: no-op, it is already %s.", order.pk, order.status)
+            return order
+        order.refund(by=by, reason=reason, refund_ref=refund_ref, at=now)
+        order.save()
+        Payment.objects.filter(pk=payment.pk).update(refunded_at=now, refund_ref=refund_ref)
+        _send_on_commit(signals.order_refunded, order)
+        # A refunded order closes by itself, in the same transaction.
+        order.close(by=SYSTEM, reason="closed after refund", at=now)
+        order.save()
+        _send_on_commit(signals.order_cancelled, order)
+    logger.info("Order %s refunded (%s) by %s: %s.", order.pk, refund_ref, by, reason)
+    return order
+
+
+def _enqueue_payment_refund(payment: Payment) -> None:
+    from orders.tasks import refund_payment_task
+
+    scheduling.enqueue_on_commit(refund_payment_task, str(payment.pk), what="refund")
+
+
+def refund_payment(*, payment_id: Any, now: datetime | None = None) -> Payment:
+    """Refund a payment that did not pay its order (late, surplus or mismatched), once."""
+    payment = Payment.objects.get(pk=payment_id)
+    if not payment.needs_refund:
+        logger.info("Refund of payment %s: no-op (%s).", payment.reference, payment.outcome)
+        return payment
+    refund_ref = _refund_at_gateway(payment)
+    with transaction.atomic():
+        payment = Payment.objects.select_for_update().get(pk=payment_id)
+        if payment.refunded_at is not None:
+            return payment
+        payment.refunded_at, payment.refund_ref = now or timezone.now(), refund_ref
+        payment.save(update_fields=["refunded_at", "refund_ref"])
+        transaction.on_commit(
+            lambda: signals.payment_refunded.send(sender=Order, order=payment.order, payment=payment)
+        )
+    logger.info("Payment %s (%s) of order %s refunded: %s.", payment.reference, payment.outcome,
+                payment.order_id, refund_ref)
+    return payment
+
+
+# Logistics ----------------------------------------------------------------------------
+
+PARCEL_STATUSES = ("in_transit", "delivered", "returned")
+
+
+def record_parcel_status(*, order_id: Any, status: str, by: Actor = "logistics") -> Order:
+    """Take a parcel status from the logistics provider. A returned parcel is refunded."""
+    if status not in PARCEL_STATUSES:
+        raise InvalidInput(f"status must be one of {', '.join(PARCEL_STATUSES)}, got {status!r}.")
+    order = _get(order_id)
+    if status == "returned" and order.status in (Status.PAID, Status.DELIVERED):
+        return refund_order(order_id=order.pk, by=by, reason="parcel returned to sender")
+    logger.info("Parcel of order %s is %s (order is %s).", order.pk, status, order.status)
+    return order
+
+
+# The sweep: the backstop behind the timers ----------------------------------------------
+
+
+@dataclass
+class SweepReport:
+    expired: int = 0
+    max_lateness: float = 0.0
+    timers_armed: int = 0
+    shipments_retried: int = 0
+    refunds_retried: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def sweep(*, now: datetime | None = None) -> SweepReport:
+    """Expire unpaid orders whose timer did not (deadline + grace passed), arm timers
+    that came within the horizon, and retry shipments and refunds that never ran.
+    Each step is bounded by ``SWEEP_BATCH_SIZE``."""
+    conf = get_settings()
+    now = now or timezone.now()
+    report = SweepReport()
+    overdue = Order.objects.filter(
+        status=Status.CREATED, expires_at__lt=now - timedelta(seconds=conf.SWEEP_GRACE)
+    ).order_by("expires_at")
+    with transaction.atomic():
+        for order in _lock_batch(overdue, conf.SWEEP_BATCH_SIZE):
+            _expire(order, now=now, by=SWEEP)
+            report.expired += 1
+            report.max_lateness = max(report.max_lateness, (now - order.expires_at).total_seconds())
+
+    unarmed = Order.objects.filter(
+        status=Status.CREATED,
+        expires_at__lte=now + timedelta(seconds=conf.TIMER_HORIZON),
+    ).exclude(timer_armed_for=F("expires_at")).order_by("expires_at")
+    with transaction.atomic():
+        for order in _lock_batch(unarmed, conf.SWEEP_BATCH_SIZE):
+            if scheduling.arm_expiry_timer(order, now=now):
+                order.save(update_fields=["timer_armed_for", "updated_at"])
+                report.timers_armed += 1
+
+    stale = now - timedelta(seconds=conf.SHIPPING_RETRY_AFTER)
+    for order_id in Order.objects.filter(status=Status.PAID, paid_at__lt=stale).values_list(
+        "pk", flat=True
+    )[: conf.SWEEP_BATCH_SIZE]:
+        _retry(report, "shipment", lambda: ship_order(order_id=order_id))
+        report.shipments_retried += 1
+    for payment_id in Payment.objects.exclude(outcome=Payment.Outcome.ACCEPTED).filter(
+        refunded_at__isnull=True, received_at__lt=stale
+    ).values_list("pk", flat=True)[: conf.SWEEP_BATCH_SIZE]:
+        _retry(report, "refund", lambda: refund_payment(payment_id=payment_id))
+        report.refunds_retried += 1
+
+    if report.expired:
+        logger.warning(
+            "Sweep expired %d overdue orders, up to %.1fs late: their timers were lost "
+            "(worker crash, flushed or unreachable Redis). Check the broker and workers.",
+            report.expired, report.max_lateness,
+        )
+    logger.info("Sweep done: %s.", report)
+    return report
+
+
+def _lock_batch(queryset: QuerySet[Order], size: int) -> list[Order]:
+    # skip_locked: a row another process holds is being handled by it; take the next.
+    return list(queryset.select_for_update(skip_locked=True)[:size])
+
+
+def _retry(report: SweepReport, what: str, action: Any) -> None:
+    try:
+        action()
+    except Exception as exc:
+        logger.exception("Sweep could not retry a %s", what)
+        report.errors.append(f"{what}: {exc}")

@@ -1,0 +1,35 @@
+"""Celery tasks: thin callers of ``orders.services``. They take ids, never instances,
+acknowledge late (settings), and may run any number of times."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from orders import services
+from orders.gateways import GatewayError
+
+
+@shared_task(name="orders.expire_order", acks_late=True)
+def expire_order_task(order_id: str) -> str:
+    return services.expire_order(order_id=order_id).value
+
+
+@shared_task(
+    name="orders.ship_order", acks_late=True, autoretry_for=(GatewayError,),
+    retry_backoff=True, retry_backoff_max=600, max_retries=None,
+)
+def ship_order_task(order_id: str) -> str:
+    return services.ship_order(order_id=order_id).status
+
+
+@shared_task(
+    name="orders.refund_payment", acks_late=True, autoretry_for=(GatewayError,),
+    retry_backoff=True, retry_backoff_max=600, max_retries=None,
+)
+def refund_payment_task(payment_id: str) -> str:
+    return services.refund_payment(payment_id=payment_id).refund_ref
+
+
+@shared_task(name="orders.sweep", acks_late=True)
+def sweep_task() -> dict[str, object]:
+    return vars(services.sweep())
