@@ -12,8 +12,14 @@ from django.utils.module_loading import import_string
 from orders.conf import DEFAULTS, user_settings
 
 INTEGER_SETTINGS = (
-    "DEFAULT_TIMEOUT", "MIN_TIMEOUT", "MAX_TIMEOUT", "TIMER_HORIZON",
-    "SWEEP_INTERVAL", "SWEEP_GRACE", "SWEEP_BATCH_SIZE", "SHIPPING_RETRY_AFTER",
+    "DEFAULT_TIMEOUT",
+    "MIN_TIMEOUT",
+    "MAX_TIMEOUT",
+    "TIMER_HORIZON",
+    "SWEEP_INTERVAL",
+    "SWEEP_GRACE",
+    "SWEEP_BATCH_SIZE",
+    "SHIPPING_RETRY_AFTER",
 )
 # Time kept between the horizon and the visibility timeout, so that a timer is always
 # acknowledged before Redis would hand it to a second worker.
@@ -25,61 +31,83 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
     given = user_settings()
     errors: list[CheckMessage] = []
     for key in sorted(set(given) - set(DEFAULTS)):
-        errors.append(Error(
-            f"ORDERS[{key!r}] is not a known setting.",
-            hint=f"Known settings: {', '.join(sorted(DEFAULTS))}.", id="orders.E001",
-        ))
+        errors.append(
+            Error(
+                f"ORDERS[{key!r}] is not a known setting.",
+                hint=f"Known settings: {', '.join(sorted(DEFAULTS))}.",
+                id="orders.E001",
+            )
+        )
     merged = DEFAULTS | given
     for key in INTEGER_SETTINGS:
         value = merged[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "SWEEP_GRACE" else 1):
-            errors.append(Error(
-                f"ORDERS[{key!r}] must be a positive whole number of "
-                f"{'orders' if key == 'SWEEP_BATCH_SIZE' else 'seconds'}, got {value!r}.",
-                hint=f"The default is {DEFAULTS[key]!r}.", id="orders.E002",
-            ))
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < (0 if key == "SWEEP_GRACE" else 1)
+        ):
+            errors.append(
+                Error(
+                    f"ORDERS[{key!r}] must be a positive whole number of "
+                    f"{'orders' if key == 'SWEEP_BATCH_SIZE' else 'seconds'}, got {value!r}.",
+                    hint=f"The default is {DEFAULTS[key]!r}.",
+                    id="orders.E002",
+                )
+            )
     if errors:
         return errors
 
     if not merged["MIN_TIMEOUT"] <= merged["DEFAULT_TIMEOUT"] <= merged["MAX_TIMEOUT"]:
-        errors.append(Error(
-            "ORDERS['DEFAULT_TIMEOUT'] must lie between MIN_TIMEOUT and MAX_TIMEOUT "
-            f"({merged['MIN_TIMEOUT']}..{merged['MAX_TIMEOUT']}), got {merged['DEFAULT_TIMEOUT']}.",
-            hint="Raise MAX_TIMEOUT or lower DEFAULT_TIMEOUT.", id="orders.E003",
-        ))
+        errors.append(
+            Error(
+                "ORDERS['DEFAULT_TIMEOUT'] must lie between MIN_TIMEOUT and MAX_TIMEOUT "
+                f"({merged['MIN_TIMEOUT']}..{merged['MAX_TIMEOUT']}), "
+                f"got {merged['DEFAULT_TIMEOUT']}.",
+                hint="Raise MAX_TIMEOUT or lower DEFAULT_TIMEOUT.",
+                id="orders.E003",
+            )
+        )
     visibility = _visibility_timeout()
     if merged["TIMER_HORIZON"] > visibility - VISIBILITY_MARGIN:
-        errors.append(Error(
-            f"ORDERS['TIMER_HORIZON'] ({merged['TIMER_HORIZON']}s) must stay at least "
-            f"{VISIBILITY_MARGIN}s below the broker's visibility_timeout ({visibility}s).",
-            hint="Redis redelivers a countdown task that is still pending after the "
-            "visibility timeout, so a longer timer would run twice. Lower TIMER_HORIZON "
-            "or raise the broker transport option visibility_timeout.",
-            id="orders.E004",
-        ))
+        errors.append(
+            Error(
+                f"ORDERS['TIMER_HORIZON'] ({merged['TIMER_HORIZON']}s) must stay at least "
+                f"{VISIBILITY_MARGIN}s below the broker's visibility_timeout ({visibility}s).",
+                hint="Redis redelivers a countdown task that is still pending after the "
+                "visibility timeout, so a longer timer would run twice. Lower TIMER_HORIZON "
+                "or raise the broker transport option visibility_timeout.",
+                id="orders.E004",
+            )
+        )
     for key in ("PAYMENT_GATEWAY", "LOGISTICS_PROVIDER"):
         try:
             import_string(merged[key])
         except ImportError as exc:
-            errors.append(Error(
-                f"ORDERS[{key!r}] = {merged[key]!r} cannot be imported: {exc}.",
-                hint="Give the dotted path of a class, e.g. "
-                f"{DEFAULTS[key]!r}.", id="orders.E005",
-            ))
+            errors.append(
+                Error(
+                    f"ORDERS[{key!r}] = {merged[key]!r} cannot be imported: {exc}.",
+                    hint=f"Give the dotted path of a class, e.g. {DEFAULTS[key]!r}.",
+                    id="orders.E005",
+                )
+            )
     if merged["SWEEP_INTERVAL"] > merged["TIMER_HORIZON"]:
-        errors.append(Error(
-            "ORDERS['SWEEP_INTERVAL'] must not exceed TIMER_HORIZON, or deadlines beyond "
-            "the horizon could pass before the sweep arms them.",
-            hint="Lower SWEEP_INTERVAL.", id="orders.E006",
-        ))
-    for key in ("API_TOKEN", "WEBHOOK_SECRET"):
+        errors.append(
+            Error(
+                "ORDERS['SWEEP_INTERVAL'] must not exceed TIMER_HORIZON, or deadlines beyond "
+                "the horizon could pass before the sweep arms them.",
+                hint="Lower SWEEP_INTERVAL.",
+                id="orders.E006",
+            )
+        )
+    for key, what in (("API_TOKEN", "JSON API"), ("WEBHOOK_SECRET", "webhooks")):
         if not merged[key]:
-            errors.append(Warning(
-                f"ORDERS[{key!r}] is empty: the {'JSON API' if key == 'API_TOKEN' else 'webhooks'} "
-                "will refuse every request.",
-                hint=f"Set it, e.g. from the environment variable ORDERS_{key}.",
-                id="orders.W001",
-            ))
+            errors.append(
+                Warning(
+                    f"ORDERS[{key!r}] is empty: the {what} will refuse every request.",
+                    hint=f"Set it, e.g. from the environment variable ORDERS_{key}.",
+                    id="orders.W001",
+                )
+            )
     return errors
 
 

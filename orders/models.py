@@ -58,9 +58,7 @@ class Order(FSMModelMixin, models.Model):
         max_digits=12, decimal_places=2, validators=[MinValueValidator(Decimal("0.01"))]
     )
     currency = models.CharField(max_length=3, default=_default_currency)
-    status = FSMField(
-        max_length=16, choices=Status.choices, default=Status.CREATED, protected=True
-    )
+    status = FSMField(max_length=16, choices=Status.choices, default=Status.CREATED, protected=True)
 
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     expires_at = models.DateTimeField(help_text="Deadline for payment.")
@@ -85,9 +83,7 @@ class Order(FSMModelMixin, models.Model):
             models.Index(fields=["status", "expires_at"], name="orders_status_expires_idx"),
         ]
         constraints = [
-            models.CheckConstraint(
-                condition=models.Q(amount__gt=0), name="orders_amount_positive"
-            ),
+            models.CheckConstraint(condition=models.Q(amount__gt=0), name="orders_amount_positive"),
         ]
         permissions = [
             ("refund_order", "Can refund a paid or delivered order"),
@@ -110,9 +106,7 @@ class Order(FSMModelMixin, models.Model):
         self.payment_ref = payment_ref
         self.paid_at = at
 
-    @transition(
-        field=status, source=Status.PAID, target=Status.DELIVERED, custom={"admin": False}
-    )
+    @transition(field=status, source=Status.PAID, target=Status.DELIVERED, custom={"admin": False})
     def ship(self, *, by: Actor, reason: str = "", tracking_number: str, at: datetime) -> None:
         self.tracking_number = tracking_number
         self.delivered_at = at
@@ -136,7 +130,11 @@ class Order(FSMModelMixin, models.Model):
         },
     )
     def cancel(
-        self, *, by: Actor, reason: str = "", cancel_reason: str = CancelReason.STAFF,
+        self,
+        *,
+        by: Actor,
+        reason: str = "",
+        cancel_reason: str = CancelReason.STAFF,
         at: datetime | None = None,
     ) -> None:
         self.cancel_reason = cancel_reason
@@ -189,7 +187,9 @@ class Payment(models.Model):
 
     class Meta:
         ordering = ["received_at"]
-        indexes = [models.Index(fields=["outcome", "refunded_at"], name="orders_payment_refund_idx")]
+        indexes = [
+            models.Index(fields=["outcome", "refunded_at"], name="orders_payment_refund_idx")
+        ]
 
     def __str__(self) -> str:
         return f"Payment {self.reference} ({self.get_outcome_display()})"
@@ -210,7 +210,10 @@ class OrderTransition(models.Model):
     source = models.CharField(max_length=16)
     target = models.CharField(max_length=16)
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="+",
     )
     actor = models.CharField(max_length=150, help_text="The user's name, or the system part.")
@@ -226,8 +229,13 @@ class OrderTransition(models.Model):
 
 @receiver(post_transition, sender=Order)
 def _record_transition(
-    sender: type[Order], instance: Order, name: str, source: str, target: str,
-    method_kwargs: dict[str, Any], **kwargs: Any,
+    sender: type[Order],
+    instance: Order,
+    name: str,
+    source: str,
+    target: str,
+    method_kwargs: dict[str, Any],
+    **kwargs: Any,
 ) -> None:
     # Runs inside the service's transaction, before save(): the row and its history
     # commit together or not at all.
@@ -238,7 +246,7 @@ def _record_transition(
         transition=name,
         source=source,
         target=target,
-        user=user,
+        user_id=user.pk if user is not None else None,
         actor=user.get_username() if user is not None else str(by),
         reason=method_kwargs.get("reason", ""),
         at=method_kwargs.get("at") or timezone.now(),

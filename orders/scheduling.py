@@ -51,18 +51,22 @@ def _publish_expiry_timer(order_id: str, deadline: datetime) -> None:
 
     countdown = max(0.0, (deadline - timezone.now()).total_seconds())
     try:
-        expire_order_task.apply_async(args=[order_id], countdown=countdown)
+        expire_order_task.apply_async(args=(order_id,), countdown=countdown)
     except BROKER_ERRORS as exc:
         # Forget the timer so that the sweep arms it again (or expires the order).
         Order.objects.filter(pk=order_id, timer_armed_for=deadline).update(timer_armed_for=None)
         logger.error(
             "Expiry timer for order %s NOT armed, the broker is unreachable (%s); "
-            "the sweep will arm it or expire the order.", order_id, exc,
+            "the sweep will arm it or expire the order.",
+            order_id,
+            exc,
         )
     else:
         logger.info(
             "Expiry timer armed for order %s: fires in %.1fs at %s.",
-            order_id, countdown, deadline.isoformat(),
+            order_id,
+            countdown,
+            deadline.isoformat(),
         )
 
 
@@ -75,11 +79,14 @@ def enqueue_on_commit(task: Any, *args: str, what: str) -> None:
 def _publisher(task: Any, args: tuple[str, ...], what: str) -> Callable[[], None]:
     def publish() -> None:
         try:
-            task.apply_async(args=list(args))
+            task.apply_async(args=args)
         except BROKER_ERRORS as exc:
             logger.error(
                 "Could not queue %s for %s, the broker is unreachable (%s); "
-                "the sweep will retry it.", what, ", ".join(args), exc,
+                "the sweep will retry it.",
+                what,
+                ", ".join(args),
+                exc,
             )
 
     return publish

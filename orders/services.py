@@ -13,9 +13,11 @@ import enum
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from functools import partial
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -78,7 +80,7 @@ _CURRENCY = re.compile(r"^[A-Z]{3}$")
 def parse_amount(value: Any) -> Decimal:
     if isinstance(value, bool | float):
         # Floats carry binary rounding errors into money; ask for a string.
-        raise InvalidInput(f"amount must be a decimal string such as \"12.50\", got {value!r}.")
+        raise InvalidInput(f'amount must be a decimal string such as "12.50", got {value!r}.')
     try:
         amount = Decimal(str(value))
     except (InvalidOperation, ValueError) as exc:
@@ -96,7 +98,9 @@ def parse_currency(value: Any) -> str:
     if value is None:
         return get_settings().CURRENCY
     if not isinstance(value, str) or not _CURRENCY.match(value.upper()):
-        raise InvalidInput(f"currency must be a 3-letter ISO 4217 code such as \"CNY\", got {value!r}.")
+        raise InvalidInput(
+            f'currency must be a 3-letter ISO 4217 code such as "CNY", got {value!r}.'
+        )
     return value.upper()
 
 
@@ -142,7 +146,10 @@ def place_order(
         _send_on_commit(signals.order_placed, order)
     logger.info(
         "Order %s placed: %s %s, payment due by %s.",
-        order.pk, order.amount, order.currency, order.expires_at.isoformat(),
+        order.pk,
+        order.amount,
+        order.currency,
+        order.expires_at.isoformat(),
     )
     return order
 
@@ -164,8 +171,12 @@ def record_payment(
     paid_amount = parse_amount(amount)
     try:
         return _record_payment(
-            order_id=order_id, payment_ref=payment_ref, amount=paid_amount,
-            currency=currency, by=by, now=now or timezone.now(),
+            order_id=order_id,
+            payment_ref=payment_ref,
+            amount=paid_amount,
+            currency=currency,
+            by=by,
+            now=now or timezone.now(),
         )
     except IntegrityError:
         # The same reference raced in for another order: the unique index caught it.
@@ -184,14 +195,21 @@ def _raise_reused(payment_ref: str) -> Payment:
 
 
 def _record_payment(
-    *, order_id: Any, payment_ref: str, amount: Decimal, currency: str | None, by: Actor,
+    *,
+    order_id: Any,
+    payment_ref: str,
+    amount: Decimal,
+    currency: str | None,
+    by: Actor,
     now: datetime,
 ) -> Payment:
     with transaction.atomic():
         order = _locked(order_id)
         duplicate = _existing_payment(order_id, payment_ref)
         if duplicate is not None:
-            logger.info("Payment %s for order %s is a duplicate; nothing to do.", payment_ref, order.pk)
+            logger.info(
+                "Payment %s for order %s is a duplicate; nothing to do.", payment_ref, order.pk
+            )
             return duplicate
         currency = parse_currency(currency) if currency is not None else order.currency
 
@@ -200,7 +218,11 @@ def _record_payment(
             _expire(order, now=now, by=by, reason="payment arrived after the deadline")
 
         if order.status != Status.CREATED:
-            outcome = Payment.Outcome.LATE if order.status == Status.CANCELLED else Payment.Outcome.SURPLUS
+            outcome = (
+                Payment.Outcome.LATE
+                if order.status == Status.CANCELLED
+                else Payment.Outcome.SURPLUS
+            )
         elif (amount, currency) != (order.amount, order.currency):
             outcome = Payment.Outcome.MISMATCH
         else:
@@ -211,14 +233,25 @@ def _record_payment(
             _enqueue_shipping(order)
 
         payment = Payment.objects.create(
-            order=order, reference=payment_ref, amount=amount, currency=currency,
-            outcome=outcome, received_at=now,
+            order=order,
+            reference=payment_ref,
+            amount=amount,
+            currency=currency,
+            outcome=outcome,
+            received_at=now,
         )
         if payment.needs_refund:
             _enqueue_payment_refund(payment)
     log = logger.info if outcome == Payment.Outcome.ACCEPTED else logger.warning
-    log("Payment %s of %s %s for order %s: %s.", payment_ref, amount, currency, order.pk,
-        payment.get_outcome_display().lower() + ("" if outcome == Payment.Outcome.ACCEPTED else "; it will be refunded"))
+    log(
+        "Payment %s of %s %s for order %s: %s.",
+        payment_ref,
+        amount,
+        currency,
+        order.pk,
+        payment.get_outcome_display().lower()
+        + ("" if outcome == Payment.Outcome.ACCEPTED else "; it will be refunded"),
+    )
     return payment
 
 
@@ -252,7 +285,9 @@ def expire_order(*, order_id: Any, by: Actor = TIMER, now: datetime | None = Non
         else:
             _expire(order, now=now, by=by)
             return ExpiryOutcome.EXPIRED
-    logger.info("Expiry of order %s by the %s: no-op, %s (%s).", order_id, by, outcome.value, detail)
+    logger.info(
+        "Expiry of order %s by the %s: no-op, %s (%s).", order_id, by, outcome.value, detail
+    )
     return outcome
 
 
@@ -262,13 +297,13 @@ def _expire(order: Order, *, now: datetime, by: Actor, reason: str = "not paid i
     _send_on_commit(signals.order_expired, order)
     logger.info(
         "Order %s expired by the %s, %.3fs after its deadline.",
-        order.pk, by, (now - order.expires_at).total_seconds(),
+        order.pk,
+        by,
+        (now - order.expires_at).total_seconds(),
     )
 
 
-def extend_order(
-    *, order_id: Any, seconds: Any, by: Actor, now: datetime | None = None
-) -> Order:
+def extend_order(*, order_id: Any, seconds: Any, by: Actor, now: datetime | None = None) -> Order:
     """Move an unpaid order's deadline later by ``seconds``."""
     conf = get_settings()
     now = now or timezone.now()
@@ -276,7 +311,9 @@ def extend_order(
     with transaction.atomic():
         order = _locked(order_id)
         if order.status != Status.CREATED:
-            raise InvalidTransition(f"Only an unpaid order can be extended; this one is {order.status}.")
+            raise InvalidTransition(
+                f"Only an unpaid order can be extended; this one is {order.status}."
+            )
         if order.expires_at <= now:
             raise InvalidTransition("The deadline has already passed; the order is expiring.")
         new_deadline = order.expires_at + delta
@@ -288,19 +325,27 @@ def extend_order(
         # The old timer, when it fires, sees the later deadline and does nothing.
         scheduling.arm_expiry_timer(order, now=now)
         order.save(update_fields=["expires_at", "timer_armed_for", "updated_at"])
-    logger.info("Order %s extended by %s to %s by %s.", order.pk, delta, new_deadline.isoformat(), by)
+    logger.info(
+        "Order %s extended by %s to %s by %s.", order.pk, delta, new_deadline.isoformat(), by
+    )
     return order
 
 
 def cancel_order(
-    *, order_id: Any, by: Actor, reason: str = "",
-    cancel_reason: CancelReason = CancelReason.CUSTOMER, now: datetime | None = None,
+    *,
+    order_id: Any,
+    by: Actor,
+    reason: str = "",
+    cancel_reason: CancelReason = CancelReason.CUSTOMER,
+    now: datetime | None = None,
 ) -> Order:
     """Cancel an unpaid order at the customer's or staff's request."""
     with transaction.atomic():
         order = _locked(order_id)
         if not can_proceed(order.cancel):
-            raise InvalidTransition(f"Only an unpaid order can be cancelled; this one is {order.status}.")
+            raise InvalidTransition(
+                f"Only an unpaid order can be cancelled; this one is {order.status}."
+            )
         order.cancel(by=by, reason=reason, cancel_reason=cancel_reason, at=now or timezone.now())
         order.save()
         _send_on_commit(signals.order_cancelled, order)
@@ -348,7 +393,9 @@ def _refund_at_gateway(payment: Payment) -> str:
     # The payment's reference is the idempotency key: however often this runs, for
     # whatever reason, the gateway refunds the payment once.
     return payment_gateway().refund(
-        payment_ref=payment.reference, amount=payment.amount, currency=payment.currency,
+        payment_ref=payment.reference,
+        amount=payment.amount,
+        currency=payment.currency,
         idempotency_key=f"refund:{payment.reference}",
     )
 
@@ -358,7 +405,9 @@ def refund_order(*, order_id: Any, by: Actor, reason: str, now: datetime | None 
     gateway confirms; a ``GatewayError`` leaves the order as it was."""
     order = _get(order_id)
     if not can_proceed(order.refund):
-        raise InvalidTransition(f"Only a paid or delivered order can be refunded; this one is {order.status}.")
+        raise InvalidTransition(
+            f"Only a paid or delivered order can be refunded; this one is {order.status}."
+        )
     if not reason.strip():
         raise InvalidInput("A refund needs a reason.")
     payment = order.payments.get(outcome=Payment.Outcome.ACCEPTED)
@@ -401,10 +450,17 @@ def refund_payment(*, payment_id: Any, now: datetime | None = None) -> Payment:
         payment.refunded_at, payment.refund_ref = now or timezone.now(), refund_ref
         payment.save(update_fields=["refunded_at", "refund_ref"])
         transaction.on_commit(
-            lambda: signals.payment_refunded.send(sender=Order, order=payment.order, payment=payment)
+            lambda: signals.payment_refunded.send(
+                sender=Order, order=payment.order, payment=payment
+            )
         )
-    logger.info("Payment %s (%s) of order %s refunded: %s.", payment.reference, payment.outcome,
-                payment.order_id, refund_ref)
+    logger.info(
+        "Payment %s (%s) of order %s refunded: %s.",
+        payment.reference,
+        payment.outcome,
+        payment.order_id,
+        refund_ref,
+    )
     return payment
 
 
@@ -453,33 +509,39 @@ def sweep(*, now: datetime | None = None) -> SweepReport:
             report.expired += 1
             report.max_lateness = max(report.max_lateness, (now - order.expires_at).total_seconds())
 
-    unarmed = Order.objects.filter(
-        status=Status.CREATED,
-        expires_at__lte=now + timedelta(seconds=conf.TIMER_HORIZON),
-    ).exclude(timer_armed_for=F("expires_at")).order_by("expires_at")
+    unarmed = (
+        Order.objects.filter(
+            status=Status.CREATED,
+            expires_at__lte=now + timedelta(seconds=conf.TIMER_HORIZON),
+        )
+        .exclude(timer_armed_for=F("expires_at"))
+        .order_by("expires_at")
+    )
     with transaction.atomic():
         for order in _lock_batch(unarmed, conf.SWEEP_BATCH_SIZE):
             if scheduling.arm_expiry_timer(order, now=now):
                 order.save(update_fields=["timer_armed_for", "updated_at"])
                 report.timers_armed += 1
 
+    # Follow-up work whose task was lost (broker down when it was queued, worker killed).
     stale = now - timedelta(seconds=conf.SHIPPING_RETRY_AFTER)
-    for order_id in Order.objects.filter(status=Status.PAID, paid_at__lt=stale).values_list(
-        "pk", flat=True
-    )[: conf.SWEEP_BATCH_SIZE]:
-        _retry(report, "shipment", lambda: ship_order(order_id=order_id))
+    unshipped = Order.objects.filter(status=Status.PAID, paid_at__lt=stale)
+    for order_id in unshipped.values_list("pk", flat=True)[: conf.SWEEP_BATCH_SIZE]:
         report.shipments_retried += 1
-    for payment_id in Payment.objects.exclude(outcome=Payment.Outcome.ACCEPTED).filter(
+        _retry(report, "shipment", partial(ship_order, order_id=order_id))
+    unrefunded = Payment.objects.exclude(outcome=Payment.Outcome.ACCEPTED).filter(
         refunded_at__isnull=True, received_at__lt=stale
-    ).values_list("pk", flat=True)[: conf.SWEEP_BATCH_SIZE]:
-        _retry(report, "refund", lambda: refund_payment(payment_id=payment_id))
+    )
+    for payment_id in unrefunded.values_list("pk", flat=True)[: conf.SWEEP_BATCH_SIZE]:
         report.refunds_retried += 1
+        _retry(report, "refund", partial(refund_payment, payment_id=payment_id))
 
     if report.expired:
         logger.warning(
             "Sweep expired %d overdue orders, up to %.1fs late: their timers were lost "
             "(worker crash, flushed or unreachable Redis). Check the broker and workers.",
-            report.expired, report.max_lateness,
+            report.expired,
+            report.max_lateness,
         )
     logger.info("Sweep done: %s.", report)
     return report
@@ -490,7 +552,7 @@ def _lock_batch(queryset: QuerySet[Order], size: int) -> list[Order]:
     return list(queryset.select_for_update(skip_locked=True)[:size])
 
 
-def _retry(report: SweepReport, what: str, action: Any) -> None:
+def _retry(report: SweepReport, what: str, action: Callable[[], object]) -> None:
     try:
         action()
     except Exception as exc:

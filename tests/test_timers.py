@@ -12,7 +12,6 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.utils import timezone
 
 from orders import services
 from orders.models import CancelReason, Order, OrderTransition, Payment, Status
@@ -48,7 +47,9 @@ def test_unpaid_orders_are_cancelled_within_a_second_of_their_deadline(
         assert order.cancelled_at is not None
         lateness = (order.cancelled_at - order.expires_at).total_seconds()
         assert 0 <= lateness < 1.0, f"order {order.pk} expired {lateness:.3f}s after its deadline"
-        assert list(order.history.values_list("transition", "actor")) == [("expire", "expiry timer")]
+        assert list(order.history.values_list("transition", "actor")) == [
+            ("expire", "expiry timer")
+        ]
 
 
 def test_paid_order_is_not_cancelled_and_ends_delivered(
@@ -77,7 +78,8 @@ def test_extended_deadline_is_honoured(celery_worker_process: WorkerProcess) -> 
     wait_for(lambda: statuses([order]) == {Status.CANCELLED}, 10, "the extended order to expire")
 
     order.refresh_from_db()
-    assert order.cancelled_at is not None and order.cancelled_at >= new_deadline
+    assert order.cancelled_at is not None
+    assert order.cancelled_at >= new_deadline
     assert (order.cancelled_at - new_deadline).total_seconds() < 1.0
 
 
@@ -86,7 +88,7 @@ def test_expiry_task_run_many_times_has_the_effect_of_one(
 ) -> None:
     order = services.place_order(amount="10.00", timeout=1)
     for _ in range(30):
-        expire_order_task.apply_async(args=[str(order.pk)], countdown=1)
+        expire_order_task.apply_async(args=(str(order.pk),), countdown=1)
 
     wait_for(lambda: statuses([order]) == {Status.CANCELLED}, 10, "the order to expire")
     time.sleep(2)  # let every duplicate run
@@ -97,7 +99,7 @@ def test_expiry_task_run_many_times_has_the_effect_of_one(
 
 def test_timer_for_a_missing_order_is_a_logged_no_op(celery_worker_process: WorkerProcess) -> None:
     missing = "00000000-0000-4000-8000-000000000000"
-    expire_order_task.apply_async(args=[missing])
+    expire_order_task.apply_async(args=(missing,))
     wait_for(lambda: f"Expiry of order {missing}" in celery_worker_process.log(), 10, "the no-op")
     assert "no-op, missing (no such order)" in celery_worker_process.log()
 
@@ -115,16 +117,26 @@ def test_payment_and_expiry_racing_at_the_deadline_never_both_win(
     start_at = orders[len(orders) // 3].expires_at.timestamp()
     actors = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.actors", action, str(start_at),
-             *random.Random(seed).sample(ids, len(ids))],
-            cwd=BASE_DIR, env=worker_env(),
+            [
+                sys.executable,
+                "-m",
+                "tests.actors",
+                action,
+                str(start_at),
+                *random.Random(seed).sample(ids, len(ids)),
+            ],
+            cwd=BASE_DIR,
+            env=worker_env(),
         )
         for seed, action in enumerate(("pay", "pay", "expire", "pay", "expire"))
     ]
     assert [a.wait(60) for a in actors] == [0] * len(actors)
     wait_for(
-        lambda: not Order.objects.filter(pk__in=ids, status__in=[Status.CREATED, Status.PAID]).exists(),
-        20, "every order to settle",
+        lambda: (
+            not Order.objects.filter(pk__in=ids, status__in=[Status.CREATED, Status.PAID]).exists()
+        ),
+        20,
+        "every order to settle",
     )
 
     for order in Order.objects.filter(pk__in=ids).prefetch_related("history", "payments"):
@@ -134,16 +146,22 @@ def test_payment_and_expiry_racing_at_the_deadline_never_both_win(
         accepted = [p for p in payments if p.outcome == Payment.Outcome.ACCEPTED]
         if order.status == Status.DELIVERED:
             assert transitions == ["pay", "ship"]
-            assert len(accepted) == 1 and accepted[0].received_at <= order.expires_at
+            assert len(accepted) == 1
+            assert accepted[0].received_at <= order.expires_at
         else:
-            assert order.status == Status.CANCELLED and order.cancel_reason == CancelReason.TIMEOUT
+            assert order.status == Status.CANCELLED
+            assert order.cancel_reason == CancelReason.TIMEOUT
             assert transitions == ["expire"]
             assert accepted == []
         # every payment that did not pay the order is refunded, by the worker
     wait_for(
-        lambda: not Payment.objects.filter(order__in=ids, refunded_at__isnull=True)
-        .exclude(outcome=Payment.Outcome.ACCEPTED).exists(),
-        20, "every surplus or late payment to be refunded",
+        lambda: (
+            not Payment.objects.filter(order__in=ids, refunded_at__isnull=True)
+            .exclude(outcome=Payment.Outcome.ACCEPTED)
+            .exists()
+        ),
+        20,
+        "every surplus or late payment to be refunded",
     )
     outcomes = dict.fromkeys(Status.values, 0)
     for status in Order.objects.filter(pk__in=ids).values_list("status", flat=True):
@@ -163,13 +181,18 @@ def test_order_placed_while_the_broker_is_down_is_saved_and_recovered_by_the_swe
     )
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=BASE_DIR, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", script],
+        cwd=BASE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env=worker_env(REDIS_URL="redis://127.0.0.1:9/0"),  # nothing listens on port 9
     )
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     order = Order.objects.get(pk=result.stdout.strip().splitlines()[-1])
-    assert order.status == Status.CREATED and order.timer_armed_for is None
+    assert order.status == Status.CREATED
+    assert order.timer_armed_for is None
     assert result.stderr.count("NOT armed, the broker is unreachable") == 1
     print(f"placing with the broker down took {elapsed:.2f}s")
 
