@@ -86,6 +86,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 ORDERS = {
     "DEFAULT_TIMEOUT": env.int("ORDERS_DEFAULT_TIMEOUT", default=30 * 60),
     "SWEEP_INTERVAL": env.int("ORDERS_SWEEP_INTERVAL", default=30),
+    "SWEEP_GRACE": env.int("ORDERS_SWEEP_GRACE", default=5),
+    "TIMER_HORIZON": env.int("ORDERS_TIMER_HORIZON", default=50 * 60),
     "API_TOKEN": env("ORDERS_API_TOKEN", default=""),
     "WEBHOOK_SECRET": env("ORDERS_WEBHOOK_SECRET", default=""),
 }
@@ -97,7 +99,7 @@ CELERY_BROKER_URL = REDIS_URL
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     # A message not acknowledged within this is redelivered; ORDERS["TIMER_HORIZON"]
     # stays below it (system check orders.E004).
-    "visibility_timeout": 3600,
+    "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=3600),
     "socket_connect_timeout": 2,
     "socket_timeout": 5,
     "global_keyprefix": env("CELERY_KEY_PREFIX", default=""),

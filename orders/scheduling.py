@@ -31,14 +31,16 @@ def within_horizon(deadline: datetime, now: datetime | None = None) -> bool:
     return deadline - (now or timezone.now()) <= horizon
 
 
-def arm_expiry_timer(order: Order, *, now: datetime | None = None) -> bool:
+def arm_expiry_timer(order: Order, *, now: datetime | None = None, force: bool = False) -> bool:
     """Arm the order's expiry timer for its current deadline once the caller's
     transaction commits; the caller saves ``order``. Returns whether a timer will be sent.
 
-    A deadline beyond the horizon is left for the sweep to arm later, so that no
+    A deadline that already has its timer is left alone unless ``force`` (the broker lost
+    it). A deadline beyond the horizon is left for the sweep to arm later, so that no
     countdown outlives the broker's visibility timeout or sits in worker memory for days.
     """
-    if order.timer_armed_for == order.expires_at or not within_horizon(order.expires_at, now):
+    already_armed = order.timer_armed_for == order.expires_at and not force
+    if already_armed or not within_horizon(order.expires_at, now):
         return False
     order.timer_armed_for = order.expires_at
     order_id, deadline = str(order.pk), order.expires_at

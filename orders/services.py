@@ -13,7 +13,7 @@ import enum
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any
 
 from django.db import IntegrityError, transaction
-from django.db.models import F, QuerySet
+from django.db.models import F, Q, QuerySet
 from django.dispatch import Signal
 from django.utils import timezone
 from django_fsm import can_proceed
@@ -545,6 +545,31 @@ def sweep(*, now: datetime | None = None) -> SweepReport:
         )
     logger.info("Sweep done: %s.", report)
     return report
+
+
+def rearm_timers(*, now: datetime | None = None) -> Iterator[tuple[int, int]]:
+    """Arm again the timer of every unpaid order within the horizon, for when the broker
+    lost them (Redis flushed, failed over without persistence). Yields (done, total) after
+    each batch. Safe to repeat and to run beside workers: a timer too many is a no-op."""
+    conf = get_settings()
+    now = now or timezone.now()
+    unpaid = Order.objects.filter(
+        status=Status.CREATED, expires_at__lte=now + timedelta(seconds=conf.TIMER_HORIZON)
+    ).order_by("expires_at", "pk")
+    total, done = unpaid.count(), 0
+    after: Q = Q()
+    while True:
+        with transaction.atomic():
+            batch = list(unpaid.filter(after).select_for_update()[: conf.SWEEP_BATCH_SIZE])
+            for order in batch:
+                scheduling.arm_expiry_timer(order, now=now, force=True)
+                order.save(update_fields=["timer_armed_for", "updated_at"])
+        if not batch:
+            return
+        done += len(batch)
+        last = batch[-1]
+        after = Q(expires_at__gt=last.expires_at) | Q(expires_at=last.expires_at, pk__gt=last.pk)
+        yield done, max(total, done)
 
 
 def _lock_batch(queryset: QuerySet[Order], size: int) -> list[Order]:
