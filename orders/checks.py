@@ -21,6 +21,7 @@ INTEGER_SETTINGS = (
     "SWEEP_BATCH_SIZE",
     "SHIPPING_RETRY_AFTER",
 )
+TIMER_MODES = ("per_order", "batched")
 # Time kept between the horizon and the visibility timeout, so that a timer is always
 # acknowledged before Redis would hand it to a second worker.
 VISIBILITY_MARGIN = 5 * 60
@@ -90,6 +91,16 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
                     id="orders.E005",
                 )
             )
+    if merged["TIMER_MODE"] not in TIMER_MODES:
+        errors.append(
+            Error(
+                f"ORDERS['TIMER_MODE'] must be one of {', '.join(TIMER_MODES)}, "
+                f"got {merged['TIMER_MODE']!r}.",
+                hint="'per_order' is the default; 'batched' bounds worker memory for very "
+                "large shops.",
+                id="orders.E007",
+            )
+        )
     if merged["SWEEP_INTERVAL"] > merged["TIMER_HORIZON"]:
         errors.append(
             Error(

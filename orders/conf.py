@@ -21,6 +21,10 @@ DEFAULTS: dict[str, Any] = {
     # sweep arms them once they come this close. Must stay below the broker's
     # visibility_timeout, or Redis redelivers the pending timer while a worker holds it.
     "TIMER_HORIZON": 50 * 60,
+    # "per_order": one countdown task per order (precise, ~9 KB of worker memory per
+    # pending order). "batched": one countdown task per second-wide bucket of deadlines,
+    # armed once with a Redis SET NX; pending tasks are bounded by the timeout in seconds.
+    "TIMER_MODE": "per_order",
     # How often beat runs the sweep, and how long past its deadline an unpaid order must
     # be before the sweep (rather than its own timer) expires it (seconds).
     "SWEEP_INTERVAL": 30,
@@ -46,6 +50,7 @@ class OrdersSettings:
     MIN_TIMEOUT: int
     MAX_TIMEOUT: int
     TIMER_HORIZON: int
+    TIMER_MODE: str
     SWEEP_INTERVAL: int
     SWEEP_GRACE: int
     SWEEP_BATCH_SIZE: int

@@ -4,12 +4,17 @@ and never at the cost of the order when the broker is down (the sweep recovers).
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any
 
 import kombu.exceptions
+import redis
 import redis.exceptions
+from celery import current_app
 from django.db import transaction
 from django.utils import timezone
 
@@ -44,7 +49,10 @@ def arm_expiry_timer(order: Order, *, now: datetime | None = None, force: bool =
         return False
     order.timer_armed_for = order.expires_at
     order_id, deadline = str(order.pk), order.expires_at
-    transaction.on_commit(lambda: _publish_expiry_timer(order_id, deadline))
+    if get_settings().TIMER_MODE == "batched":
+        transaction.on_commit(lambda: _publish_bucket_timer(order_id, deadline))
+    else:
+        transaction.on_commit(lambda: _publish_expiry_timer(order_id, deadline))
     return True
 
 
@@ -55,14 +63,7 @@ def _publish_expiry_timer(order_id: str, deadline: datetime) -> None:
     try:
         expire_order_task.apply_async(args=(order_id,), countdown=countdown)
     except BROKER_ERRORS as exc:
-        # Forget the timer so that the sweep arms it again (or expires the order).
-        Order.objects.filter(pk=order_id, timer_armed_for=deadline).update(timer_armed_for=None)
-        logger.error(
-            "Expiry timer for order %s NOT armed, the broker is unreachable (%s); "
-            "the sweep will arm it or expire the order.",
-            order_id,
-            exc,
-        )
+        _forget_timer(order_id, deadline, exc)
     else:
         logger.info(
             "Expiry timer armed for order %s: fires in %.1fs at %s.",
@@ -70,6 +71,61 @@ def _publish_expiry_timer(order_id: str, deadline: datetime) -> None:
             countdown,
             deadline.isoformat(),
         )
+
+
+def bucket_of(deadline: datetime) -> int:
+    """The second-wide bucket whose timer covers ``deadline``: the next whole second, so
+    that a bucket never fires before any of its deadlines."""
+    return math.ceil(deadline.timestamp())
+
+
+def _publish_bucket_timer(order_id: str, deadline: datetime) -> None:
+    from orders.tasks import expire_bucket_task
+
+    bucket = bucket_of(deadline)
+    countdown = max(0.0, bucket - time.time())
+    key = f"{_key_prefix()}orders:timer-bucket:{bucket}"
+    client = _redis()
+    try:
+        # The first order of a bucket arms it; the rest only see the key. The key lives
+        # until well after the bucket fired, so a late order re-arms nothing twice.
+        if not client.set(key, order_id, nx=True, ex=int(countdown) + 3600):
+            return
+        try:
+            expire_bucket_task.apply_async(args=(bucket,), countdown=countdown)
+        except BROKER_ERRORS:
+            client.delete(key)  # let the next order of this bucket try again
+            raise
+    except BROKER_ERRORS as exc:
+        _forget_timer(order_id, deadline, exc)
+    else:
+        logger.info(
+            "Timer bucket %d armed by order %s: fires in %.1fs.", bucket, order_id, countdown
+        )
+
+
+def _forget_timer(order_id: str, deadline: datetime, exc: BaseException) -> None:
+    # Clearing timer_armed_for makes the sweep arm the timer again (or expire the order).
+    Order.objects.filter(pk=order_id, timer_armed_for=deadline).update(timer_armed_for=None)
+    logger.error(
+        "Expiry timer for order %s NOT armed, the broker is unreachable (%s); "
+        "the sweep will arm it or expire the order.",
+        order_id,
+        exc,
+    )
+
+
+@cache
+def _redis() -> redis.Redis:
+    """A client on the broker's Redis, for the buckets' SET NX."""
+    url = current_app.conf.broker_url
+    if url.startswith("redis+socket://"):
+        url = "unix://" + url.removeprefix("redis+socket://")
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+
+
+def _key_prefix() -> str:
+    return str((current_app.conf.broker_transport_options or {}).get("global_keyprefix", ""))
 
 
 def enqueue_on_commit(task: Any, *args: str, what: str) -> None:

@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from functools import partial
 from typing import Any
@@ -303,6 +303,38 @@ def _expire(order: Order, *, now: datetime, by: Actor, reason: str = "not paid i
     )
 
 
+def expire_due_orders(
+    *, due_by: datetime, by: Actor, now: datetime | None = None
+) -> tuple[int, float]:
+    """Expire every unpaid order whose deadline is at or before ``due_by`` (and has passed),
+    in batches of ``SWEEP_BATCH_SIZE``, each batch one transaction over rows locked with
+    ``skip_locked`` (a row another process holds is being paid or expired by it).
+    Returns how many expired and the greatest lateness in seconds."""
+    now = now or timezone.now()
+    due = Order.objects.filter(status=Status.CREATED, expires_at__lte=min(due_by, now)).order_by(
+        "expires_at"
+    )
+    expired, max_lateness = 0, 0.0
+    while True:
+        with transaction.atomic():
+            batch = _lock_batch(due, get_settings().SWEEP_BATCH_SIZE)
+            for order in batch:
+                _expire(order, now=now, by=by)
+        if not batch:
+            return expired, max_lateness
+        expired += len(batch)
+        max_lateness = max(max_lateness, (now - batch[0].expires_at).total_seconds())
+
+
+def expire_bucket(*, bucket: int, now: datetime | None = None) -> int:
+    """The batched timer of one second-wide bucket: expire every unpaid order due by the
+    bucket's end (and any earlier straggler), under the same lock and re-check."""
+    due_by = datetime.fromtimestamp(bucket, tz=UTC)
+    expired, lateness = expire_due_orders(due_by=due_by, by=TIMER, now=now)
+    logger.info("Timer bucket %d expired %d orders, up to %.3fs late.", bucket, expired, lateness)
+    return expired
+
+
 def extend_order(*, order_id: Any, seconds: Any, by: Actor, now: datetime | None = None) -> Order:
     """Move an unpaid order's deadline later by ``seconds``."""
     conf = get_settings()
@@ -500,14 +532,9 @@ def sweep(*, now: datetime | None = None) -> SweepReport:
     conf = get_settings()
     now = now or timezone.now()
     report = SweepReport()
-    overdue = Order.objects.filter(
-        status=Status.CREATED, expires_at__lt=now - timedelta(seconds=conf.SWEEP_GRACE)
-    ).order_by("expires_at")
-    with transaction.atomic():
-        for order in _lock_batch(overdue, conf.SWEEP_BATCH_SIZE):
-            _expire(order, now=now, by=SWEEP)
-            report.expired += 1
-            report.max_lateness = max(report.max_lateness, (now - order.expires_at).total_seconds())
+    report.expired, report.max_lateness = expire_due_orders(
+        due_by=now - timedelta(seconds=conf.SWEEP_GRACE), by=SWEEP, now=now
+    )
 
     unarmed = (
         Order.objects.filter(

@@ -14,6 +14,11 @@ def expire_order_task(order_id: str) -> str:
     return services.expire_order(order_id=order_id).value
 
 
+@shared_task(name="orders.expire_bucket", acks_late=True)
+def expire_bucket_task(bucket: int) -> int:
+    return services.expire_bucket(bucket=bucket)
+
+
 @shared_task(
     name="orders.ship_order",
     acks_late=True,

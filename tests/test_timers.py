@@ -10,10 +10,12 @@ import subprocess
 import sys
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
+from django.utils import timezone
 
-from orders import services
+from orders import scheduling, services
 from orders.models import CancelReason, Order, OrderTransition, Payment, Status
 from orders.tasks import expire_order_task
 from tests.conftest import BASE_DIR, WorkerProcess, worker_env
@@ -199,3 +201,26 @@ def test_order_placed_while_the_broker_is_down_is_saved_and_recovered_by_the_swe
     report = services.sweep()  # beat would run this; the worker then fires the timer
     assert report.timers_armed == 1
     wait_for(lambda: statuses([order]) == {Status.CANCELLED}, 10, "the recovered timer to fire")
+
+
+def test_batched_timers_expire_every_order_of_a_bucket_with_one_task_per_second(
+    celery_worker_process: WorkerProcess, settings: Any
+) -> None:
+    settings.ORDERS = settings.ORDERS | {"TIMER_MODE": "batched"}
+    start = timezone.now()
+    orders = [
+        services.place_order(amount="10.00", timeout=2 + (i % 3) * 0.4, now=start)
+        for i in range(60)
+    ]
+    buckets = {scheduling.bucket_of(o.expires_at) for o in orders}
+
+    wait_for(lambda: statuses(orders) == {Status.CANCELLED}, 15, "every order to expire")
+
+    for order in Order.objects.filter(pk__in=[o.pk for o in orders]):
+        assert order.cancelled_at is not None
+        lateness = (order.cancelled_at - order.expires_at).total_seconds()
+        assert 0 <= lateness < 1.5, f"order {order.pk} expired {lateness:.3f}s late"
+        assert [h.transition for h in order.history.all()] == ["expire"]
+    fired = [b for b in buckets if f"Timer bucket {b} expired" in celery_worker_process.log()]
+    assert sorted(fired) == sorted(buckets), "one task per bucket, not one per order"
+    assert celery_worker_process.log().count("orders.expire_bucket[") <= 2 * len(buckets)
