@@ -442,7 +442,9 @@ def refund_order(*, order_id: Any, by: Actor, reason: str, now: datetime | None 
         )
     if not reason.strip():
         raise InvalidInput("A refund needs a reason.")
-    payment = order.payments.get(outcome=Payment.Outcome.ACCEPTED)
+    payment = order.payments.filter(outcome=Payment.Outcome.ACCEPTED).first()
+    if payment is None:
+        raise InvalidTransition(f"Order {order.pk} has no accepted payment to refund.")
     refund_ref = _refund_at_gateway(payment)
     now = now or timezone.now()
     with transaction.atomic():
