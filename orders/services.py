@@ -20,6 +20,7 @@ from decimal import Decimal, InvalidOperation
 from functools import partial
 from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q, QuerySet
 from django.dispatch import Signal
@@ -59,22 +60,20 @@ def _send_on_commit(signal: Signal, order: Order, **extra: Any) -> None:
 
 
 def _locked(order_id: Any) -> Order:
-    try:
-        return Order.objects.select_for_update().get(pk=order_id)
-    except (Order.DoesNotExist, ValueError) as exc:
-        raise OrderNotFound(f"No order with id {order_id!r}.") from exc
+    return _get(order_id, lock=True)
 
 
-def _get(order_id: Any) -> Order:
+def _get(order_id: Any, *, lock: bool = False) -> Order:
+    orders = Order.objects.select_for_update() if lock else Order.objects.all()
     try:
-        return Order.objects.get(pk=order_id)
-    except (Order.DoesNotExist, ValueError) as exc:  # ValueError: not a UUID at all
+        return orders.get(pk=order_id)
+    except (Order.DoesNotExist, ValidationError, ValueError) as exc:  # or not a UUID at all
         raise OrderNotFound(f"No order with id {order_id!r}.") from exc
 
 
 # Input checks -------------------------------------------------------------------------
 
-_CURRENCY = re.compile(r"^[A-Z]{3}$")
+_CURRENCY = re.compile(r"[A-Z]{3}")
 
 
 def parse_amount(value: Any) -> Decimal:
@@ -87,7 +86,8 @@ def parse_amount(value: Any) -> Decimal:
         raise InvalidInput(f"amount must be a decimal number, got {value!r}.") from exc
     if not amount.is_finite() or amount <= 0:
         raise InvalidInput(f"amount must be greater than zero, got {value!r}.")
-    if amount != amount.quantize(Decimal("0.01")) or amount >= Decimal("1e10"):
+    # The magnitude first: quantize() itself fails on numbers of more than 28 digits.
+    if amount >= Decimal("1e10") or amount != amount.quantize(Decimal("0.01")):
         raise InvalidInput(
             f"amount must have at most 2 decimal places and 10 digits, got {value!r}."
         )
@@ -97,7 +97,7 @@ def parse_amount(value: Any) -> Decimal:
 def parse_currency(value: Any) -> str:
     if value is None:
         return get_settings().CURRENCY
-    if not isinstance(value, str) or not _CURRENCY.match(value.upper()):
+    if not isinstance(value, str) or not _CURRENCY.fullmatch(value.upper()):
         raise InvalidInput(
             f'currency must be a 3-letter ISO 4217 code such as "CNY", got {value!r}.'
         )
@@ -107,11 +107,12 @@ def parse_currency(value: Any) -> str:
 def parse_seconds(value: Any, *, name: str, minimum: float, maximum: float) -> timedelta:
     if isinstance(value, timedelta):
         value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidInput(f"{name} must be a number of seconds, got {value!r}.")
-    if not minimum <= value <= maximum:
+    # Compared as given: a 400-digit int overflows float(), so no isfinite() on it.
+    if (isinstance(value, float) and not math.isfinite(value)) or not minimum <= value <= maximum:
         raise InvalidInput(
-            f"{name} must be between {minimum:g} and {maximum:g} seconds, got {value:g}."
+            f"{name} must be between {minimum:g} and {maximum:g} seconds, got {value!r:.30}."
         )
     return timedelta(seconds=value)
 
@@ -180,12 +181,12 @@ def record_payment(
         )
     except IntegrityError:
         # The same reference raced in for another order: the unique index caught it.
-        return _existing_payment(order_id, payment_ref) or _raise_reused(payment_ref)
+        return _existing_payment(_get(order_id), payment_ref) or _raise_reused(payment_ref)
 
 
-def _existing_payment(order_id: Any, payment_ref: str) -> Payment | None:
+def _existing_payment(order: Order, payment_ref: str) -> Payment | None:
     payment = Payment.objects.filter(reference=payment_ref).first()
-    if payment is not None and str(payment.order_id) != str(order_id):
+    if payment is not None and payment.order_id != order.pk:
         _raise_reused(payment_ref)
     return payment
 
@@ -205,7 +206,7 @@ def _record_payment(
 ) -> Payment:
     with transaction.atomic():
         order = _locked(order_id)
-        duplicate = _existing_payment(order_id, payment_ref)
+        duplicate = _existing_payment(order, payment_ref)
         if duplicate is not None:
             logger.info(
                 "Payment %s for order %s is a duplicate; nothing to do.", payment_ref, order.pk

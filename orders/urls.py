@@ -1,3 +1,17 @@
-from django.urls import path
+"""The JSON API and the webhooks; the host project includes these at its root."""
 
-urlpatterns: list = []
+from django.urls import URLPattern, path
+
+from orders import api, webhooks
+
+app_name = "orders"
+
+urlpatterns: list[URLPattern] = [
+    path("api/orders/", api.create_order, name="api-orders"),
+    # str, not uuid: a malformed id gets the API's JSON 404, not the host's HTML one.
+    path("api/orders/<str:order_id>/", api.order_detail, name="api-order"),
+    path("api/orders/<str:order_id>/cancel/", api.cancel_order, name="api-order-cancel"),
+    path("api/orders/<str:order_id>/extend/", api.extend_order, name="api-order-extend"),
+    path("webhooks/payment/", webhooks.payment, name="webhook-payment"),
+    path("webhooks/logistics/", webhooks.logistics, name="webhook-logistics"),
+]

@@ -1,0 +1,277 @@
+"""The JSON API for machine clients: thin views over ``orders.services`` behind a Bearer token,
+and the HTTP plumbing (JSON bodies, errors, the order's JSON) that the webhooks share."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import Callable, Collection
+from datetime import datetime
+from functools import wraps
+from typing import Any
+
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.urls import reverse
+from django.views.decorators.csrf import csrf_exempt
+
+from orders import services
+from orders.conf import get_settings
+from orders.gateways import GatewayError
+from orders.models import CancelReason, Order
+from orders.services import InvalidInput, InvalidTransition, OrderError, OrderNotFound
+
+logger = logging.getLogger("orders.http")
+
+#: Who the API's transitions are recorded as.
+API_ACTOR = "customer (api)"
+
+JsonObject = dict[str, Any]
+View = Callable[..., HttpResponse]
+Authenticator = Callable[[HttpRequest], None]
+
+
+class Refused(Exception):
+    """A request turned away before it reaches the services: method, credentials, size."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+# The order as JSON --------------------------------------------------------------------
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def order_json(order: Order) -> JsonObject:
+    """The order with its history, oldest transition first (one query for the history)."""
+    time_left = order.time_left()
+    return {
+        "id": str(order.pk),
+        "status": str(order.status),
+        "amount": str(order.amount),
+        "currency": order.currency,
+        "created_at": _iso(order.created_at),
+        "expires_at": _iso(order.expires_at),
+        "paid_at": _iso(order.paid_at),
+        "delivered_at": _iso(order.delivered_at),
+        "refunded_at": _iso(order.refunded_at),
+        "cancelled_at": _iso(order.cancelled_at),
+        "cancel_reason": str(order.cancel_reason) or None,
+        "payment_ref": order.payment_ref or None,
+        "tracking_number": order.tracking_number or None,
+        # An unpaid order past its deadline is about to expire: it has no time left,
+        # not a negative amount of it.
+        "time_left_seconds": None if time_left is None else max(0.0, round(time_left, 3)),
+        "history": [
+            {
+                "from": step.source,
+                "to": step.target,
+                "transition": step.transition,
+                "by": step.actor,
+                "at": _iso(step.at),
+                "reason": step.reason,
+            }
+            for step in order.history.all()
+        ],
+    }
+
+
+# Requests and responses ---------------------------------------------------------------
+
+
+def error_response(
+    request: HttpRequest, status: int, message: str, headers: dict[str, str] | None = None
+) -> JsonResponse:
+    logger.warning("Refused %s %s with %d: %s", request.method, request.path, status, message)
+    return JsonResponse({"error": message}, status=status, headers=headers)
+
+
+def _status_of(exc: OrderError) -> int:
+    if isinstance(exc, OrderNotFound):
+        return 404
+    if isinstance(exc, InvalidTransition):
+        return 409
+    return 400
+
+
+def json_endpoint(*methods: str, authenticate: Authenticator) -> Callable[[View], View]:
+    """Make ``view`` a CSRF-exempt endpoint for machine clients: only ``methods``, only
+    authenticated requests, and every refusal or service error as ``{"error": ...}``."""
+
+    def decorate(view: View) -> View:
+        @wraps(view)
+        def endpoint(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            try:
+                if request.method not in methods:
+                    raise Refused(
+                        405,
+                        f"{request.method} is not allowed here; use {' or '.join(methods)}.",
+                        {"Allow": ", ".join(methods)},
+                    )
+                authenticate(request)
+                return view(request, *args, **kwargs)
+            except Refused as exc:
+                return error_response(request, exc.status, str(exc), exc.headers)
+            except RequestDataTooBig:
+                return error_response(request, 413, "The request body is too large.")
+            except OrderError as exc:
+                return error_response(request, _status_of(exc), str(exc))
+            except GatewayError as exc:
+                return error_response(
+                    request, 502, f"The payment or logistics provider failed ({exc}); retry later."
+                )
+
+        return csrf_exempt(endpoint)
+
+    return decorate
+
+
+def json_object(
+    request: HttpRequest, *, fields: Collection[str] | None = None, optional: bool = False
+) -> JsonObject:
+    """The body as a JSON object. With ``fields``, any other key is refused, so that a
+    misspelt optional field is reported instead of silently ignored."""
+    if optional and not request.body.strip():
+        return {}
+    try:
+        data = json.loads(request.body)
+    except (ValueError, RecursionError):
+        # ValueError also covers bad UTF-8 and integers too long to convert;
+        # RecursionError is what deeply nested arrays raise.
+        raise InvalidInput("The request body is not valid JSON; send a JSON object.") from None
+    if not isinstance(data, dict):
+        raise InvalidInput(
+            f"The request body must be a JSON object, got a JSON {_json_type(data)}."
+        )
+    if fields is not None and (unknown := sorted(set(data) - set(fields))):
+        raise InvalidInput(f"Unknown field(s) {', '.join(unknown)}; expected {', '.join(fields)}.")
+    return data
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
+
+
+def required(data: JsonObject, name: str) -> Any:
+    value = data.get(name)
+    if value is None:
+        raise InvalidInput(f"{name} is required.")
+    return value
+
+
+def required_string(data: JsonObject, name: str) -> str:
+    value = required(data, name)
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name} must be a string, got a JSON {_json_type(value)}.")
+    return value
+
+
+def optional_number(data: JsonObject, name: str) -> int | float | None:
+    value = data.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise InvalidInput(f"{name} must be a number of seconds, got {value!r}.")
+    return value
+
+
+def order_id_of(value: str) -> uuid.UUID:
+    # A string that is not a UUID names no order: a 404 before any query.
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise OrderNotFound(f"No order with id {value!r}.") from None
+
+
+# Authentication -----------------------------------------------------------------------
+
+
+def require_api_token(request: HttpRequest) -> None:
+    expected = get_settings().API_TOKEN
+    if not expected:
+        raise Refused(
+            503, "The orders API is not configured: the server has no ORDERS['API_TOKEN']."
+        )
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Refused(
+            401,
+            "Authentication required: send the header 'Authorization: Bearer <API token>'.",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    # Bytes, because compare_digest refuses str with non-ASCII characters.
+    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise Refused(
+            401, "The API token is not valid.", {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+        )
+
+
+def api_endpoint(*methods: str) -> Callable[[View], View]:
+    return json_endpoint(*methods, authenticate=require_api_token)
+
+
+# Views --------------------------------------------------------------------------------
+
+
+@api_endpoint("POST")
+def create_order(request: HttpRequest) -> HttpResponse:
+    data = json_object(request, fields=("amount", "currency", "timeout_seconds"))
+    order = services.place_order(
+        amount=required(data, "amount"),
+        currency=data.get("currency"),
+        timeout=optional_number(data, "timeout_seconds"),
+    )
+    return JsonResponse(
+        order_json(order),
+        status=201,
+        headers={"Location": reverse("orders:api-order", args=[order.pk])},
+    )
+
+
+@api_endpoint("GET")
+def order_detail(request: HttpRequest, order_id: str) -> HttpResponse:
+    order = Order.objects.prefetch_related("history").filter(pk=order_id_of(order_id)).first()
+    if order is None:
+        raise OrderNotFound(f"No order with id {order_id!r}.")
+    return JsonResponse(order_json(order))
+
+
+@api_endpoint("POST")
+def cancel_order(request: HttpRequest, order_id: str) -> HttpResponse:
+    data = json_object(request, fields=("reason",), optional=True)
+    reason = data.get("reason")
+    if reason is None:
+        reason = ""
+    elif not isinstance(reason, str):
+        raise InvalidInput(f"reason must be a string, got a JSON {_json_type(reason)}.")
+    order = services.cancel_order(
+        order_id=order_id_of(order_id),
+        by=API_ACTOR,
+        reason=reason,
+        cancel_reason=CancelReason.CUSTOMER,
+    )
+    return JsonResponse(order_json(order))
+
+
+@api_endpoint("POST")
+def extend_order(request: HttpRequest, order_id: str) -> HttpResponse:
+    data = json_object(request, fields=("seconds",))
+    order = services.extend_order(
+        order_id=order_id_of(order_id), seconds=required(data, "seconds"), by=API_ACTOR
+    )
+    return JsonResponse(order_json(order))

@@ -1,0 +1,452 @@
+"""The JSON API: Bearer token, JSON in and out, every refusal a clear JSON error."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from django.test import Client
+from pytest_django import DjangoAssertNumQueries, Settings
+
+from orders import services
+from orders.models import Order, Payment, Status
+
+if TYPE_CHECKING:
+    from django.test.client import _MonkeyPatchedWSGIResponse as Response
+
+pytestmark = pytest.mark.django_db
+
+TOKEN = "test-api-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ORDERS_URL = "/api/orders/"
+
+ORDER_KEYS = {
+    "id",
+    "status",
+    "amount",
+    "currency",
+    "created_at",
+    "expires_at",
+    "paid_at",
+    "delivered_at",
+    "refunded_at",
+    "cancelled_at",
+    "cancel_reason",
+    "payment_ref",
+    "tracking_number",
+    "time_left_seconds",
+    "history",
+}
+
+
+def post(
+    client: Client, url: str, body: Any = None, *, headers: dict[str, str] | None = None
+) -> Response:
+    """POST ``body`` as JSON (bytes are sent as they are), with the API token by default."""
+    raw = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
+    return client.post(
+        url, raw, content_type="application/json", headers=AUTH if headers is None else headers
+    )
+
+
+def order_url(order: Order | str, action: str = "") -> str:
+    order_id = order.pk if isinstance(order, Order) else order
+    return f"{ORDERS_URL}{order_id}/" + (f"{action}/" if action else "")
+
+
+@pytest.fixture
+def order() -> Order:
+    return services.place_order(amount="12.50", timeout=600)
+
+
+@pytest.fixture
+def paid_order(order: Order) -> Order:
+    services.record_payment(order_id=order.pk, payment_ref="pay-1", amount="12.50")
+    order.refresh_from_db()
+    return order
+
+
+# Creating -----------------------------------------------------------------------------
+
+
+def test_create_order_returns_201_with_the_order_and_its_location(client: Client) -> None:
+    response = post(
+        client, ORDERS_URL, {"amount": "12.50", "currency": "USD", "timeout_seconds": 600}
+    )
+
+    assert response.status_code == 201
+    body = response.json()
+    assert set(body) == ORDER_KEYS
+    assert response["Location"] == order_url(body["id"])
+    assert body["status"] == "created"
+    assert body["amount"] == "12.50"
+    assert body["currency"] == "USD"
+    assert body["history"] == []
+    for key in (
+        "paid_at",
+        "delivered_at",
+        "refunded_at",
+        "cancelled_at",
+        "cancel_reason",
+        "payment_ref",
+        "tracking_number",
+    ):
+        assert body[key] is None, key
+    created_at = datetime.fromisoformat(body["created_at"])
+    assert datetime.fromisoformat(body["expires_at"]) == created_at + timedelta(seconds=600)
+    assert 599 < body["time_left_seconds"] <= 600
+    order = Order.objects.get(pk=body["id"])
+    assert (order.status, order.amount, order.currency) == (Status.CREATED, Decimal("12.50"), "USD")
+    assert order.expires_at == created_at + timedelta(seconds=600)
+
+
+def test_create_order_defaults_to_1800_seconds_and_the_default_currency(client: Client) -> None:
+    response = post(client, ORDERS_URL, {"amount": "5"})
+
+    assert response.status_code == 201
+    body = response.json()
+    assert body["amount"] == "5.00"
+    assert body["currency"] == "CNY"
+    expires_at = datetime.fromisoformat(body["expires_at"])
+    assert expires_at - datetime.fromisoformat(body["created_at"]) == timedelta(seconds=1800)
+
+
+def test_create_order_accepts_a_whole_amount_as_a_json_number(client: Client) -> None:
+    response = post(client, ORDERS_URL, {"amount": 12, "currency": "eur"})
+
+    assert response.status_code == 201
+    assert (response.json()["amount"], response.json()["currency"]) == ("12.00", "EUR")
+
+
+@pytest.mark.parametrize(
+    ("body", "mentions"),
+    [
+        pytest.param(b"amount=12.50", "JSON", id="not-json"),
+        pytest.param(b"", "JSON", id="empty-body"),
+        pytest.param(b'{"amount": "\xff"}', "JSON", id="not-utf8"),
+        pytest.param(b"[" * 100_000, "JSON", id="deeply-nested"),
+        pytest.param(b'["12.50"]', "JSON object", id="array"),
+        pytest.param(b'"12.50"', "JSON object", id="string"),
+        pytest.param({}, "amount", id="amount-missing"),
+        pytest.param({"amount": None}, "amount", id="amount-null"),
+        pytest.param({"amount": "0"}, "amount", id="amount-zero"),
+        pytest.param({"amount": "-1.00"}, "amount", id="amount-negative"),
+        pytest.param({"amount": 12.5}, "amount", id="amount-float"),
+        pytest.param({"amount": "abc"}, "amount", id="amount-not-a-number"),
+        pytest.param({"amount": "NaN"}, "amount", id="amount-nan"),
+        pytest.param({"amount": "1.234"}, "amount", id="amount-three-decimals"),
+        pytest.param({"amount": "12345678901"}, "amount", id="amount-too-many-digits"),
+        pytest.param({"amount": True}, "amount", id="amount-bool"),
+        pytest.param({"amount": ["12.50"]}, "amount", id="amount-array"),
+        pytest.param({"amount": "1", "currency": "EURO"}, "currency", id="currency-long"),
+        pytest.param({"amount": "1", "currency": "C1Y"}, "currency", id="currency-digit"),
+        pytest.param({"amount": "1", "currency": ""}, "currency", id="currency-empty"),
+        pytest.param({"amount": "1", "currency": 978}, "currency", id="currency-number"),
+        pytest.param({"amount": "1", "timeout_seconds": 0}, "timeout", id="timeout-zero"),
+        pytest.param({"amount": "1", "timeout_seconds": -60}, "timeout", id="timeout-negative"),
+        pytest.param({"amount": "1", "timeout_seconds": 10**9}, "timeout", id="timeout-huge"),
+        pytest.param(b'{"amount": "1", "timeout_seconds": 1e999}', "timeout", id="timeout-inf"),
+        pytest.param(
+            {"amount": "1", "timeout_seconds": "600"}, "timeout_seconds", id="timeout-string"
+        ),
+        pytest.param(
+            {"amount": "1", "timeout_seconds": True}, "timeout_seconds", id="timeout-bool"
+        ),
+        pytest.param({"amount": "1", "timeout": 600}, "timeout", id="unknown-field"),
+    ],
+)
+def test_create_order_rejects_bad_input_with_400(client: Client, body: Any, mentions: str) -> None:
+    response = post(client, ORDERS_URL, body)
+
+    assert response.status_code == 400
+    assert mentions in response.json()["error"]
+    assert not Order.objects.exists()
+
+
+# Values that once reached past the checks in orders.services into a 500.
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(
+            b'{"amount": "1e30"}',
+            id="amount-1e30",
+        ),
+        pytest.param(
+            b'{"amount": "1", "timeout_seconds": 1' + b"0" * 400 + b"}",
+            id="timeout-10**400",
+        ),
+        pytest.param(
+            b'{"amount": "1", "currency": "CNY\\n"}',
+            id="currency-trailing-newline",
+        ),
+    ],
+)
+def test_create_order_rejects_pathological_input_with_400(client: Client, body: bytes) -> None:
+    response = post(client, ORDERS_URL, body)
+
+    assert response.status_code == 400
+    assert not Order.objects.exists()
+
+
+def test_create_order_refuses_a_body_over_the_upload_limit_with_413(
+    client: Client, settings: Settings
+) -> None:
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 10
+
+    response = post(client, ORDERS_URL, {"amount": "12.50", "currency": "CNY"})
+
+    assert response.status_code == 413
+    assert "too large" in response.json()["error"]
+    assert not Order.objects.exists()
+
+
+# Authentication -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({}, id="missing"),
+        pytest.param({"Authorization": "Bearer wrong-token"}, id="wrong"),
+        pytest.param({"Authorization": "Bearer "}, id="empty"),
+        pytest.param({"Authorization": f"Basic {TOKEN}"}, id="other-scheme"),
+        pytest.param({"Authorization": TOKEN}, id="no-scheme"),
+        pytest.param({"Authorization": "Bearer t\u00f6ken"}, id="non-ascii"),
+    ],
+)
+def test_api_refuses_a_missing_or_wrong_token_with_401(
+    client: Client, order: Order, headers: dict[str, str]
+) -> None:
+    created = post(client, ORDERS_URL, {"amount": "1"}, headers=headers)
+    read = client.get(order_url(order), headers=headers)
+    cancelled = post(client, order_url(order, "cancel"), headers=headers)
+
+    for response in (created, read, cancelled):
+        assert response.status_code == 401
+        assert response["WWW-Authenticate"].startswith("Bearer")
+        assert response.json()["error"]
+    assert Order.objects.get() == order
+    order.refresh_from_db()
+    assert order.status == Status.CREATED
+
+
+def test_api_accepts_the_bearer_scheme_in_any_case(client: Client) -> None:
+    headers = {"Authorization": f"bearer {TOKEN}"}
+
+    response = post(client, ORDERS_URL, {"amount": "1"}, headers=headers)
+
+    assert response.status_code == 201
+
+
+def test_api_refuses_everything_when_no_token_is_configured(
+    client: Client, settings: Settings
+) -> None:
+    settings.ORDERS = settings.ORDERS | {"API_TOKEN": ""}
+
+    for headers in ({"Authorization": "Bearer "}, AUTH):
+        response = post(client, ORDERS_URL, {"amount": "1"}, headers=headers)
+        assert response.status_code == 503
+        assert "not configured" in response.json()["error"]
+    assert not Order.objects.exists()
+
+
+def test_refused_requests_are_logged_without_the_token(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="orders.http"):
+        post(client, ORDERS_URL, {"amount": "1"}, headers={"Authorization": "Bearer s3cr3t-guess"})
+
+    [record] = [r for r in caplog.records if r.name == "orders.http"]
+    assert record.levelno == logging.WARNING
+    assert "401" in record.getMessage()
+    assert "s3cr3t-guess" not in caplog.text
+    assert TOKEN not in caplog.text
+
+
+# Reading ------------------------------------------------------------------------------
+
+
+def test_get_order_returns_it_with_its_history_oldest_first(
+    client: Client, paid_order: Order
+) -> None:
+    services.refund_order(order_id=paid_order.pk, by="staff", reason="damaged")
+
+    response = client.get(order_url(paid_order), headers=AUTH)
+
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == ORDER_KEYS
+    assert body["id"] == str(paid_order.pk)
+    assert (body["status"], body["cancel_reason"]) == ("cancelled", "refund")
+    assert body["payment_ref"] == "pay-1"
+    assert body["time_left_seconds"] is None
+    assert [(s["transition"], s["from"], s["to"], s["by"]) for s in body["history"]] == [
+        ("pay", "created", "paid", "payment gateway"),
+        ("refund", "paid", "refunded", "staff"),
+        ("close", "refunded", "cancelled", "system"),
+    ]
+    assert body["history"][1]["reason"] == "damaged"
+    assert all(datetime.fromisoformat(step["at"]) for step in body["history"])
+
+
+def test_get_order_reads_the_history_in_one_query(
+    client: Client, paid_order: Order, django_assert_num_queries: DjangoAssertNumQueries
+) -> None:
+    services.refund_order(order_id=paid_order.pk, by="staff", reason="damaged")
+
+    with django_assert_num_queries(2):  # the order, then its whole history
+        response = client.get(order_url(paid_order), headers=AUTH)
+
+    assert len(response.json()["history"]) == 3
+
+
+@pytest.mark.parametrize(
+    "order_id",
+    [str(uuid.uuid4()), "not-a-uuid", "123", "%20"],
+    ids=["unknown", "word", "int", "blank"],
+)
+def test_get_unknown_or_malformed_order_id_is_404(client: Client, order_id: str) -> None:
+    response = client.get(order_url(order_id), headers=AUTH)
+
+    assert response.status_code == 404
+    assert "No order" in response.json()["error"]
+
+
+def test_api_needs_no_csrf_token(order: Order) -> None:
+    client = Client(enforce_csrf_checks=True)
+
+    response = post(client, order_url(order, "cancel"))
+
+    assert response.status_code == 200
+
+
+def test_wrong_method_is_405_with_json_and_allow_header(client: Client, order: Order) -> None:
+    listing = client.get(ORDERS_URL, headers=AUTH)
+    deleting = client.delete(order_url(order), headers=AUTH)
+    cancel_by_get = client.get(order_url(order, "cancel"), headers=AUTH)
+
+    assert (listing.status_code, listing["Allow"]) == (405, "POST")
+    assert (deleting.status_code, deleting["Allow"]) == (405, "GET")
+    assert (cancel_by_get.status_code, cancel_by_get["Allow"]) == (405, "POST")
+    assert all(r.json()["error"] for r in (listing, deleting, cancel_by_get))
+    assert Order.objects.get(pk=order.pk).status == Status.CREATED
+
+
+# Cancelling ---------------------------------------------------------------------------
+
+
+def test_cancel_unpaid_order_cancels_it_for_the_customer(client: Client, order: Order) -> None:
+    response = post(client, order_url(order, "cancel"), {"reason": "changed my mind"})
+
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["status"], body["cancel_reason"]) == ("cancelled", "customer")
+    assert body["cancelled_at"] is not None
+    assert body["time_left_seconds"] is None
+    assert body["history"] == [
+        {
+            "from": "created",
+            "to": "cancelled",
+            "transition": "cancel",
+            "by": "customer (api)",
+            "at": body["cancelled_at"],
+            "reason": "changed my mind",
+        },
+    ]
+    order.refresh_from_db()
+    assert (order.status, order.cancel_reason) == (Status.CANCELLED, "customer")
+
+
+def test_cancel_needs_no_body(client: Client, order: Order) -> None:
+    response = post(client, order_url(order, "cancel"))
+
+    assert response.status_code == 200
+    assert response.json()["history"][0]["reason"] == ""
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"reason": 5}, {"reason": ["x"]}, {"reason": {}}, {"why": "x"}, [1]],
+    ids=["int", "list", "object", "typo", "array"],
+)
+def test_cancel_with_bad_body_is_400_and_keeps_the_order(
+    client: Client, order: Order, body: Any
+) -> None:
+    response = post(client, order_url(order, "cancel"), body)
+
+    assert response.status_code == 400
+    assert response.json()["error"]
+    order.refresh_from_db()
+    assert order.status == Status.CREATED
+
+
+def test_cancel_paid_order_is_409_and_keeps_it_paid(client: Client, paid_order: Order) -> None:
+    response = post(client, order_url(paid_order, "cancel"))
+
+    assert response.status_code == 409
+    assert "paid" in response.json()["error"]
+    paid_order.refresh_from_db()
+    assert paid_order.status == Status.PAID
+
+
+@pytest.mark.parametrize("order_id", [str(uuid.uuid4()), "nope"], ids=["unknown", "malformed"])
+def test_cancel_or_extend_unknown_order_is_404(client: Client, order_id: str) -> None:
+    assert post(client, order_url(order_id, "cancel")).status_code == 404
+    assert post(client, order_url(order_id, "extend"), {"seconds": 60}).status_code == 404
+
+
+# Extending ----------------------------------------------------------------------------
+
+
+def test_extend_moves_the_deadline_by_the_seconds(client: Client, order: Order) -> None:
+    deadline = order.expires_at
+
+    response = post(client, order_url(order, "extend"), {"seconds": 600})
+
+    assert response.status_code == 200
+    body = response.json()
+    assert datetime.fromisoformat(body["expires_at"]) == deadline + timedelta(seconds=600)
+    assert body["time_left_seconds"] > 600
+    order.refresh_from_db()
+    assert order.expires_at == deadline + timedelta(seconds=600)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"seconds": 0},
+        {"seconds": -60},
+        {"seconds": "600"},
+        {"seconds": True},
+        {"seconds": 10**9},
+        {"secs": 600},
+    ],
+    ids=["missing", "zero", "negative", "string", "bool", "huge", "typo"],
+)
+def test_extend_with_bad_seconds_is_400_and_keeps_the_deadline(
+    client: Client, order: Order, body: Any
+) -> None:
+    deadline = order.expires_at
+
+    response = post(client, order_url(order, "extend"), body)
+
+    assert response.status_code == 400
+    assert "seconds" in response.json()["error"]
+    order.refresh_from_db()
+    assert order.expires_at == deadline
+
+
+def test_extend_paid_order_is_409(client: Client, paid_order: Order) -> None:
+    response = post(client, order_url(paid_order, "extend"), {"seconds": 600})
+
+    assert response.status_code == 409
+    assert response.json()["error"]
+    assert Payment.objects.get().order_id == paid_order.pk
+    paid_order.refresh_from_db()
+    assert paid_order.status == Status.PAID
