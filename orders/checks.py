@@ -3,6 +3,7 @@ with an id and a hint, not at three in the morning by a task."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from celery import current_app
@@ -82,7 +83,7 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
         )
     for key in ("PAYMENT_GATEWAY", "LOGISTICS_PROVIDER"):
         try:
-            import_string(merged[key])
+            import_string(str(merged[key]))
         except ImportError as exc:
             errors.append(
                 Error(
@@ -91,6 +92,16 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
                     id="orders.E005",
                 )
             )
+    currency = merged["CURRENCY"]
+    if not isinstance(currency, str) or not re.fullmatch("[A-Z]{3}", currency):
+        errors.append(
+            Error(
+                f"ORDERS['CURRENCY'] must be a 3-letter ISO 4217 code in capitals, "
+                f"got {currency!r}.",
+                hint='For example "CNY" or "EUR". Payments state their currency in capitals.',
+                id="orders.E008",
+            )
+        )
     if merged["TIMER_MODE"] not in TIMER_MODES:
         errors.append(
             Error(

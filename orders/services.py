@@ -272,24 +272,30 @@ def expire_order(*, order_id: Any, by: Actor = TIMER, now: datetime | None = Non
     Anything else is a logged no-op, so the timer may fire any number of times."""
     now = now or timezone.now()
     with transaction.atomic():
-        order = Order.objects.select_for_update().filter(pk=order_id).first()
-        if order is None:
+        try:
+            order = _locked(order_id)
+        except OrderNotFound:
             outcome, detail = ExpiryOutcome.MISSING, "no such order"
-        elif order.status != Status.CREATED:
-            outcome, detail = ExpiryOutcome.NOT_UNPAID, f"it is {order.status}"
-        elif order.expires_at > now:
-            rearmed = scheduling.arm_expiry_timer(order, now=now)
-            if rearmed:
-                order.save(update_fields=["timer_armed_for", "updated_at"])
-            outcome = ExpiryOutcome.REARMED if rearmed else ExpiryOutcome.WAITING
-            detail = f"new deadline {order.expires_at.isoformat()}"
         else:
-            _expire(order, now=now, by=by)
-            return ExpiryOutcome.EXPIRED
-    logger.info(
-        "Expiry of order %s by the %s: no-op, %s (%s).", order_id, by, outcome.value, detail
-    )
+            outcome, detail = _expire_if_due(order, by=by, now=now)
+    if outcome is not ExpiryOutcome.EXPIRED:
+        logger.info(
+            "Expiry of order %s by the %s: no-op, %s (%s).", order_id, by, outcome.value, detail
+        )
     return outcome
+
+
+def _expire_if_due(order: Order, *, by: Actor, now: datetime) -> tuple[ExpiryOutcome, str]:
+    """Under the row lock: expire the order, or say why not."""
+    if order.status != Status.CREATED:
+        return ExpiryOutcome.NOT_UNPAID, f"it is {order.status}"
+    if order.expires_at > now:
+        if not scheduling.arm_expiry_timer(order, now=now):
+            return ExpiryOutcome.WAITING, f"new deadline {order.expires_at.isoformat()}"
+        order.save(update_fields=["timer_armed_for", "updated_at"])
+        return ExpiryOutcome.REARMED, f"new deadline {order.expires_at.isoformat()}"
+    _expire(order, now=now, by=by)
+    return ExpiryOutcome.EXPIRED, ""
 
 
 def _expire(order: Order, *, now: datetime, by: Actor, reason: str = "not paid in time") -> None:
@@ -531,7 +537,8 @@ class SweepReport:
 def sweep(*, now: datetime | None = None) -> SweepReport:
     """Expire unpaid orders whose timer did not (deadline + grace passed), arm timers
     that came within the horizon, and retry shipments and refunds that never ran.
-    Each step is bounded by ``SWEEP_BATCH_SIZE``."""
+    Each transaction holds at most ``SWEEP_BATCH_SIZE`` orders; the expiry step goes on
+    batch after batch until no overdue order is left."""
     conf = get_settings()
     now = now or timezone.now()
     report = SweepReport()

@@ -1,0 +1,204 @@
+"""The system checks of the ``ORDERS`` setting: each misconfiguration has its id."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+from django.core import checks
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from pytest_django import Settings
+
+from orders.checks import VISIBILITY_MARGIN, check_orders_settings
+from orders.conf import DEFAULTS
+
+
+def messages_with(settings: Settings, **overrides: Any) -> list[checks.CheckMessage]:
+    settings.ORDERS = settings.ORDERS | overrides
+    return check_orders_settings()
+
+
+def ids_with(settings: Settings, **overrides: Any) -> list[str]:
+    return [m.id or "" for m in messages_with(settings, **overrides)]
+
+
+def visibility_timeout(settings: Settings) -> int:
+    return int(settings.CELERY_BROKER_TRANSPORT_OPTIONS.get("visibility_timeout", 3600))
+
+
+def test_test_settings_pass_every_orders_check() -> None:
+    assert check_orders_settings() == []
+
+
+def test_manage_py_check_passes_with_the_test_settings() -> None:
+    out = io.StringIO()
+
+    call_command("check", "--fail-level", "WARNING", stdout=out)
+
+    assert "no issues" in out.getvalue()
+
+
+def test_manage_py_check_fails_on_a_misconfigured_orders_setting(settings: Settings) -> None:
+    settings.ORDERS = settings.ORDERS | {"DEFAULT_TIMOUT": 600}
+
+    with pytest.raises(SystemCheckError, match=r"orders\.E001"):
+        call_command("check", stdout=io.StringIO(), stderr=io.StringIO())
+
+
+def test_empty_orders_setting_only_warns_about_the_missing_secrets(settings: Settings) -> None:
+    settings.ORDERS = {}
+
+    messages = check_orders_settings()
+
+    assert [m.id for m in messages] == ["orders.W001", "orders.W001"]
+
+
+def test_unknown_key_is_reported_by_name(settings: Settings) -> None:
+    [message] = messages_with(settings, DEFAULT_TIMOUT=600)
+
+    assert message.id == "orders.E001"
+    assert message.level == checks.ERROR
+    assert "DEFAULT_TIMOUT" in message.msg
+    assert "DEFAULT_TIMEOUT" in (message.hint or "")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("DEFAULT_TIMEOUT", "1800"),
+        ("DEFAULT_TIMEOUT", 1800.0),
+        ("DEFAULT_TIMEOUT", None),
+        ("MIN_TIMEOUT", 0),
+        ("MAX_TIMEOUT", -1),
+        ("TIMER_HORIZON", 0),
+        ("SWEEP_INTERVAL", True),
+        ("SWEEP_GRACE", -1),
+        ("SWEEP_BATCH_SIZE", 0),
+        ("SHIPPING_RETRY_AFTER", "60"),
+    ],
+)
+def test_value_that_is_not_a_positive_whole_number_is_reported(
+    settings: Settings, key: str, value: Any
+) -> None:
+    [message] = messages_with(settings, **{key: value})
+
+    assert message.id == "orders.E002"
+    assert key in message.msg
+    assert repr(DEFAULTS[key]) in (message.hint or "")
+
+
+def test_sweep_grace_of_zero_is_allowed(settings: Settings) -> None:
+    assert ids_with(settings, SWEEP_GRACE=0) == []
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"DEFAULT_TIMEOUT": DEFAULTS["MAX_TIMEOUT"] + 1},
+        {"MIN_TIMEOUT": 600, "DEFAULT_TIMEOUT": 599},
+        {"MAX_TIMEOUT": 600, "DEFAULT_TIMEOUT": 601},
+    ],
+)
+def test_default_timeout_outside_the_allowed_timeouts_is_reported(
+    settings: Settings, overrides: dict[str, int]
+) -> None:
+    assert ids_with(settings, **overrides) == ["orders.E003"]
+
+
+def test_default_timeout_at_the_bounds_is_allowed(settings: Settings) -> None:
+    assert ids_with(settings, MIN_TIMEOUT=60, DEFAULT_TIMEOUT=60, MAX_TIMEOUT=60) == []
+
+
+def test_horizon_too_close_to_the_visibility_timeout_is_reported(settings: Settings) -> None:
+    horizon = visibility_timeout(settings) - VISIBILITY_MARGIN + 1
+
+    [message] = messages_with(settings, TIMER_HORIZON=horizon)
+
+    assert message.id == "orders.E004"
+    assert str(visibility_timeout(settings)) in message.msg
+
+
+def test_horizon_of_3500s_is_too_long_for_the_default_visibility_timeout(
+    settings: Settings,
+) -> None:
+    if visibility_timeout(settings) != 3600:
+        pytest.skip("the environment sets another visibility timeout")
+
+    assert ids_with(settings, TIMER_HORIZON=3500) == ["orders.E004"]
+
+
+def test_horizon_a_margin_below_the_visibility_timeout_is_allowed(settings: Settings) -> None:
+    horizon = visibility_timeout(settings) - VISIBILITY_MARGIN
+
+    assert ids_with(settings, TIMER_HORIZON=horizon) == []
+
+
+@pytest.mark.parametrize("key", ["PAYMENT_GATEWAY", "LOGISTICS_PROVIDER"])
+@pytest.mark.parametrize(
+    "path", ["orders.gateways.NoSuchBackend", "no_such_module.Backend", "not-a-dotted-path"]
+)
+def test_backend_that_cannot_be_imported_is_reported(
+    settings: Settings, key: str, path: str
+) -> None:
+    [message] = messages_with(settings, **{key: path})
+
+    assert message.id == "orders.E005"
+    assert key in message.msg
+    assert path in message.msg
+
+
+def test_backend_given_by_a_dotted_path_is_allowed(settings: Settings) -> None:
+    assert ids_with(settings, PAYMENT_GATEWAY="orders.gateways.LocalPaymentGateway") == []
+
+
+@pytest.mark.parametrize("path", [None, 42])
+def test_backend_that_is_not_a_string_is_reported(settings: Settings, path: Any) -> None:
+    assert ids_with(settings, PAYMENT_GATEWAY=path) == ["orders.E005"]
+
+
+def test_sweep_interval_longer_than_the_horizon_is_reported(settings: Settings) -> None:
+    assert ids_with(settings, TIMER_HORIZON=600, SWEEP_INTERVAL=601) == ["orders.E006"]
+
+
+def test_sweep_interval_equal_to_the_horizon_is_allowed(settings: Settings) -> None:
+    assert ids_with(settings, TIMER_HORIZON=600, SWEEP_INTERVAL=600) == []
+
+
+@pytest.mark.parametrize("mode", ["batch", "", None, "PER_ORDER"])
+def test_unknown_timer_mode_is_reported(settings: Settings, mode: Any) -> None:
+    assert ids_with(settings, TIMER_MODE=mode) == ["orders.E007"]
+
+
+@pytest.mark.parametrize("mode", ["per_order", "batched"])
+def test_known_timer_modes_are_allowed(settings: Settings, mode: str) -> None:
+    assert ids_with(settings, TIMER_MODE=mode) == []
+
+
+@pytest.mark.parametrize("key", ["API_TOKEN", "WEBHOOK_SECRET"])
+def test_empty_secret_is_a_warning(settings: Settings, key: str) -> None:
+    [message] = messages_with(settings, **{key: ""})
+
+    assert message.id == "orders.W001"
+    assert message.level == checks.WARNING
+    assert not message.is_serious()
+    assert key in message.msg
+
+
+def test_several_problems_are_reported_together(settings: Settings) -> None:
+    ids = ids_with(
+        settings,
+        DEFAULT_TIMEOUT=DEFAULTS["MAX_TIMEOUT"] + 1,
+        PAYMENT_GATEWAY="no_such_module.Backend",
+        TIMER_HORIZON=600,
+        SWEEP_INTERVAL=601,
+        API_TOKEN="",
+    )
+
+    assert sorted(ids) == ["orders.E003", "orders.E005", "orders.E006", "orders.W001"]
+
+
+@pytest.mark.parametrize("currency", ["cny", "EURO", ""])
+def test_currency_that_is_not_an_iso_code_is_reported(settings: Settings, currency: str) -> None:
+    assert ids_with(settings, CURRENCY=currency) == ["orders.E008"]
