@@ -21,6 +21,11 @@ INTEGER_SETTINGS = (
     "SWEEP_GRACE",
     "SWEEP_BATCH_SIZE",
     "SHIPPING_RETRY_AFTER",
+    "PARCEL_POLL_EVERY",
+    "PARCEL_POLL_BATCH",
+    "PARCEL_CHECK_INTERVAL",
+    "PARCEL_MAX_BACKOFF",
+    "PARCEL_GIVE_UP_AFTER",
 )
 TIMER_MODES = ("per_order", "batched")
 # Time kept between the horizon and the visibility timeout, so that a timer is always
@@ -43,6 +48,7 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
     merged = DEFAULTS | given
     for key in INTEGER_SETTINGS:
         value = merged[key]
+        unit = "orders" if "BATCH" in key else "seconds"
         if (
             isinstance(value, bool)
             or not isinstance(value, int)
@@ -50,8 +56,7 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
         ):
             errors.append(
                 Error(
-                    f"ORDERS[{key!r}] must be a positive whole number of "
-                    f"{'orders' if key == 'SWEEP_BATCH_SIZE' else 'seconds'}, got {value!r}.",
+                    f"ORDERS[{key!r}] must be a positive whole number of {unit}, got {value!r}.",
                     hint=f"The default is {DEFAULTS[key]!r}.",
                     id="orders.E002",
                 )

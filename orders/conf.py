@@ -33,6 +33,14 @@ DEFAULTS: dict[str, Any] = {
     # A paid order whose shipping task has not shipped it after this long is re-queued
     # by the sweep (seconds).
     "SHIPPING_RETRY_AFTER": 60,
+    # The parcel poller (beat, every PARCEL_POLL_EVERY seconds) asks the logistics
+    # provider about each shipped parcel every PARCEL_CHECK_INTERVAL seconds, backing off
+    # up to PARCEL_MAX_BACKOFF after errors, for at most PARCEL_GIVE_UP_AFTER.
+    "PARCEL_POLL_EVERY": 60,
+    "PARCEL_POLL_BATCH": 100,
+    "PARCEL_CHECK_INTERVAL": 3600,
+    "PARCEL_MAX_BACKOFF": 24 * 3600,
+    "PARCEL_GIVE_UP_AFTER": 60 * 24 * 3600,
     "CURRENCY": "CNY",
     # Pluggable backends, chosen by dotted path like SESSION_ENGINE.
     "PAYMENT_GATEWAY": "orders.gateways.LocalPaymentGateway",
@@ -55,6 +63,11 @@ class OrdersSettings:
     SWEEP_GRACE: int
     SWEEP_BATCH_SIZE: int
     SHIPPING_RETRY_AFTER: int
+    PARCEL_POLL_EVERY: int
+    PARCEL_POLL_BATCH: int
+    PARCEL_CHECK_INTERVAL: int
+    PARCEL_MAX_BACKOFF: int
+    PARCEL_GIVE_UP_AFTER: int
     CURRENCY: str
     PAYMENT_GATEWAY: str
     LOGISTICS_PROVIDER: str

@@ -48,6 +48,12 @@ class CancelReason(models.TextChoices):
     REFUND = "refund", "Closed after a refund"
 
 
+class ParcelStatus(models.TextChoices):
+    IN_TRANSIT = "in_transit", "In transit"
+    DELIVERED = "delivered", "Delivered to the customer"
+    RETURNED = "returned", "Returned to sender"
+
+
 def _default_currency() -> str:
     return get_settings().CURRENCY
 
@@ -72,6 +78,10 @@ class Order(FSMModelMixin, models.Model):
     payment_ref = models.CharField("payment reference", max_length=128, blank=True)
     tracking_number = models.CharField(max_length=64, blank=True)
     refund_ref = models.CharField("refund reference", max_length=128, blank=True)
+    # What the logistics provider last said of the parcel, and when to ask it again.
+    parcel_status = models.CharField(max_length=16, choices=ParcelStatus.choices, blank=True)
+    parcel_next_check_at = models.DateTimeField(null=True, blank=True, editable=False)
+    parcel_check_failures = models.PositiveIntegerField(default=0, editable=False)
     # The deadline a timer was last enqueued for. Lets the sweep arm, exactly once,
     # deadlines that were beyond the horizon or whose timer could not be published.
     timer_armed_for = models.DateTimeField(null=True, blank=True, editable=False)
@@ -81,6 +91,8 @@ class Order(FSMModelMixin, models.Model):
         indexes = [
             # The sweep's query: unpaid orders by deadline.
             models.Index(fields=["status", "expires_at"], name="orders_status_expires_idx"),
+            # The parcel poller's query: shipped orders due for a check.
+            models.Index(fields=["status", "parcel_next_check_at"], name="orders_parcel_check_idx"),
         ]
         constraints = [
             models.CheckConstraint(condition=models.Q(amount__gt=0), name="orders_amount_positive"),
@@ -225,6 +237,44 @@ class OrderTransition(models.Model):
 
     def __str__(self) -> str:
         return f"{self.transition}: {self.source} -> {self.target} by {self.actor}"
+
+
+class ParcelEvent(models.Model):
+    """A change in the parcel's status as the logistics provider reported it (by webhook
+    or when polled). Not a transition of the order; a returned parcel leads to one."""
+
+    id = models.BigAutoField(primary_key=True)
+    order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="parcel_events")
+    status = models.CharField(max_length=16, choices=ParcelStatus.choices)
+    source = models.CharField(max_length=32, help_text="webhook or poll")
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["at", "id"]
+
+    def __str__(self) -> str:
+        return f"parcel {self.status} ({self.source})"
+
+
+class SweepRun(models.Model):
+    """What one sweep found: the evidence that timers work (expired == 0) or are lost,
+    and, by its time, that beat is alive."""
+
+    id = models.BigAutoField(primary_key=True)
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    expired = models.PositiveIntegerField(default=0)
+    max_lateness = models.FloatField(default=0.0, help_text="seconds")
+    timers_armed = models.PositiveIntegerField(default=0)
+    shipments_retried = models.PositiveIntegerField(default=0)
+    refunds_retried = models.PositiveIntegerField(default=0)
+    errors = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-at"]
+        get_latest_by = "at"
+
+    def __str__(self) -> str:
+        return f"sweep at {self.at:%Y-%m-%d %H:%M:%S}: {self.expired} expired"
 
 
 @receiver(post_transition, sender=Order)

@@ -29,8 +29,17 @@ from django_fsm import can_proceed
 
 from orders import scheduling, signals
 from orders.conf import get_settings
-from orders.gateways import logistics_provider, payment_gateway
-from orders.models import Actor, CancelReason, Order, Payment, Status
+from orders.gateways import GatewayError, logistics_provider, payment_gateway
+from orders.models import (
+    Actor,
+    CancelReason,
+    Order,
+    ParcelEvent,
+    ParcelStatus,
+    Payment,
+    Status,
+    SweepRun,
+)
 
 logger = logging.getLogger("orders")
 
@@ -418,7 +427,9 @@ def ship_order(*, order_id: Any, now: datetime | None = None) -> Order:
         if order.status != Status.PAID:
             logger.info("Shipping of order %s: no-op, it became %s.", order.pk, order.status)
             return order
-        order.ship(by="shipping", tracking_number=tracking_number, at=now or timezone.now())
+        now = now or timezone.now()
+        order.ship(by="shipping", tracking_number=tracking_number, at=now)
+        order.parcel_next_check_at = now + timedelta(seconds=get_settings().PARCEL_CHECK_INTERVAL)
         order.save()
         _send_on_commit(signals.order_delivered, order)
     logger.info("Order %s shipped, tracking number %s.", order.pk, tracking_number)
@@ -507,18 +518,76 @@ def refund_payment(*, payment_id: Any, now: datetime | None = None) -> Payment:
 
 # Logistics ----------------------------------------------------------------------------
 
-PARCEL_STATUSES = ("in_transit", "delivered", "returned")
 
-
-def record_parcel_status(*, order_id: Any, status: str, by: Actor = "logistics") -> Order:
-    """Take a parcel status from the logistics provider. A returned parcel is refunded."""
-    if status not in PARCEL_STATUSES:
-        raise InvalidInput(f"status must be one of {', '.join(PARCEL_STATUSES)}, got {status!r}.")
-    order = _get(order_id)
-    if status == "returned" and order.status in (Status.PAID, Status.DELIVERED):
+def record_parcel_status(
+    *, order_id: Any, status: str, by: Actor = "logistics", now: datetime | None = None
+) -> Order:
+    """Take a parcel status from the logistics provider (webhook or poll). A change is
+    kept as a ``ParcelEvent``; a returned parcel refunds the order, once."""
+    if status not in ParcelStatus.values:
+        raise InvalidInput(
+            f"status must be one of {', '.join(ParcelStatus.values)}, got {status!r}."
+        )
+    now = now or timezone.now()
+    with transaction.atomic():
+        order = _locked(order_id)
+        if status != order.parcel_status:
+            ParcelEvent.objects.create(order=order, status=status, source=str(by), at=now)
+            order.parcel_status = status
+            if status != ParcelStatus.IN_TRANSIT:
+                order.parcel_next_check_at = None  # the parcel's journey is over
+            order.save(update_fields=["parcel_status", "parcel_next_check_at", "updated_at"])
+            logger.info("Parcel of order %s is now %s (reported by %s).", order.pk, status, by)
+    if status == ParcelStatus.RETURNED and order.status in (Status.PAID, Status.DELIVERED):
         return refund_order(order_id=order.pk, by=by, reason="parcel returned to sender")
-    logger.info("Parcel of order %s is %s (order is %s).", order.pk, status, order.status)
     return order
+
+
+@dataclass
+class ParcelPollReport:
+    checked: int = 0
+    changed: int = 0
+    failed: int = 0
+    given_up: int = 0
+
+
+def poll_parcels(*, now: datetime | None = None) -> ParcelPollReport:
+    """Ask the logistics provider about shipped parcels that are due for a check, at most
+    ``PARCEL_POLL_BATCH`` per run. A provider error backs that order off exponentially;
+    a parcel still travelling after ``PARCEL_GIVE_UP_AFTER`` is no longer polled."""
+    conf = get_settings()
+    now = now or timezone.now()
+    report = ParcelPollReport()
+    due = Order.objects.filter(status=Status.DELIVERED, parcel_next_check_at__lte=now)
+    for order in due.order_by("parcel_next_check_at")[: conf.PARCEL_POLL_BATCH]:
+        report.checked += 1
+        next_check: datetime | None = now + timedelta(seconds=conf.PARCEL_CHECK_INTERVAL)
+        failures = 0
+        try:
+            status = logistics_provider().parcel_status(tracking_number=order.tracking_number)
+        except GatewayError as exc:
+            report.failed += 1
+            failures = order.parcel_check_failures + 1
+            backoff = min(conf.PARCEL_CHECK_INTERVAL * 2**failures, conf.PARCEL_MAX_BACKOFF)
+            next_check = now + timedelta(seconds=backoff)
+            logger.warning(
+                "Parcel check of order %s failed (%s); next try in %ss.", order.pk, exc, backoff
+            )
+        if order.delivered_at and now - order.delivered_at > timedelta(
+            seconds=conf.PARCEL_GIVE_UP_AFTER
+        ):
+            report.given_up += 1
+            next_check = None
+            logger.warning("Parcel of order %s still not arrived; no longer polled.", order.pk)
+        Order.objects.filter(pk=order.pk).update(
+            parcel_next_check_at=next_check, parcel_check_failures=failures
+        )
+        if not failures:
+            report.changed += status != order.parcel_status
+            record_parcel_status(order_id=order.pk, status=status, by="logistics poll", now=now)
+    if report.checked:
+        logger.info("Parcel poll: %s.", report)
+    return report
 
 
 # The sweep: the backstop behind the timers ----------------------------------------------
@@ -580,6 +649,16 @@ def sweep(*, now: datetime | None = None) -> SweepReport:
             report.expired,
             report.max_lateness,
         )
+    SweepRun.objects.create(
+        at=now,
+        expired=report.expired,
+        max_lateness=report.max_lateness,
+        timers_armed=report.timers_armed,
+        shipments_retried=report.shipments_retried,
+        refunds_retried=report.refunds_retried,
+        errors=len(report.errors),
+    )
+    SweepRun.objects.filter(at__lt=now - timedelta(days=7)).delete()
     logger.info("Sweep done: %s.", report)
     return report
 

@@ -46,3 +46,8 @@ def refund_payment_task(payment_id: str) -> str:
 @shared_task(name="orders.sweep", acks_late=True)
 def sweep_task() -> dict[str, object]:
     return vars(services.sweep())
+
+
+@shared_task(name="orders.poll_parcels", acks_late=True)
+def poll_parcels_task() -> dict[str, int]:
+    return vars(services.poll_parcels())
