@@ -1,26 +1,36 @@
-"""The order page for staff: an order to look at, its history, and Refund / Cancel buttons
-that go through ``orders.services`` like every other write."""
+"""The admin that staff live in: the order list with live deadlines, filters and bulk
+cancel / refund, the order page with its Refund / Cancel buttons, and an overview of what
+is expiring and whether the timers are healthy. Every write goes through
+``orders.services``, with the transition's permission checked here."""
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Mapping, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import django_fsm as fsm
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import PermissionDenied
 from django.db import models
+from django.db.models import QuerySet
 from django.forms import ModelForm
 from django.http import Http404, HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils import dateformat, timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
 from django_fsm.admin import FSMAdminMixin, FSMObjectTransition
 
-from orders import services
+from orders import selectors, services
+from orders.conf import get_settings
+from orders.forms import ReasonForm
 from orders.gateways import GatewayError
-from orders.models import CancelReason, Order, OrderTransition, Payment, Status
+from orders.models import CancelReason, Order, OrderTransition, ParcelEvent, Payment, Status
 
 if TYPE_CHECKING:
     # Django's admin classes are generic only in django-stubs, not at run time. The
@@ -39,6 +49,8 @@ STATUS_COLOURS = {
 }
 # The transitions the admin may run, each through its service; the past tense is for messages.
 _ADMIN_TRANSITIONS = {"refund": "refunded", "cancel": "cancelled"}
+# A bulk action over hundreds of orders reports this many one by one, then a count.
+MAX_REPORTED = 25
 
 
 def format_duration(seconds: float) -> str:
@@ -51,6 +63,10 @@ def format_duration(seconds: float) -> str:
     if hours:
         return f"{hours}h {minutes}m"
     return f"{minutes}m {secs}s" if minutes else f"{secs}s"
+
+
+class _Refused(Exception):
+    """Why the admin did not run a transition on an order, said to the staff member."""
 
 
 class _ReadOnlyInline(_Inline):
@@ -93,21 +109,78 @@ class PaymentInline(_ReadOnlyInline):
     )
 
 
+class ParcelEventInline(_ReadOnlyInline):
+    model = ParcelEvent
+    verbose_name = "logistics event"
+    verbose_name_plural = "logistics events"
+    fields = readonly_fields = ("status", "source", "at")
+
+
+# Filters
+
+
+class ExpiringSoonFilter(admin.SimpleListFilter):
+    title = "deadline"
+    parameter_name = "expiring"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("hour", "Expiring within the hour")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value() == "hour":
+            return selectors.expiring_orders(queryset)
+        return queryset
+
+
+class LatePaymentFilter(admin.SimpleListFilter):
+    """Orders that received a payment that did not pay them: late, surplus or mismatched.
+    Each is refunded by a task; "awaiting refund" lists those whose refund has not run."""
+
+    title = "late payments"
+    parameter_name = "late_payment"
+    _refunded = {"any": None, "refunded": True, "awaiting": False}
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [
+            ("any", "Any late payment"),
+            ("refunded", "Refunded"),
+            ("awaiting", "Awaiting refund"),
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if value not in self._refunded:
+            return queryset
+        return selectors.with_unaccepted_payments(queryset, refunded=self._refunded[value])
+
+
 @admin.register(Order)
 class OrderAdmin(FSMAdminMixin, _ModelAdmin):
     fsm_fields = ["status"]
     # Shown by the mixin's transition page, which checks only the permission.
     fsm_transition_not_allowed_msg = _("You do not have permission to {transition_name} orders.")
 
+    # With the reason's form restyled as the admin's own, and what is being refunded.
+    fsm_transition_form_template = "admin/orders/order/transition_form.html"
+
+    change_list_template = "admin/orders/order/change_list.html"
+    # Short enough to fit beside the filters on a laptop: a short id and times of day
+    # (the full values are in the cells' titles and on the order's page).
     list_display = (
-        "id",
+        "short_id",
         "status_badge",
         "amount_with_currency",
-        "expires_at",
+        "deadline",
         "time_left_display",
-        "created_at",
+        "placed",
     )
-    list_filter = ("status", "cancel_reason", "currency")
+    list_filter = (
+        "status",
+        "cancel_reason",
+        ExpiringSoonFilter,
+        LatePaymentFilter,
+        "currency",
+    )
     # "id" uses icontains, which Django's UUIDField accepts with or without hyphens on
     # every database, so a full id and a pasted fragment both find the order.
     search_fields = ("id", "payment_ref", "tracking_number")
@@ -118,6 +191,7 @@ class OrderAdmin(FSMAdminMixin, _ModelAdmin):
     list_select_related = False
     # Spare every filtered or searched page a COUNT(*) of the whole table.
     show_full_result_count = False
+    actions = ("cancel_selected", "refund_selected")
 
     fieldsets = (
         (None, {"fields": ("id", "status", "cancel_reason", ("amount", "currency"))}),
@@ -139,6 +213,7 @@ class OrderAdmin(FSMAdminMixin, _ModelAdmin):
                     ("paid_at", "payment_ref"),
                     ("delivered_at", "tracking_number"),
                     ("refunded_at", "refund_ref"),
+                    "parcel_status",
                     "cancelled_at",
                     "updated_at",
                 )
@@ -146,15 +221,32 @@ class OrderAdmin(FSMAdminMixin, _ModelAdmin):
         ),
     )
     readonly_fields = (*(f.name for f in Order._meta.fields), "time_left_display")
-    inlines = (PaymentInline, OrderTransitionInline)
+    inlines = (PaymentInline, ParcelEventInline, OrderTransitionInline)
+
+    class Media:
+        # Counts every unpaid order's time left down, once a second.
+        js = ("orders/time_left.js",)
+        css = {"all": ("orders/admin.css",)}
 
     # Columns
+
+    @admin.display(description="order", ordering="id")
+    def short_id(self, obj: Order) -> SafeString:
+        # Eight hex digits tell orders apart at a glance; search finds a pasted fragment.
+        return format_html('<span class="orders-id" title="{}">{}</span>', obj.pk, str(obj.pk)[:8])
+
+    @admin.display(description="deadline", ordering="expires_at")
+    def deadline(self, obj: Order) -> SafeString:
+        return _time_cell(obj.expires_at)
+
+    @admin.display(description="placed", ordering="created_at")
+    def placed(self, obj: Order) -> SafeString:
+        return _time_cell(obj.created_at, seconds=False)
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, obj: Order) -> SafeString:
         return format_html(
-            '<span style="background:{};color:#fff;padding:2px 8px;border-radius:9px;'
-            'white-space:nowrap">{}</span>',
+            '<span class="orders-badge" style="background:{}">{}</span>',
             STATUS_COLOURS.get(obj.status, "#333"),
             obj.get_status_display(),
         )
@@ -164,11 +256,18 @@ class OrderAdmin(FSMAdminMixin, _ModelAdmin):
         return f"{obj.amount} {obj.currency}"
 
     @admin.display(description="time left")
-    def time_left_display(self, obj: Order) -> str:
-        seconds = obj.time_left()
+    def time_left_display(self, obj: Order, now: datetime | None = None) -> str:
+        now = now or timezone.now()
+        seconds = obj.time_left(now)
         if seconds is None:
             return "—"
-        return format_duration(seconds) if seconds > 0 else "overdue"
+        # The page's script counts down from the deadline, against the server's clock.
+        return format_html(
+            '<span class="orders-time-left" data-deadline="{}" data-now="{}">{}</span>',
+            obj.expires_at.isoformat(timespec="milliseconds"),
+            now.isoformat(timespec="milliseconds"),
+            format_duration(seconds) if seconds > 0 else "overdue",
+        )
 
     # Orders are created and changed only by orders.services.
 
@@ -177,6 +276,14 @@ class OrderAdmin(FSMAdminMixin, _ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: models.Model | None = None) -> bool:
         return False
+
+    # A bulk action, like a button, is a change that needs its transition's permission.
+
+    def has_cancel_permission(self, request: HttpRequest) -> bool:
+        return self.has_change_permission(request) and request.user.has_perm("orders.cancel_order")
+
+    def has_refund_permission(self, request: HttpRequest) -> bool:
+        return self.has_change_permission(request) and request.user.has_perm("orders.refund_order")
 
     def save_model(
         self, request: HttpRequest, obj: models.Model, form: ModelForm[Any], change: bool
@@ -197,7 +304,142 @@ class OrderAdmin(FSMAdminMixin, _ModelAdmin):
         context = {"show_save": False, "show_save_and_continue": False, **(extra_context or {})}
         return super().change_view(request, object_id, form_url, context)
 
+    # The overview
+
+    def get_urls(self) -> list[URLPattern]:
+        # Before the model's own URLs, whose "<path:object_id>/" would take "overview/".
+        return [
+            path(
+                "overview/",
+                self.admin_site.admin_view(self.overview_view),
+                name=f"{self.opts.app_label}_{self.opts.model_name}_overview",
+            ),
+            *super().get_urls(),
+        ]
+
+    def overview_view(self, request: HttpRequest) -> HttpResponse:
+        """Counts per status, what expires within the hour, expiries and late payments per
+        hour over the last day, and what the last sweep found."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        now = timezone.now()
+        changelist = reverse(
+            f"{self.admin_site.name}:{self.opts.app_label}_{self.opts.model_name}_changelist"
+        )
+        counts = selectors.status_counts()
+        expiring = selectors.expiring_orders(now=now)
+        activity = selectors.hourly_activity(now=now)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Orders overview",
+            "opts": self.opts,
+            "media": self.media,
+            "changelist_url": changelist,
+            "statuses": [
+                {
+                    "label": Status(status).label,
+                    "count": count,
+                    "colour": STATUS_COLOURS[Status(status)],
+                    "url": f"{changelist}?status__exact={status}",
+                }
+                for status, count in counts.items()
+            ],
+            "total": sum(counts.values()),
+            "expiring_count": expiring.count(),
+            "expiring_next": [
+                (order, self.time_left_display(order, now)) for order in expiring[:10]
+            ],
+            "expiring_url": f"{changelist}?{ExpiringSoonFilter.parameter_name}=hour",
+            "late_url": f"{changelist}?{LatePaymentFilter.parameter_name}=any",
+            "chart": _chart(activity),
+            "chart_peak": max((max(h.expiries, h.late_payments) for h in activity), default=0),
+            "chart_totals": {
+                "expiries": sum(h.expiries for h in activity),
+                "late_payments": sum(h.late_payments for h in activity),
+            },
+            "sweep": selectors.sweep_health(now=now),
+            "sweep_interval": get_settings().SWEEP_INTERVAL,
+        }
+        return TemplateResponse(request, "admin/orders/order/overview.html", context)
+
+    # Bulk actions
+
+    @admin.action(description="Cancel selected unpaid orders", permissions=["cancel"])
+    def cancel_selected(self, request: HttpRequest, queryset: QuerySet[Order]) -> None:
+        done, refused = self._run_each(
+            request, queryset, "cancel", reason="cancelled in bulk from the order list"
+        )
+        self._report(request, done, refused, "Cancelled")
+
+    @admin.action(description="Refund selected orders", permissions=["refund"])
+    def refund_selected(
+        self, request: HttpRequest, queryset: QuerySet[Order]
+    ) -> TemplateResponse | None:
+        """Ask for one reason on a confirmation page (as "delete selected" asks for a
+        confirmation), then refund the orders one by one."""
+        form = ReasonForm(request.POST if "post" in request.POST else None)
+        if form.is_valid():
+            done, refused = self._run_each(
+                request, queryset, "refund", reason=form.cleaned_data["reason"]
+            )
+            self._report(request, done, refused, "Refunded and closed")
+            return None
+        orders = [
+            (order, fsm.can_proceed(order.refund)) for order in queryset.order_by("-created_at")
+        ]
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Refund the selected orders",
+            "subtitle": None,
+            "opts": self.opts,
+            "media": self.media,
+            "orders": orders,
+            "refundable": sum(ok for _, ok in orders),
+            "form": form,
+            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(
+            request, "admin/orders/order/refund_selected_confirmation.html", context
+        )
+
+    def _run_each(
+        self, request: HttpRequest, queryset: QuerySet[Order], name: str, *, reason: str
+    ) -> tuple[list[Order], list[str]]:
+        # One service call, so one transaction, per order: a refused order leaves the
+        # others done, as a staff member doing them one by one would have.
+        done, refused = [], []
+        for order in queryset.order_by("created_at"):
+            try:
+                done.append(self._run_transition(request, order, name, reason=reason))
+            except _Refused as exc:
+                refused.append(str(exc))
+        return done, refused
+
+    def _report(
+        self, request: HttpRequest, done: Sequence[Order], refused: Sequence[str], verb: str
+    ) -> None:
+        if done:
+            ids = ", ".join(str(order.pk) for order in done[:MAX_REPORTED])
+            more = f" and {len(done) - MAX_REPORTED} more" if len(done) > MAX_REPORTED else ""
+            self.message_user(
+                request,
+                f"{verb} {len(done)} order{'s' if len(done) != 1 else ''}: {ids}{more}.",
+                level=messages.SUCCESS,
+            )
+        for message in refused[:MAX_REPORTED]:
+            self.message_user(request, message, level=messages.ERROR)
+        if len(refused) > MAX_REPORTED:
+            self.message_user(
+                request,
+                f"{len(refused) - MAX_REPORTED} more orders were refused as well.",
+                level=messages.ERROR,
+            )
+
     # Transitions
+
+    @staticmethod
+    def get_fsm_block_label(fsm_field_name: str) -> str:
+        return "Actions"
 
     def _get_fsm_extra_context(
         self, *, request: HttpRequest, obj: models.Model | None
@@ -231,43 +473,82 @@ class OrderAdmin(FSMAdminMixin, _ModelAdmin):
         """Run a button's transition through its service, never ``obj.save()``: the
         service takes the row lock, calls the gateway, closes after a refund and sends
         the signals."""
-        order, user = cast(Order, obj), request.user
-        if transition_name not in _ADMIN_TRANSITIONS or not isinstance(user, AbstractBaseUser):
-            return self._refuse(request, f"“{transition_name}” cannot be done from the admin.")
-        method = getattr(order, transition_name)
-        # django-fsm-2 runs a posted transition name without checking its permission.
-        if not fsm.has_transition_perm(method, user):
-            if fsm.can_proceed(method):
-                return self._refuse(
-                    request,
-                    self.fsm_transition_not_allowed_msg.format(transition_name=transition_name),
-                )
-            return self._refuse(
-                request,
-                f"Order {order.pk} is {order.get_status_display().lower()}"
-                f": it cannot be {_ADMIN_TRANSITIONS[transition_name]}.",
-            )
         reason = str((kwargs or {}).get("reason", ""))
         try:
-            if transition_name == "refund":
-                order = services.refund_order(order_id=order.pk, by=user, reason=reason)
-                done = f"Order {order.pk} was refunded ({order.refund_ref}) and closed."
-            else:
-                order = services.cancel_order(
-                    order_id=order.pk, by=user, reason=reason, cancel_reason=CancelReason.STAFF
-                )
-                done = f"Order {order.pk} was cancelled."
-        except services.OrderError as exc:
-            return self._refuse(request, str(exc))
-        except GatewayError as exc:
-            return self._refuse(
-                request,
-                f"The payment gateway did not refund order {order.pk}: "
-                f"{exc}. The order is unchanged; try again later.",
-            )
+            order = self._run_transition(request, cast(Order, obj), transition_name, reason=reason)
+        except _Refused as exc:
+            self.message_user(request, str(exc), level=messages.ERROR)
+            return False
+        done = (
+            f"Order {order.pk} was refunded ({order.refund_ref}) and closed."
+            if transition_name == "refund"
+            else f"Order {order.pk} was cancelled."
+        )
         self.message_user(request, done, level=messages.SUCCESS)
         return True
 
-    def _refuse(self, request: HttpRequest, message: str) -> bool:
-        self.message_user(request, message, level=messages.ERROR)
-        return False
+    def _run_transition(
+        self, request: HttpRequest, order: Order, name: str, *, reason: str
+    ) -> Order:
+        """The one way the admin moves an order, from a button or a bulk action: check the
+        transition's permission ourselves (django-fsm-2 runs a posted transition name
+        without checking it), then call its service. Raises ``_Refused`` with the reason."""
+        user = request.user
+        if name not in _ADMIN_TRANSITIONS or not isinstance(user, AbstractBaseUser):
+            raise _Refused(f"“{name}” cannot be done from the admin.")
+        method = getattr(order, name)
+        if not fsm.has_transition_perm(method, user):
+            if fsm.can_proceed(method):
+                raise _Refused(self.fsm_transition_not_allowed_msg.format(transition_name=name))
+            raise _Refused(
+                f"Order {order.pk} is {order.get_status_display().lower()}"
+                f": it cannot be {_ADMIN_TRANSITIONS[name]}."
+            )
+        try:
+            if name == "refund":
+                return services.refund_order(order_id=order.pk, by=user, reason=reason)
+            return services.cancel_order(
+                order_id=order.pk, by=user, reason=reason, cancel_reason=CancelReason.STAFF
+            )
+        except services.OrderError as exc:
+            # Most service messages speak of "this one"; say which, for the bulk actions.
+            message = str(exc)
+            raise _Refused(
+                message if str(order.pk) in message else f"Order {order.pk}: {message}"
+            ) from exc
+        except GatewayError as exc:
+            raise _Refused(
+                f"The payment gateway did not refund order {order.pk}: "
+                f"{exc}. The order is unchanged; try again later."
+            ) from exc
+
+
+def _time_cell(at: datetime, *, seconds: bool = True) -> SafeString:
+    """The time of day for today, else the date and time; the full moment in the title."""
+    local, today = timezone.localtime(at), timezone.localdate()
+    time_format = "H:i:s" if seconds else "H:i"
+    short = dateformat.format(local, time_format if local.date() == today else "M j, H:i")
+    return format_html(
+        '<span title="{}">{}</span>', dateformat.format(local, "Y-m-d H:i:s T"), short
+    )
+
+
+def _chart(activity: Sequence[selectors.HourlyActivity]) -> list[dict[str, Any]]:
+    """The overview's bars, as heights in percent of the busiest hour."""
+    peak = max((max(h.expiries, h.late_payments) for h in activity), default=0)
+
+    def height(n: int) -> int:
+        # A non-zero hour stays visible however busy the busiest one was.
+        return max(2, round(100 * n / peak)) if n else 0
+
+    return [
+        {
+            "hour": h.hour,
+            "label": f"{h.hour:%H}",
+            "expiries": h.expiries,
+            "late_payments": h.late_payments,
+            "expiries_height": height(h.expiries),
+            "late_height": height(h.late_payments),
+        }
+        for h in activity
+    ]

@@ -1,11 +1,12 @@
 """The order admin: a read-only page whose Refund and Cancel buttons go through the services,
-and only for staff holding the transition's permission."""
+and only for staff holding the transition's permission; the list's filters and bulk
+actions; the overview page."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from django.contrib import admin
 from django.contrib.auth.models import Permission
 from django.contrib.messages.storage.fallback import FallbackStorage
+from django.contrib.staticfiles import finders
 from django.db import connection
 from django.test import Client, RequestFactory
 from django.test.utils import CaptureQueriesContext
@@ -23,16 +25,16 @@ from pytest_django.fixtures import Settings
 
 from orders import services
 from orders.gateways import GatewayError
-from orders.models import CancelReason, Order, Payment, Status
+from orders.models import CancelReason, Order, ParcelStatus, Payment, Status, SweepRun
 
 pytestmark = pytest.mark.django_db
 
 MakeStaff = Callable[..., Any]
-# The change form's inline formsets ("payments", "history") need their management data
+# The change form's inline formsets (payments, logistics events, history) need their management data
 # for a posted button to get past form validation to the transition.
 NO_INLINE_ROWS = {
     f"{prefix}-{key}": "0"
-    for prefix in ("payments", "history")
+    for prefix in ("payments", "parcel_events", "history")
     for key in ("TOTAL_FORMS", "INITIAL_FORMS")
 }
 
@@ -98,8 +100,13 @@ def test_changelist_shows_status_badges_time_left_and_filters(
 
     content = response.content.decode()
     assert response.status_code == 200
-    assert re.search(r'<span style="background:[^"]+">Awaiting payment</span>', content)
-    assert re.search(r'<span style="background:[^"]+">Paid, awaiting shipment</span>', content)
+    assert re.search(
+        r'<span class="orders-badge" style="background:[^"]+">Awaiting payment</span>', content
+    )
+    assert re.search(
+        r'<span class="orders-badge" style="background:[^"]+">Paid, awaiting shipment</span>',
+        content,
+    )
     assert "12.50 CNY" in content
     assert re.search(r">12m (2\d|30)s<", content), "time left of the unpaid order"
     assert ">overdue<" in content
@@ -326,3 +333,402 @@ def test_orders_cannot_be_added_deleted_or_edited_even_by_a_superuser(
 
     order.refresh_from_db()
     assert (order.amount, order.currency, order.status) == (Decimal("12.50"), "CNY", Status.PAID)
+
+
+# The list: live deadlines, filters
+
+
+def changelist_url() -> str:
+    return reverse("admin:orders_order_changelist")
+
+
+def listed(client: Client, **params: str) -> set[Any]:
+    response = client.get(changelist_url(), params)
+    assert response.status_code == 200
+    return {order.pk for order in response.context["cl"].result_list}
+
+
+def messages_in(response: Any) -> list[str]:
+    return [f"{message.level_tag}: {message}" for message in response.context["messages"]]
+
+
+def late_payment(payment_ref: str, *, now: datetime | None = None) -> Payment:
+    """A payment that arrives after its order's deadline: it expires the order, is kept
+    as ``late`` and awaits its refund."""
+    now = now or timezone.now()
+    order = services.place_order(amount="12.50", now=now - timedelta(hours=1), timeout=60)
+    return services.record_payment(
+        order_id=order.pk, payment_ref=payment_ref, amount="12.50", now=now
+    )
+
+
+def test_time_left_counts_down_in_the_page_from_the_deadline(
+    client: Client, make_staff: MakeStaff
+) -> None:
+    make_staff("view_order")
+    order = services.place_order(amount="12.50", timeout=750)
+
+    content = client.get(changelist_url()).content.decode()
+
+    deadline = order.expires_at.isoformat(timespec="milliseconds")
+    assert re.search(
+        rf'<span class="orders-time-left" data-deadline="{re.escape(deadline)}"', content
+    )
+    assert "/static/orders/time_left.js" in content
+    assert finders.find("orders/time_left.js"), "the script ships with the app"
+
+
+def test_expiring_within_the_hour_filter_lists_unpaid_orders_due_soon_or_overdue(
+    client: Client, make_staff: MakeStaff
+) -> None:
+    make_staff("view_order")
+    soon = services.place_order(amount="1.00", timeout=600)
+    overdue = services.place_order(amount="2.00", now=timezone.now() - timedelta(hours=1))
+    services.place_order(amount="3.00", timeout=2 * 3600)
+    paid_order()  # due within the hour too, but paid
+
+    assertContains(client.get(changelist_url()), "Expiring within the hour")
+    assert listed(client, expiring="hour") == {soon.pk, overdue.pk}
+
+
+def test_late_payments_filter_tells_refunded_from_awaiting_refund(
+    client: Client, make_staff: MakeStaff
+) -> None:
+    make_staff("view_order")
+    awaiting = late_payment("pay-late-1")
+    refunded = services.refund_payment(payment_id=late_payment("pay-late-2").pk)
+    surplus = paid_order("pay-first")
+    services.record_payment(order_id=surplus.pk, payment_ref="pay-second", amount="12.50")
+    paid_order("pay-fine")
+
+    content = client.get(changelist_url()).content.decode()
+    assert "By late payments" in content
+    assert listed(client, late_payment="any") == {awaiting.order_id, refunded.order_id, surplus.pk}
+    assert listed(client, late_payment="refunded") == {refunded.order_id}
+    assert listed(client, late_payment="awaiting") == {awaiting.order_id, surplus.pk}
+
+
+# Bulk actions
+
+
+@pytest.mark.parametrize(
+    ("codenames", "offered"),
+    [
+        (("view_order",), set()),
+        (("view_order", "cancel_order", "refund_order"), set()),  # may not change orders
+        (("view_order", "change_order"), set()),
+        (("view_order", "change_order", "cancel_order"), {"cancel_selected"}),
+        (("view_order", "change_order", "refund_order"), {"refund_selected"}),
+        (
+            ("view_order", "change_order", "cancel_order", "refund_order"),
+            {"cancel_selected", "refund_selected"},
+        ),
+    ],
+)
+def test_bulk_actions_are_offered_only_to_staff_holding_their_permission(
+    client: Client, make_staff: MakeStaff, codenames: tuple[str, ...], offered: set[str]
+) -> None:
+    make_staff(*codenames)
+    services.place_order(amount="12.50")
+
+    form = client.get(changelist_url()).context["action_form"]
+
+    choices = {value for value, _ in form.fields["action"].choices if value} if form else set()
+    assert choices == offered
+
+
+def test_a_forged_bulk_action_without_its_permission_changes_nothing(
+    client: Client, make_staff: MakeStaff
+) -> None:
+    make_staff("view_order", "change_order", "cancel_order")
+    order = paid_order()
+
+    response = client.post(
+        changelist_url(),
+        {
+            "action": "refund_selected",
+            "_selected_action": [order.pk],
+            "post": "yes",
+            "reason": "x",
+            "index": "0",
+        },
+        follow=True,
+    )
+
+    assert messages_in(response) == ["warning: No action selected."]
+    assert Order.objects.get(pk=order.pk).status == Status.PAID
+
+
+def test_bulk_cancel_cancels_the_unpaid_orders_and_reports_each_refused_one(
+    client: Client, make_staff: MakeStaff
+) -> None:
+    make_staff("view_order", "change_order", "cancel_order")
+    first = services.place_order(amount="1.00")
+    second = services.place_order(amount="2.00")
+    paid = paid_order()
+
+    response = client.post(
+        changelist_url(),
+        {
+            "action": "cancel_selected",
+            "_selected_action": [first.pk, second.pk, paid.pk],
+            "index": "0",
+        },
+        follow=True,
+    )
+
+    assert messages_in(response) == [
+        f"success: Cancelled 2 orders: {first.pk}, {second.pk}.",
+        f"error: Order {paid.pk} is paid, awaiting shipment: it cannot be cancelled.",
+    ]
+    for order in (first, second):
+        order.refresh_from_db()
+        assert (order.status, order.cancel_reason) == (Status.CANCELLED, CancelReason.STAFF)
+        assert history(order) == [("cancel", "alice", "cancelled in bulk from the order list")]
+    assert Order.objects.get(pk=paid.pk).status == Status.PAID
+
+
+def test_an_order_paid_since_the_page_was_read_is_refused_by_the_service(
+    make_staff: MakeStaff,
+) -> None:
+    # The permission check passes on the order as read; the service, under the row
+    # lock, sees it paid and refuses. The message says which order.
+    user = make_staff("view_order", "change_order", "cancel_order")
+    stale = services.place_order(amount="12.50")
+    services.record_payment(order_id=stale.pk, payment_ref="pay-1", amount="12.50")
+    request = RequestFactory().post(changelist_url())
+    request.user = user
+    request.session = {}  # type: ignore[assignment]
+    request._messages = FallbackStorage(request)  # type: ignore[attr-defined]
+
+    applied = admin.site.get_model_admin(Order)._apply_fsm_transition(  # type: ignore[attr-defined]
+        obj=stale, transition_name="cancel", request=request, kwargs={"reason": "x"}
+    )
+
+    assert applied is False
+    assert [str(m) for m in request._messages] == [  # type: ignore[attr-defined]
+        f"Order {stale.pk}: Only an unpaid order can be cancelled; this one is paid."
+    ]
+    assert Order.objects.get(pk=stale.pk).status == Status.PAID
+
+
+def test_bulk_refund_asks_for_one_reason_then_refunds_order_by_order(
+    client: Client, make_staff: MakeStaff
+) -> None:
+    make_staff("view_order", "change_order", "refund_order")
+    first, second = paid_order("pay-1"), paid_order("pay-2")
+    unpaid = services.place_order(amount="12.50")
+    selection = {"action": "refund_selected", "_selected_action": [first.pk, second.pk, unpaid.pk]}
+
+    confirmation = client.post(changelist_url(), {**selection, "index": "0"})
+
+    assert confirmation.status_code == 200
+    assert confirmation.templates[0].name == "admin/orders/order/refund_selected_confirmation.html"
+    page = confirmation.content.decode()
+    assert 'name="reason"' in page
+    assert '<input type="hidden" name="post" value="yes">' in page
+    for order in (first, second, unpaid):
+        assert f'name="_selected_action" value="{order.pk}"' in page
+    assert page.count("will be refunded") == 2
+    assert page.count("cannot be refunded</strong>") == 1
+    assert 'value="Refund 2 orders"' in page
+    assert Order.objects.filter(status=Status.PAID).count() == 2, "nothing done yet"
+
+    no_reason = client.post(changelist_url(), {**selection, "post": "yes", "reason": "  "})
+    assertContains(no_reason, "This field is required.")
+    assert Order.objects.filter(status=Status.PAID).count() == 2
+
+    response = client.post(
+        changelist_url(), {**selection, "post": "yes", "reason": "warehouse fire"}, follow=True
+    )
+
+    assert messages_in(response) == [
+        f"success: Refunded and closed 2 orders: {first.pk}, {second.pk}.",
+        f"error: Order {unpaid.pk} is awaiting payment: it cannot be refunded.",
+    ]
+    for order in (first, second):
+        order.refresh_from_db()
+        assert (order.status, order.cancel_reason) == (Status.CANCELLED, CancelReason.REFUND)
+        assert history(order)[1:] == [
+            ("refund", "alice", "warehouse fire"),
+            ("close", "system", "closed after refund"),
+        ]
+        assert Payment.objects.get(order=order).refunded_at is not None
+    assert Order.objects.get(pk=unpaid.pk).status == Status.CREATED
+
+
+def test_bulk_refund_reports_each_order_the_gateway_did_not_refund(
+    admin_client: Client, settings: Settings
+) -> None:
+    settings.ORDERS = settings.ORDERS | {"PAYMENT_GATEWAY": f"{__name__}.FailingGateway"}
+    order = paid_order()
+
+    response = admin_client.post(
+        changelist_url(),
+        {
+            "action": "refund_selected",
+            "_selected_action": [order.pk],
+            "post": "yes",
+            "reason": "customer asked",
+        },
+        follow=True,
+    )
+
+    assert messages_in(response) == [
+        f"error: The payment gateway did not refund order {order.pk}: card issuer "
+        "unreachable. The order is unchanged; try again later."
+    ]
+    assert Order.objects.get(pk=order.pk).status == Status.PAID
+
+
+def test_refund_confirmation_with_nothing_refundable_offers_no_refund_button(
+    admin_client: Client,
+) -> None:
+    unpaid = services.place_order(amount="12.50")
+
+    response = admin_client.post(
+        changelist_url(),
+        {"action": "refund_selected", "_selected_action": [unpaid.pk], "index": "0"},
+    )
+
+    assertContains(response, "None of the selected orders can be refunded")
+    assertNotContains(response, 'name="reason"')
+    assertNotContains(response, 'value="Refund ')
+
+
+# The order page
+
+
+def test_order_page_shows_the_logistics_events(client: Client, make_staff: MakeStaff) -> None:
+    make_staff("view_order")
+    order = paid_order()
+    services.ship_order(order_id=order.pk)
+    services.record_parcel_status(
+        order_id=order.pk, status=ParcelStatus.IN_TRANSIT, by="logistics webhook"
+    )
+    services.record_parcel_status(
+        order_id=order.pk, status=ParcelStatus.DELIVERED, by="logistics poll"
+    )
+
+    response = client.get(change_url(order))
+
+    assertContains(response, "Logistics events")
+    content = response.content.decode()
+    rows = re.findall(
+        r'<td class="field-status">\s*<p>([^<]+)</p>\s*</td>\s*'
+        r'<td class="field-source">\s*<p>([^<]+)</p>',
+        content,
+    )
+    assert rows == [
+        ("In transit", "logistics webhook"),
+        ("Delivered to the customer", "logistics poll"),
+    ]
+
+
+# The overview
+
+
+def overview_url() -> str:
+    return reverse("admin:orders_order_overview")
+
+
+def chart(content: str) -> dict[str, tuple[int, int]]:
+    bars = re.findall(
+        r'data-hour="([^"]+)" data-expiries="(\d+)" data-late-payments="(\d+)"', content
+    )
+    return {hour: (int(expiries), int(late)) for hour, expiries, late in bars}
+
+
+def hour_of(at: datetime) -> str:
+    return at.replace(minute=0, second=0, microsecond=0).isoformat()
+
+
+def test_changelist_links_to_the_overview(client: Client, make_staff: MakeStaff) -> None:
+    make_staff("view_order")
+
+    assertContains(client.get(changelist_url()), f'href="{overview_url()}"')
+
+
+def test_overview_needs_the_view_permission(client: Client, make_staff: MakeStaff) -> None:
+    make_staff("cancel_order")
+
+    assert client.get(overview_url()).status_code == 403
+
+
+def test_overview_counts_orders_charts_expiries_and_late_payments_and_warns_of_lost_timers(
+    client: Client, make_staff: MakeStaff
+) -> None:
+    make_staff("view_order")
+    now = timezone.now()
+    soon = services.place_order(amount="1.00", timeout=600)
+    services.place_order(amount="2.00", timeout=2 * 3600)
+    paid_order()
+    late_payment("pay-late", now=now)  # an expiry and a late payment, now
+    earlier = services.place_order(amount="3.00", now=now - timedelta(hours=3), timeout=60)
+    services.expire_order(order_id=earlier.pk, now=now - timedelta(hours=2))
+    too_old = services.place_order(amount="4.00", now=now - timedelta(hours=31), timeout=60)
+    services.expire_order(order_id=too_old.pk, now=now - timedelta(hours=30))
+    services.place_order(amount="5.00", now=now - timedelta(hours=3), timeout=60)
+    swept_at = now - timedelta(minutes=10)
+    assert services.sweep(now=swept_at).expired == 1  # its timer was lost
+
+    response = client.get(overview_url())
+
+    assert response.status_code == 200
+    content = response.content.decode()
+    counts = dict(re.findall(r'data-status-count="([^"]+)">(\d+)<', content))
+    assert counts == {
+        "Awaiting payment": "2",
+        "Paid, awaiting shipment": "1",
+        "Delivered": "0",
+        "Refunded": "0",
+        "Cancelled": "4",
+    }
+    assert re.search(r'id="expiring-count">1<', content)
+    assert str(soon.pk)[:12] in content
+    bars = chart(content)
+    assert len(bars) == 24
+    expected: dict[str, list[int]] = {}
+    for at, kind in ((now, 0), (now, 1), (now - timedelta(hours=2), 0), (swept_at, 0)):
+        expected.setdefault(hour_of(at), [0, 0])[kind] += 1
+    assert {hour: bar for hour, bar in bars.items() if bar != (0, 0)} == {
+        hour: (e, late) for hour, (e, late) in expected.items()
+    }
+    assert re.search(r'class="bar expiries" style="height:100%"', content)
+    assert "The last sweep expired 1 overdue order, up to" in content
+    assert "their timers were lost" in content
+    assert "The last sweep ran 10 min ago" in content
+    assert "Is Celery beat running?" in content
+    assert re.search(r'id="sweep-expired">1<', content)
+
+
+def test_overview_says_when_no_sweep_has_run_and_when_all_is_well(
+    client: Client, make_staff: MakeStaff
+) -> None:
+    make_staff("view_order")
+
+    assertContains(client.get(overview_url()), "No sweep has run yet.")
+
+    services.sweep()
+    response = client.get(overview_url())
+
+    assertContains(response, "All well")
+    assertNotContains(response, 'class="warning"')
+    assert SweepRun.objects.count() == 1
+
+
+def test_overview_queries_do_not_grow_with_the_number_of_orders(
+    client: Client, make_staff: MakeStaff
+) -> None:
+    make_staff("view_order")
+    late_payment("pay-late-0")
+    with CaptureQueriesContext(connection) as few:
+        client.get(overview_url())
+    for i in range(1, 6):
+        late_payment(f"pay-late-{i}")
+        services.place_order(amount="1.00", timeout=600)
+    services.sweep()
+    with CaptureQueriesContext(connection) as more:
+        client.get(overview_url())
+
+    assert len(more) == len(few)
