@@ -70,6 +70,12 @@ def _publish_expiry_timer(order_id: str, deadline: datetime) -> None:
             order_id,
             countdown,
             deadline.isoformat(),
+            extra={
+                "event": "timer.armed",
+                "order_id": order_id,
+                "countdown_s": countdown,
+                "expires_at": deadline.isoformat(),
+            },
         )
 
 
@@ -100,7 +106,17 @@ def _publish_bucket_timer(order_id: str, deadline: datetime) -> None:
         _forget_timer(order_id, deadline, exc)
     else:
         logger.info(
-            "Timer bucket %d armed by order %s: fires in %.1fs.", bucket, order_id, countdown
+            "Timer bucket %d armed by order %s: fires in %.1fs.",
+            bucket,
+            order_id,
+            countdown,
+            extra={
+                "event": "timer.bucket_armed",
+                "bucket": bucket,
+                "order_id": order_id,
+                "countdown_s": countdown,
+                "expires_at": deadline.isoformat(),
+            },
         )
 
 
@@ -112,6 +128,12 @@ def _forget_timer(order_id: str, deadline: datetime, exc: BaseException) -> None
         "the sweep will arm it or expire the order.",
         order_id,
         exc,
+        extra={
+            "event": "timer.not_armed",
+            "order_id": order_id,
+            "expires_at": deadline.isoformat(),
+            "error": str(exc),
+        },
     )
 
 
@@ -145,6 +167,12 @@ def _publisher(task: Any, args: tuple[str, ...], what: str) -> Callable[[], None
                 what,
                 ", ".join(args),
                 exc,
+                extra={
+                    "event": "task.not_queued",
+                    "what": what,
+                    "task_args": list(args),
+                    "error": str(exc),
+                },
             )
 
     return publish

@@ -46,6 +46,8 @@ logger = logging.getLogger("orders")
 TIMER: Actor = "expiry timer"
 SWEEP: Actor = "sweep"
 SYSTEM: Actor = "system"
+#: Why an order that a payment found past its deadline was expired by that payment.
+LATE_PAYMENT_REASON = "payment arrived after the deadline"
 
 
 class OrderError(Exception):
@@ -160,6 +162,14 @@ def place_order(
         order.amount,
         order.currency,
         order.expires_at.isoformat(),
+        extra={
+            "event": "order.placed",
+            "order_id": str(order.pk),
+            "amount": str(order.amount),
+            "currency": order.currency,
+            "expires_at": order.expires_at.isoformat(),
+            "timeout_s": delta.total_seconds(),
+        },
     )
     return order
 
@@ -218,14 +228,21 @@ def _record_payment(
         duplicate = _existing_payment(order, payment_ref)
         if duplicate is not None:
             logger.info(
-                "Payment %s for order %s is a duplicate; nothing to do.", payment_ref, order.pk
+                "Payment %s for order %s is a duplicate; nothing to do.",
+                payment_ref,
+                order.pk,
+                extra={
+                    "event": "payment.duplicate",
+                    "order_id": str(order.pk),
+                    "payment_ref": payment_ref,
+                },
             )
             return duplicate
         currency = parse_currency(currency) if currency is not None else order.currency
 
         if order.status == Status.CREATED and now > order.expires_at:
             # The timer has not fired yet, but the deadline is the deadline.
-            _expire(order, now=now, by=by, reason="payment arrived after the deadline")
+            _expire(order, now=now, by=by, reason=LATE_PAYMENT_REASON)
 
         if order.status != Status.CREATED:
             outcome = (
@@ -261,6 +278,15 @@ def _record_payment(
         order.pk,
         payment.get_outcome_display().lower()
         + ("" if outcome == Payment.Outcome.ACCEPTED else "; it will be refunded"),
+        extra={
+            "event": "payment.recorded",
+            "order_id": str(order.pk),
+            "payment_ref": payment_ref,
+            "outcome": str(outcome),
+            "amount": str(amount),
+            "currency": currency,
+            "actor": str(by),
+        },
     )
     return payment
 
@@ -289,7 +315,18 @@ def expire_order(*, order_id: Any, by: Actor = TIMER, now: datetime | None = Non
             outcome, detail = _expire_if_due(order, by=by, now=now)
     if outcome is not ExpiryOutcome.EXPIRED:
         logger.info(
-            "Expiry of order %s by the %s: no-op, %s (%s).", order_id, by, outcome.value, detail
+            "Expiry of order %s by the %s: no-op, %s (%s).",
+            order_id,
+            by,
+            outcome.value,
+            detail,
+            extra={
+                "event": "timer.noop",
+                "order_id": str(order_id),
+                "actor": str(by),
+                "reason": outcome.value,
+                "detail": detail,
+            },
         )
     return outcome
 
@@ -311,11 +348,20 @@ def _expire(order: Order, *, now: datetime, by: Actor, reason: str = "not paid i
     order.expire(by=by, reason=reason, at=now)
     order.save()
     _send_on_commit(signals.order_expired, order)
+    lateness_s = (now - order.expires_at).total_seconds()
     logger.info(
         "Order %s expired by the %s, %.3fs after its deadline.",
         order.pk,
         by,
-        (now - order.expires_at).total_seconds(),
+        lateness_s,
+        extra={
+            "event": "order.expired",
+            "order_id": str(order.pk),
+            "actor": str(by),
+            "reason": reason,
+            "expires_at": order.expires_at.isoformat(),
+            "lateness_s": lateness_s,
+        },
     )
 
 
@@ -347,7 +393,18 @@ def expire_bucket(*, bucket: int, now: datetime | None = None) -> int:
     bucket's end (and any earlier straggler), under the same lock and re-check."""
     due_by = datetime.fromtimestamp(bucket, tz=UTC)
     expired, lateness = expire_due_orders(due_by=due_by, by=TIMER, now=now)
-    logger.info("Timer bucket %d expired %d orders, up to %.3fs late.", bucket, expired, lateness)
+    logger.info(
+        "Timer bucket %d expired %d orders, up to %.3fs late.",
+        bucket,
+        expired,
+        lateness,
+        extra={
+            "event": "timer.bucket_fired",
+            "bucket": bucket,
+            "expired": expired,
+            "lateness_s": lateness,
+        },
+    )
     return expired
 
 
@@ -374,7 +431,18 @@ def extend_order(*, order_id: Any, seconds: Any, by: Actor, now: datetime | None
         scheduling.arm_expiry_timer(order, now=now)
         order.save(update_fields=["expires_at", "timer_armed_for", "updated_at"])
     logger.info(
-        "Order %s extended by %s to %s by %s.", order.pk, delta, new_deadline.isoformat(), by
+        "Order %s extended by %s to %s by %s.",
+        order.pk,
+        delta,
+        new_deadline.isoformat(),
+        by,
+        extra={
+            "event": "order.extended",
+            "order_id": str(order.pk),
+            "actor": str(by),
+            "extended_by_s": delta.total_seconds(),
+            "expires_at": new_deadline.isoformat(),
+        },
     )
     return order
 
@@ -397,7 +465,18 @@ def cancel_order(
         order.cancel(by=by, reason=reason, cancel_reason=cancel_reason, at=now or timezone.now())
         order.save()
         _send_on_commit(signals.order_cancelled, order)
-    logger.info("Order %s cancelled by %s (%s).", order.pk, by, cancel_reason)
+    logger.info(
+        "Order %s cancelled by %s (%s).",
+        order.pk,
+        by,
+        cancel_reason,
+        extra={
+            "event": "order.cancelled",
+            "order_id": str(order.pk),
+            "actor": str(by),
+            "cancel_reason": str(cancel_reason),
+        },
+    )
     return order
 
 
@@ -417,7 +496,12 @@ def ship_order(*, order_id: Any, now: datetime | None = None) -> Order:
     repeated call books nothing new."""
     order = _get(order_id)
     if order.status != Status.PAID:
-        logger.info("Shipping of order %s: no-op, it is %s.", order.pk, order.status)
+        logger.info(
+            "Shipping of order %s: no-op, it is %s.",
+            order.pk,
+            order.status,
+            extra={"event": "shipping.noop", "order_id": str(order.pk), "status": order.status},
+        )
         return order
     tracking_number = logistics_provider().create_shipment(
         order_id=str(order.pk), idempotency_key=f"ship:{order.pk}"
@@ -425,14 +509,32 @@ def ship_order(*, order_id: Any, now: datetime | None = None) -> Order:
     with transaction.atomic():
         order = _locked(order_id)
         if order.status != Status.PAID:
-            logger.info("Shipping of order %s: no-op, it became %s.", order.pk, order.status)
+            logger.info(
+                "Shipping of order %s: no-op, it became %s.",
+                order.pk,
+                order.status,
+                extra={
+                    "event": "shipping.noop",
+                    "order_id": str(order.pk),
+                    "status": order.status,
+                },
+            )
             return order
         now = now or timezone.now()
         order.ship(by="shipping", tracking_number=tracking_number, at=now)
         order.parcel_next_check_at = now + timedelta(seconds=get_settings().PARCEL_CHECK_INTERVAL)
         order.save()
         _send_on_commit(signals.order_delivered, order)
-    logger.info("Order %s shipped, tracking number %s.", order.pk, tracking_number)
+    logger.info(
+        "Order %s shipped, tracking number %s.",
+        order.pk,
+        tracking_number,
+        extra={
+            "event": "order.shipped",
+            "order_id": str(order.pk),
+            "tracking_number": tracking_number,
+        },
+    )
     return order
 
 
@@ -468,7 +570,12 @@ def refund_order(*, order_id: Any, by: Actor, reason: str, now: datetime | None 
     with transaction.atomic():
         order = _locked(order_id)
         if order.status not in (Status.PAID, Status.DELIVERED):
-            logger.info("Refund of order %s: no-op, it is already %s.", order.pk, order.status)
+            logger.info(
+                "Refund of order %s: no-op, it is already %s.",
+                order.pk,
+                order.status,
+                extra={"event": "refund.noop", "order_id": str(order.pk), "status": order.status},
+            )
             return order
         order.refund(by=by, reason=reason, refund_ref=refund_ref, at=now)
         order.save()
@@ -478,7 +585,20 @@ def refund_order(*, order_id: Any, by: Actor, reason: str, now: datetime | None 
         order.close(by=SYSTEM, reason="closed after refund", at=now)
         order.save()
         _send_on_commit(signals.order_cancelled, order)
-    logger.info("Order %s refunded (%s) by %s: %s.", order.pk, refund_ref, by, reason)
+    logger.info(
+        "Order %s refunded (%s) by %s: %s.",
+        order.pk,
+        refund_ref,
+        by,
+        reason,
+        extra={
+            "event": "order.refunded",
+            "order_id": str(order.pk),
+            "refund_ref": refund_ref,
+            "actor": str(by),
+            "reason": reason,
+        },
+    )
     return order
 
 
@@ -492,7 +612,17 @@ def refund_payment(*, payment_id: Any, now: datetime | None = None) -> Payment:
     """Refund a payment that did not pay its order (late, surplus or mismatched), once."""
     payment = Payment.objects.get(pk=payment_id)
     if not payment.needs_refund:
-        logger.info("Refund of payment %s: no-op (%s).", payment.reference, payment.outcome)
+        logger.info(
+            "Refund of payment %s: no-op (%s).",
+            payment.reference,
+            payment.outcome,
+            extra={
+                "event": "payment.refund_noop",
+                "order_id": str(payment.order_id),
+                "payment_ref": payment.reference,
+                "outcome": payment.outcome,
+            },
+        )
         return payment
     refund_ref = _refund_at_gateway(payment)
     with transaction.atomic():
@@ -512,6 +642,13 @@ def refund_payment(*, payment_id: Any, now: datetime | None = None) -> Payment:
         payment.outcome,
         payment.order_id,
         refund_ref,
+        extra={
+            "event": "payment.refunded",
+            "order_id": str(payment.order_id),
+            "payment_ref": payment.reference,
+            "outcome": payment.outcome,
+            "refund_ref": refund_ref,
+        },
     )
     return payment
 
@@ -537,7 +674,18 @@ def record_parcel_status(
             if status != ParcelStatus.IN_TRANSIT:
                 order.parcel_next_check_at = None  # the parcel's journey is over
             order.save(update_fields=["parcel_status", "parcel_next_check_at", "updated_at"])
-            logger.info("Parcel of order %s is now %s (reported by %s).", order.pk, status, by)
+            logger.info(
+                "Parcel of order %s is now %s (reported by %s).",
+                order.pk,
+                status,
+                by,
+                extra={
+                    "event": "parcel.status",
+                    "order_id": str(order.pk),
+                    "parcel_status": status,
+                    "actor": str(by),
+                },
+            )
     if status == ParcelStatus.RETURNED and order.status in (Status.PAID, Status.DELIVERED):
         return refund_order(order_id=order.pk, by=by, reason="parcel returned to sender")
     return order
@@ -571,14 +719,27 @@ def poll_parcels(*, now: datetime | None = None) -> ParcelPollReport:
             backoff = min(conf.PARCEL_CHECK_INTERVAL * 2**failures, conf.PARCEL_MAX_BACKOFF)
             next_check = now + timedelta(seconds=backoff)
             logger.warning(
-                "Parcel check of order %s failed (%s); next try in %ss.", order.pk, exc, backoff
+                "Parcel check of order %s failed (%s); next try in %ss.",
+                order.pk,
+                exc,
+                backoff,
+                extra={
+                    "event": "parcel.check_failed",
+                    "order_id": str(order.pk),
+                    "error": str(exc),
+                    "backoff_s": backoff,
+                },
             )
         if order.delivered_at and now - order.delivered_at > timedelta(
             seconds=conf.PARCEL_GIVE_UP_AFTER
         ):
             report.given_up += 1
             next_check = None
-            logger.warning("Parcel of order %s still not arrived; no longer polled.", order.pk)
+            logger.warning(
+                "Parcel of order %s still not arrived; no longer polled.",
+                order.pk,
+                extra={"event": "parcel.given_up", "order_id": str(order.pk)},
+            )
         Order.objects.filter(pk=order.pk).update(
             parcel_next_check_at=next_check, parcel_check_failures=failures
         )
@@ -586,7 +747,7 @@ def poll_parcels(*, now: datetime | None = None) -> ParcelPollReport:
             report.changed += status != order.parcel_status
             record_parcel_status(order_id=order.pk, status=status, by="logistics poll", now=now)
     if report.checked:
-        logger.info("Parcel poll: %s.", report)
+        logger.info("Parcel poll: %s.", report, extra={"event": "parcel.poll", **vars(report)})
     return report
 
 
@@ -648,6 +809,11 @@ def sweep(*, now: datetime | None = None) -> SweepReport:
             "(worker crash, flushed or unreachable Redis). Check the broker and workers.",
             report.expired,
             report.max_lateness,
+            extra={
+                "event": "sweep.expired_overdue",
+                "expired": report.expired,
+                "max_lateness_s": report.max_lateness,
+            },
         )
     SweepRun.objects.create(
         at=now,
@@ -659,7 +825,19 @@ def sweep(*, now: datetime | None = None) -> SweepReport:
         errors=len(report.errors),
     )
     SweepRun.objects.filter(at__lt=now - timedelta(days=7)).delete()
-    logger.info("Sweep done: %s.", report)
+    logger.info(
+        "Sweep done: %s.",
+        report,
+        extra={
+            "event": "sweep.done",
+            "expired": report.expired,
+            "max_lateness_s": report.max_lateness,
+            "timers_armed": report.timers_armed,
+            "shipments_retried": report.shipments_retried,
+            "refunds_retried": report.refunds_retried,
+            "errors": len(report.errors),
+        },
+    )
     return report
 
 
@@ -697,5 +875,7 @@ def _retry(report: SweepReport, what: str, action: Callable[[], object]) -> None
     try:
         action()
     except Exception as exc:
-        logger.exception("Sweep could not retry a %s", what)
+        logger.exception(
+            "Sweep could not retry a %s", what, extra={"event": "sweep.retry_failed", "what": what}
+        )
         report.errors.append(f"{what}: {exc}")

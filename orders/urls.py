@@ -1,8 +1,9 @@
-"""The JSON API and the webhooks; the host project includes these at its root."""
+"""The JSON API, the webhooks, and the operators' metrics and health check; the host
+project includes these at its root."""
 
 from django.urls import URLPattern, path
 
-from orders import api, webhooks
+from orders import api, health, metrics, webhooks
 
 app_name = "orders"
 
@@ -14,4 +15,7 @@ urlpatterns: list[URLPattern] = [
     path("api/orders/<str:order_id>/extend/", api.extend_order, name="api-order-extend"),
     path("webhooks/payment/", webhooks.payment, name="webhook-payment"),
     path("webhooks/logistics/", webhooks.logistics, name="webhook-logistics"),
+    # For Prometheus (Bearer API token, or a staff login) and for uptime probes (open).
+    path("metrics", metrics.metrics_view, name="metrics"),
+    path("health/", health.health_view, name="health"),
 ]

@@ -1,0 +1,291 @@
+"""Prometheus metrics at ``/metrics``, read from the database at scrape time.
+
+The workers are prefork processes that come and go, so counters kept in a process's
+memory would be partial and reset on every restart; the database is the truth. Each
+scrape runs a handful of aggregate queries (no rows are loaded), so scraping every
+15-60 s costs the database next to nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db.models import (
+    Case,
+    Count,
+    DurationField,
+    ExpressionWrapper,
+    F,
+    Min,
+    Q,
+    Sum,
+    Value,
+    When,
+)
+from django.http import HttpRequest, HttpResponse
+from django.utils import timezone
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from orders.api import json_endpoint, require_api_token
+from orders.conf import get_settings
+from orders.models import CancelReason, Order, OrderTransition, Payment, Status, SweepRun
+from orders.services import LATE_PAYMENT_REASON, SWEEP, TIMER
+
+#: Upper bounds (seconds) of the expiry lateness histogram's buckets.
+LATENESS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+#: Who expires orders, as the ``actor`` label of ``orders_expiries_total``.
+EXPIRY_ACTORS = ("timer", "sweep", "payment", "other")
+
+
+@dataclass(frozen=True)
+class LatenessHistogram:
+    """Cumulative counts of expired orders per bucket (``le`` in seconds), and the sum."""
+
+    buckets: dict[float, int]
+    count: int
+    sum_seconds: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the shop looks like now, from the database: the numbers behind ``/metrics``
+    and ``manage.py orders_status``."""
+
+    at: datetime
+    by_status: dict[str, int]
+    expiries_by_actor: dict[str, int]
+    lateness: LatenessHistogram
+    timers_pending: int
+    overdue: int
+    oldest_overdue_deadline: datetime | None
+    last_sweep: SweepRun | None
+    refunds_pending: int
+    refunds_failing: int
+    shipments_pending: int
+    shipments_stuck: int
+    stale_after: timedelta
+
+
+# Queries --------------------------------------------------------------------------------
+
+
+def orders_by_status() -> dict[str, int]:
+    counts = dict.fromkeys(Status.values, 0)
+    # order_by(): the model's default ordering would otherwise join the GROUP BY.
+    rows = Order.objects.order_by().values_list("status").annotate(n=Count("pk"))
+    counts.update({status: n for status, n in rows})
+    return counts
+
+
+def expiries_by_actor() -> dict[str, int]:
+    """How many orders each part expired: its own timer (per order or batched), the
+    sweep (the timer was lost), or a payment that found the deadline passed."""
+    kind = Case(
+        When(actor=str(TIMER), then=Value("timer")),
+        When(actor=str(SWEEP), then=Value("sweep")),
+        When(reason=LATE_PAYMENT_REASON, then=Value("payment")),
+        default=Value("other"),
+    )
+    rows = (
+        OrderTransition.objects.filter(transition="expire")
+        .order_by()
+        .values_list(kind)
+        .annotate(n=Count("pk"))
+    )
+    counts = dict.fromkeys(EXPIRY_ACTORS, 0)
+    counts.update({actor: n for actor, n in rows})
+    return counts
+
+
+def expiry_lateness() -> LatenessHistogram:
+    """How long after their deadline expired orders were cancelled, as cumulative bucket
+    counts computed by the database in one aggregate query."""
+    lateness = ExpressionWrapper(F("cancelled_at") - F("expires_at"), output_field=DurationField())
+    aggregates: dict[str, Count | Sum] = {
+        f"le_{i}": Count(
+            "pk", filter=Q(cancelled_at__lte=F("expires_at") + timedelta(seconds=bound))
+        )
+        for i, bound in enumerate(LATENESS_BUCKETS)
+    }
+    aggregates["count"] = Count("pk")
+    aggregates["total"] = Sum(lateness)
+    row = Order.objects.filter(
+        cancel_reason=CancelReason.TIMEOUT, cancelled_at__isnull=False
+    ).aggregate(**aggregates)
+    total: timedelta | None = row["total"]
+    return LatenessHistogram(
+        buckets={bound: row[f"le_{i}"] for i, bound in enumerate(LATENESS_BUCKETS)},
+        count=row["count"],
+        sum_seconds=total.total_seconds() if total is not None else 0.0,
+    )
+
+
+def read_snapshot(now: datetime | None = None) -> Snapshot:
+    now = now or timezone.now()
+    stale_after = timedelta(seconds=get_settings().SHIPPING_RETRY_AFTER)
+    stale = now - stale_after
+    unpaid = Order.objects.filter(status=Status.CREATED)
+    overdue = unpaid.filter(expires_at__lt=now).aggregate(n=Count("pk"), oldest=Min("expires_at"))
+    refunds = (
+        Payment.objects.exclude(outcome=Payment.Outcome.ACCEPTED)
+        .filter(refunded_at__isnull=True)
+        .aggregate(pending=Count("pk"), failing=Count("pk", filter=Q(received_at__lt=stale)))
+    )
+    shipments = Order.objects.filter(status=Status.PAID).aggregate(
+        pending=Count("pk"), stuck=Count("pk", filter=Q(paid_at__lt=stale))
+    )
+    return Snapshot(
+        at=now,
+        by_status=orders_by_status(),
+        expiries_by_actor=expiries_by_actor(),
+        lateness=expiry_lateness(),
+        timers_pending=unpaid.filter(timer_armed_for=F("expires_at")).count(),
+        overdue=overdue["n"],
+        oldest_overdue_deadline=overdue["oldest"],
+        last_sweep=SweepRun.objects.order_by("-at").first(),
+        refunds_pending=refunds["pending"],
+        refunds_failing=refunds["failing"],
+        shipments_pending=shipments["pending"],
+        shipments_stuck=shipments["stuck"],
+        stale_after=stale_after,
+    )
+
+
+# The Prometheus collector --------------------------------------------------------------
+
+
+def _epoch(moment: datetime | None) -> float:
+    return moment.timestamp() if moment is not None else 0.0
+
+
+class OrdersCollector(Collector):
+    """Turns a fresh ``Snapshot`` into metric families on every scrape."""
+
+    def collect(self) -> Iterable[Metric]:
+        snap = read_snapshot()
+
+        by_status = GaugeMetricFamily(
+            "orders_by_status", "Orders in each status of the lifecycle.", labels=["status"]
+        )
+        for status, n in snap.by_status.items():
+            by_status.add_metric([status], n)
+        yield by_status
+
+        expiries = CounterMetricFamily(
+            "orders_expiries",
+            "Orders expired, by who expired them: timer (on time), sweep (the timer was "
+            "lost), payment (a payment found the deadline passed before the timer fired).",
+            labels=["actor"],
+        )
+        for actor, n in snap.expiries_by_actor.items():
+            expiries.add_metric([actor], n)
+        yield expiries
+
+        lateness = snap.lateness
+        yield HistogramMetricFamily(
+            "orders_expiry_lateness_seconds",
+            "How long after its deadline each expired order was cancelled.",
+            buckets=[(repr(bound), n) for bound, n in lateness.buckets.items()]
+            + [("+Inf", lateness.count)],
+            sum_value=lateness.sum_seconds,
+        )
+
+        yield GaugeMetricFamily(
+            "orders_timers_pending",
+            "Unpaid orders whose expiry timer is armed for their current deadline.",
+            value=snap.timers_pending,
+        )
+        yield GaugeMetricFamily(
+            "orders_unpaid_overdue",
+            "Unpaid orders past their deadline and not yet expired. Above zero for more "
+            "than SWEEP_INTERVAL + SWEEP_GRACE seconds: timers and sweep are both failing.",
+            value=snap.overdue,
+        )
+        oldest = snap.oldest_overdue_deadline
+        yield GaugeMetricFamily(
+            "orders_unpaid_overdue_max_seconds",
+            "How far past its deadline the oldest overdue unpaid order is (0 if none).",
+            value=(snap.at - oldest).total_seconds() if oldest is not None else 0.0,
+        )
+
+        sweep = snap.last_sweep
+        for name, help_text, value in (
+            (
+                "orders_sweep_last_run_timestamp_seconds",
+                "When the last sweep ran, in Unix time (0 if never): beat is alive.",
+                _epoch(sweep.at if sweep else None),
+            ),
+            (
+                "orders_sweep_last_expired",
+                "Orders the last sweep had to expire because their timer was lost.",
+                sweep.expired if sweep else 0,
+            ),
+            (
+                "orders_sweep_last_max_lateness_seconds",
+                "How late past its deadline the latest order the last sweep expired was.",
+                sweep.max_lateness if sweep else 0.0,
+            ),
+            (
+                "orders_sweep_last_timers_armed",
+                "Timers the last sweep armed (deadlines that came within the horizon).",
+                sweep.timers_armed if sweep else 0,
+            ),
+            (
+                "orders_sweep_last_errors",
+                "Shipments or refunds the last sweep failed to retry.",
+                sweep.errors if sweep else 0,
+            ),
+        ):
+            yield GaugeMetricFamily(name, help_text, value=value)
+
+        yield GaugeMetricFamily(
+            "orders_refunds_pending",
+            "Payments that did not pay their order (late, surplus, mismatched) and are "
+            "not refunded yet.",
+            value=snap.refunds_pending,
+        )
+        yield GaugeMetricFamily(
+            "orders_refunds_failing",
+            "Of those, the ones received more than SHIPPING_RETRY_AFTER seconds ago: the "
+            "gateway keeps refusing or the refund task was lost.",
+            value=snap.refunds_failing,
+        )
+        yield GaugeMetricFamily(
+            "orders_shipments_pending", "Paid orders not shipped yet.", value=snap.shipments_pending
+        )
+        yield GaugeMetricFamily(
+            "orders_shipments_stuck",
+            "Paid orders still not shipped SHIPPING_RETRY_AFTER seconds after payment.",
+            value=snap.shipments_stuck,
+        )
+
+
+# The view -------------------------------------------------------------------------------
+
+
+def require_staff_or_api_token(request: HttpRequest) -> None:
+    """A logged-in staff member (a look from the browser), or the API's Bearer token (the
+    scraper)."""
+    user = getattr(request, "user", None)
+    if user is not None and user.is_authenticated and user.is_staff:
+        return
+    require_api_token(request)
+
+
+@json_endpoint("GET", authenticate=require_staff_or_api_token)
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(OrdersCollector())
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return HttpResponse(encoder(registry), content_type=content_type)

@@ -1,0 +1,182 @@
+"""The management commands for the people who run the shop: status, sweep, rearm, demo."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from datetime import timedelta
+
+import pytest
+from django.core.management import call_command, load_command_class
+from django.core.management.base import CommandError
+from django.utils import timezone
+from pytest_django import Settings
+
+from orders import services
+from orders.management.commands import orders_demo
+from orders.models import Order, Status, SweepRun
+from tests.conftest import WorkerProcess
+from tests.test_observability import reset_broker_pools
+
+COMMANDS = ("orders_status", "orders_sweep", "orders_rearm", "orders_demo")
+
+
+def run(name: str, *args: str) -> str:
+    out = io.StringIO()
+    call_command(name, *args, stdout=out, stderr=io.StringIO())
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "explains"),
+    [
+        ("orders_status", ["each status", "next payment deadlines", "Changes nothing"]),
+        ("orders_sweep", ["expire unpaid orders", "SWEEP_INTERVAL"]),
+        ("orders_rearm", ["after Redis lost its data", "Idempotent"]),
+        ("orders_demo", ["real orders", "running Celery worker", ".ci/up", "local payment"]),
+    ],
+)
+def test_help_of_each_command_explains_what_it_does(name: str, explains: list[str]) -> None:
+    text = " ".join(
+        load_command_class("orders", name).create_parser("manage.py", name).format_help().split()
+    )
+
+    for phrase in explains:
+        assert phrase in text, f"{name} --help should mention {phrase!r}:\n{text}"
+
+
+@pytest.mark.django_db
+def test_orders_status_counts_statuses_and_points_at_the_oldest_overdue_order() -> None:
+    now = timezone.now()
+    overdue = services.place_order(amount="10.00", timeout=10, now=now - timedelta(minutes=3))
+    services.place_order(amount="10.00", timeout=10, now=now - timedelta(minutes=1))
+    soon = services.place_order(amount="12.50", timeout=90)
+    later = services.place_order(amount="10.00", timeout=120)
+    Order.objects.filter(pk=later.pk).update(timer_armed_for=None)  # its publish failed
+    far = services.place_order(amount="10.00", timeout=86400)  # beyond the horizon
+    paid = services.place_order(amount="10.00", timeout=600)
+    services.record_payment(order_id=paid.pk, payment_ref="p-1", amount="10.00")
+
+    output = run("orders_status")
+
+    assert "Awaiting payment" in output
+    assert _count_line(output, "created") == 5
+    assert _count_line(output, "paid") == 1
+    assert _count_line(output, "cancelled") == 0
+    assert "total" in output
+    assert "Timers: 3 of 5 unpaid orders have one armed." in output
+    deadlines = output.split("Next deadlines:")[1]
+    assert deadlines.index(str(soon.pk)) < deadlines.index(str(later.pk))
+    assert "12.50 CNY  timer armed" in deadlines
+    assert f"{later.pk}  10.00 CNY  NO TIMER" in deadlines
+    assert f"{far.pk}  10.00 CNY  timer armed by the sweep later" in deadlines
+    assert f"Overdue: 2 unpaid orders past their deadline; the oldest, {overdue.pk}, by 2m" in (
+        output
+    )
+    assert "Neither its timer nor the sweep has expired it" in output
+    assert "Last sweep: never. Is celery beat running" in output
+    assert "Shipments: 1 waiting, 0 of them for more than 60s." in output
+
+
+@pytest.mark.django_db
+def test_orders_status_shows_what_the_last_sweep_found() -> None:
+    SweepRun.objects.create(at=timezone.now() - timedelta(seconds=3), expired=2, max_lateness=7.5)
+
+    output = run("orders_status")
+
+    assert "Overdue: none; every unpaid order is within its deadline." in output
+    assert "Last sweep: 3" in output
+    assert "expired 2 overdue orders (up to 7.5s late)" in output
+    assert "their timers were lost" in output
+    assert "Next deadlines: none." in output
+
+
+@pytest.mark.django_db
+def test_orders_sweep_expires_overdue_orders_and_says_how_many() -> None:
+    now = timezone.now()
+    overdue = services.place_order(amount="10.00", timeout=10, now=now - timedelta(minutes=1))
+    waiting = services.place_order(amount="10.00", timeout=600)
+
+    output = run("orders_sweep")
+
+    assert re.match(r"Expired 1 overdue orders \(up to 50\.\ds late\)", output), output
+    assert "armed 0 timers, retried 0 shipments and 0 refunds; 0 errors." in output
+    statuses = dict(Order.objects.values_list("pk", "status"))
+    assert statuses == {overdue.pk: Status.CANCELLED, waiting.pk: Status.CREATED}
+    assert SweepRun.objects.get().expired == 1
+
+
+@pytest.mark.django_db
+def test_orders_rearm_arms_every_unpaid_timer_within_the_horizon_again() -> None:
+    unpaid = [services.place_order(amount="10.00", timeout=60 + i) for i in range(3)]
+    far = services.place_order(amount="10.00", timeout=86400)
+    Order.objects.update(timer_armed_for=None)  # Redis lost them
+
+    output = run("orders_rearm")
+
+    assert output == "Re-armed 3 expiry timers.\n"
+    armed = dict(Order.objects.values_list("pk", "timer_armed_for"))
+    assert all(armed[order.pk] == order.expires_at for order in unpaid)
+    assert armed[far.pk] is None, "beyond the horizon the sweep arms it later"
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_orders_demo_shows_the_lifecycle_land_live_against_a_real_worker(
+    celery_worker_process: WorkerProcess,
+) -> None:
+    reset_broker_pools()  # see tests.test_observability.broker_pools
+    started = time.monotonic()
+
+    output = run("orders_demo")
+
+    assert time.monotonic() - started < 30
+    assert output.rstrip().endswith("Demo complete."), output
+    assert output.count("expire  created -> cancelled, by expiry timer") == 3, output
+    assert output.count("s after its deadline") == 3
+    assert output.count("ship    paid -> delivered, by shipping, tracking number") == 2
+    assert "refund  delivered -> refunded, by demo staff: the customer changed their mind" in (
+        output
+    )
+    assert "close   refunded -> cancelled, by system" in output
+    assert "received: arrived after the order was cancelled, to be refunded" in output
+    refunds = [line.split()[1] for line in output.splitlines() if " refunded (" in line]
+    assert refunds == ["B", "E"], "B's payment when staff refunded it, E's late one"
+    summary = output.split("Where each order ended:")[1]
+    assert [line.split()[:2] for line in summary.strip().splitlines()[:5]] == [
+        ["A", "cancelled"],
+        ["B", "cancelled"],
+        ["C", "cancelled"],
+        ["D", "delivered"],
+        ["E", "cancelled"],
+    ]
+    assert Order.objects.count() == 5
+
+
+@pytest.mark.django_db
+def test_orders_demo_without_a_worker_explains_how_to_start_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(orders_demo, "ping_workers", lambda timeout: 0)
+
+    with pytest.raises(CommandError, match=r"No Celery worker answered.*`\.ci/up`"):
+        run("orders_demo")
+    assert not Order.objects.exists()
+
+
+@pytest.mark.django_db
+def test_orders_demo_refuses_to_run_against_a_real_payment_gateway(settings: Settings) -> None:
+    settings.ORDERS = settings.ORDERS | {"PAYMENT_GATEWAY": "shop.payments.RealGateway"}
+
+    with pytest.raises(CommandError, match="never a real gateway"):
+        run("orders_demo")
+    assert not Order.objects.exists()
+
+
+def _count_line(output: str, status: str) -> int:
+    for line in output.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[-2] == status:
+            return int(words[-1])
+    raise AssertionError(f"no line for {status} in:\n{output}")

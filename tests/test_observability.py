@@ -1,0 +1,406 @@
+"""What the people who run the shop see: metrics at /metrics, the health check at
+/health/, and structured (JSON) logs of every transition and timer event."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import kombu.exceptions
+import kombu.pools
+import pytest
+from celery import current_app
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.test import Client
+from django.utils import timezone
+from prometheus_client.parser import text_string_to_metric_families
+from pytest_django import DjangoCaptureOnCommitCallbacks
+
+from orders import services
+from orders.logging import JsonFormatter
+from orders.models import SweepRun
+from orders.tasks import expire_order_task
+from tests.conftest import BASE_DIR, WorkerProcess
+
+TOKEN = {"HTTP_AUTHORIZATION": "Bearer test-api-token"}
+
+
+def scrape(client: Client) -> dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    """``{family: {(sample name, labels): value}}`` of a scrape of /metrics."""
+    response = client.get("/metrics", **TOKEN)  # type: ignore[arg-type]
+    assert response.status_code == 200, response.content
+    assert response["Content-Type"].startswith("text/plain")
+    families: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for family in text_string_to_metric_families(response.content.decode()):
+        families[family.name] = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for sample in family.samples
+        }
+    return families
+
+
+# /metrics --------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_metrics_count_orders_expiries_lateness_timers_and_refunds(client: Client) -> None:
+    now = timezone.now()
+    t0 = now - timedelta(hours=1)
+    on_time = services.place_order(amount="10.00", timeout=10, now=t0)
+    services.expire_order(order_id=on_time.pk, now=on_time.expires_at + timedelta(seconds=0.3))
+    lost = services.place_order(amount="10.00", timeout=10, now=t0)
+    services.expire_order(
+        order_id=lost.pk, by=services.SWEEP, now=lost.expires_at + timedelta(seconds=40)
+    )
+    # A payment 1.5 s after the deadline, before the timer: it expires the order itself,
+    # and is kept to be refunded (its refund task never runs here: no commit).
+    paid_late = services.place_order(amount="10.00", timeout=10, now=t0)
+    services.record_payment(
+        order_id=paid_late.pk,
+        payment_ref="late-1",
+        amount="10.00",
+        now=paid_late.expires_at + timedelta(seconds=1.5),
+    )
+    overdue = services.place_order(amount="10.00", timeout=10, now=t0)  # timer lost
+    services.place_order(amount="10.00", timeout=600, now=now)  # waiting, timer armed
+    paid = services.place_order(amount="10.00", timeout=600, now=now)
+    services.record_payment(order_id=paid.pk, payment_ref="paid-1", amount="10.00", now=now)
+    SweepRun.objects.create(at=now - timedelta(seconds=5), expired=1, max_lateness=40.0)
+
+    metrics = scrape(client)
+
+    assert metrics["orders_by_status"] == {
+        ("orders_by_status", (("status", "created"),)): 2,
+        ("orders_by_status", (("status", "paid"),)): 1,
+        ("orders_by_status", (("status", "delivered"),)): 0,
+        ("orders_by_status", (("status", "refunded"),)): 0,
+        ("orders_by_status", (("status", "cancelled"),)): 3,
+    }
+    assert metrics["orders_expiries"] == {
+        ("orders_expiries_total", (("actor", "timer"),)): 1,
+        ("orders_expiries_total", (("actor", "sweep"),)): 1,
+        ("orders_expiries_total", (("actor", "payment"),)): 1,
+        ("orders_expiries_total", (("actor", "other"),)): 0,
+    }
+    # Lateness 0.3 s, 1.5 s and 40 s, cumulative per bucket.
+    lateness = metrics["orders_expiry_lateness_seconds"]
+    buckets = {
+        dict(labels)["le"]: value
+        for (name, labels), value in lateness.items()
+        if name.endswith("_bucket")
+    }
+    assert buckets == {
+        "0.1": 0,
+        "0.25": 0,
+        "0.5": 1,
+        "1.0": 1,
+        "2.0": 2,
+        "5.0": 2,
+        "10.0": 2,
+        "30.0": 2,
+        "60.0": 3,
+        "300.0": 3,
+        "+Inf": 3,
+    }
+    assert lateness[("orders_expiry_lateness_seconds_count", ())] == 3
+    assert lateness[("orders_expiry_lateness_seconds_sum", ())] == pytest.approx(41.8)
+
+    # The overdue order's timer was armed (and lost); the waiting order's is armed.
+    assert metrics["orders_timers_pending"] == {("orders_timers_pending", ()): 2}
+    assert metrics["orders_unpaid_overdue"] == {("orders_unpaid_overdue", ()): 1}
+    oldest = metrics["orders_unpaid_overdue_max_seconds"][("orders_unpaid_overdue_max_seconds", ())]
+    assert oldest == pytest.approx((now - overdue.expires_at).total_seconds(), abs=5)
+
+    assert metrics["orders_sweep_last_expired"] == {("orders_sweep_last_expired", ()): 1}
+    assert metrics["orders_sweep_last_max_lateness_seconds"] == {
+        ("orders_sweep_last_max_lateness_seconds", ()): 40.0
+    }
+    swept_at = metrics["orders_sweep_last_run_timestamp_seconds"]
+    assert swept_at == {
+        ("orders_sweep_last_run_timestamp_seconds", ()): pytest.approx(now.timestamp() - 5)
+    }
+
+    # The late payment waits for its refund, and has for an hour: past SHIPPING_RETRY_AFTER.
+    assert metrics["orders_refunds_pending"] == {("orders_refunds_pending", ()): 1}
+    assert metrics["orders_refunds_failing"] == {("orders_refunds_failing", ()): 1}
+    assert metrics["orders_shipments_pending"] == {("orders_shipments_pending", ()): 1}
+    assert metrics["orders_shipments_stuck"] == {("orders_shipments_stuck", ()): 0}
+
+
+@pytest.mark.django_db
+def test_metrics_of_an_empty_shop_are_zeros_and_a_never_run_sweep(client: Client) -> None:
+    metrics = scrape(client)
+
+    assert set(metrics["orders_by_status"].values()) == {0}
+    assert metrics["orders_expiry_lateness_seconds"][
+        ("orders_expiry_lateness_seconds_count", ())
+    ] == (0)
+    assert metrics["orders_sweep_last_run_timestamp_seconds"] == {
+        ("orders_sweep_last_run_timestamp_seconds", ()): 0
+    }
+
+
+@pytest.mark.django_db
+def test_metrics_speak_openmetrics_to_a_scraper_that_asks(client: Client) -> None:
+    response = client.get(
+        "/metrics",
+        HTTP_ACCEPT="application/openmetrics-text; version=1.0.0",
+        **TOKEN,  # type: ignore[arg-type]
+    )
+
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("application/openmetrics-text")
+    assert response.content.rstrip().endswith(b"# EOF")
+
+
+@pytest.mark.django_db
+def test_metrics_need_the_api_token_or_a_staff_login(client: Client) -> None:
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 401
+
+    client.force_login(User.objects.create_user("customer"))
+    assert client.get("/metrics").status_code == 401, "a login alone is not enough"
+
+    client.force_login(User.objects.create_user("operator", is_staff=True))
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert b"orders_by_status" in response.content
+
+
+@pytest.mark.django_db
+def test_metrics_refuse_anything_but_get(client: Client) -> None:
+    response = client.post("/metrics", **TOKEN)  # type: ignore[arg-type]
+
+    assert response.status_code == 405
+    assert response["Allow"] == "GET"
+
+
+# /health/ --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def broker_pools() -> None:
+    """Fresh kombu pools for this process. ``tests.redis_server.publishing_to`` closes the
+    app's connection and producer pools but leaves them in kombu's global pool groups,
+    where the app finds them again, closed ("Acquire on closed pool"), at its next
+    broadcast (a worker ping) for the same broker."""
+    reset_broker_pools()
+
+
+def reset_broker_pools() -> None:
+    kombu.pools.reset()
+    app: Any = current_app
+    app._pool = None
+    app.amqp._producer_pool = None
+
+
+def health(client: Client) -> tuple[int, dict[str, Any]]:
+    response = client.get("/health/")
+    assert response["Content-Type"] == "application/json"
+    return response.status_code, response.json()
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_health_is_ok_with_the_database_redis_a_worker_and_a_recent_sweep(
+    client: Client, celery_worker_process: WorkerProcess, broker_pools: None
+) -> None:
+    services.sweep()  # as beat does
+
+    status, body = health(client)
+
+    assert status == 200, body
+    assert body["status"] == "ok"
+    assert set(body["checks"]) == {"database", "redis", "workers", "beat"}
+    assert all(check["ok"] for check in body["checks"].values()), body
+    assert "a worker answered" in body["checks"]["workers"]["detail"]
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_health_is_503_when_beat_has_not_swept_for_two_intervals(
+    client: Client, celery_worker_process: WorkerProcess, broker_pools: None
+) -> None:
+    status, body = health(client)
+    assert status == 503
+    assert body["status"] == "failing"
+    assert body["checks"]["beat"] == {
+        "ok": False,
+        "detail": "no sweep has ever run; is celery beat running?",
+    }
+    assert body["checks"]["workers"]["ok"], "only beat is missing"
+
+    interval = settings.ORDERS["SWEEP_INTERVAL"]
+    SweepRun.objects.create(at=timezone.now() - timedelta(seconds=2 * interval + 5))
+    status, body = health(client)
+    assert status == 503
+    assert "more than twice SWEEP_INTERVAL" in body["checks"]["beat"]["detail"]
+
+
+@pytest.mark.django_db
+def test_health_is_503_without_asking_workers_when_redis_is_unreachable(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    SweepRun.objects.create()
+    monkeypatch.setattr(current_app.conf, "broker_url", "redis://:s3cret@127.0.0.1:1/0")
+
+    status, body = health(client)
+
+    assert status == 503
+    assert body["checks"]["database"]["ok"]
+    assert body["checks"]["beat"]["ok"]
+    assert body["checks"]["redis"] == {"ok": False, "detail": "broker PING failed: ConnectionError"}
+    assert body["checks"]["workers"] == {
+        "ok": False,
+        "detail": "not asked: the broker is unreachable",
+    }
+    text = json.dumps(body)
+    assert "s3cret" not in text, "the health check must not reveal the broker's URL"
+    assert "127.0.0.1" not in text
+
+
+# Logs ------------------------------------------------------------------------------------
+
+
+def test_json_formatter_writes_one_object_per_line_with_the_extra_fields() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("tests.json_formatter")
+    logger.addHandler(handler)
+    logger.propagate = False
+    order_id = uuid.uuid4()
+    try:
+        logger.warning(
+            "Order %s expired, %.3fs late.",
+            order_id,
+            0.25,
+            extra={"event": "order.expired", "order_id": order_id, "amount": Decimal("9.90")},
+        )
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("It failed\non two lines", extra={"event": "test.failed"})
+    finally:
+        logger.removeHandler(handler)
+
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first.pop("time").endswith("+00:00")
+    assert first == {
+        "level": "WARNING",
+        "logger": "tests.json_formatter",
+        "message": f"Order {order_id} expired, 0.250s late.",
+        "event": "order.expired",
+        "order_id": str(order_id),
+        "amount": "9.90",
+    }
+    assert second["message"] == "It failed\non two lines"
+    assert second["event"] == "test.failed"
+    assert "ValueError: boom" in second["exception"]
+
+
+def test_log_format_json_turns_the_host_projects_logs_into_json() -> None:
+    script = (
+        "import django, logging; django.setup(); "
+        "logging.getLogger('orders').info('hello %s', 'there', "
+        "extra={'event': 'test.hello', 'order_id': 'o-1'})"
+    )
+    env = os.environ | {
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "LOG_FORMAT": "json",
+        "REDIS_URL": settings.CELERY_BROKER_URL,
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+    entry = json.loads(result.stderr.strip().splitlines()[-1])
+    assert entry["message"] == "hello there"
+    assert (entry["level"], entry["logger"]) == ("INFO", "orders")
+    assert (entry["event"], entry["order_id"]) == ("test.hello", "o-1")
+
+
+def events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", None) == name]
+
+
+@pytest.mark.django_db
+def test_timer_events_carry_structured_fields(
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
+    monkeypatch.setattr(expire_order_task, "apply_async", lambda *args, **kwargs: None)
+    caplog.set_level(logging.INFO, logger="orders")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        order = services.place_order(amount="10.00", timeout=60)
+    services.expire_order(order_id=order.pk, now=order.expires_at + timedelta(seconds=0.25))
+    services.expire_order(order_id=order.pk, now=order.expires_at + timedelta(seconds=1))
+
+    (placed,) = events(caplog, "order.placed")
+    assert placed.order_id == str(order.pk)  # type: ignore[attr-defined]
+    assert placed.timeout_s == 60  # type: ignore[attr-defined]
+    (armed,) = events(caplog, "timer.armed")
+    assert armed.order_id == str(order.pk)  # type: ignore[attr-defined]
+    assert 59 < armed.countdown_s <= 60  # type: ignore[attr-defined]
+    (expired,) = events(caplog, "order.expired")
+    assert expired.order_id == str(order.pk)  # type: ignore[attr-defined]
+    assert expired.actor == "expiry timer"  # type: ignore[attr-defined]
+    assert expired.lateness_s == pytest.approx(0.25)  # type: ignore[attr-defined]
+    (noop,) = events(caplog, "timer.noop")
+    assert noop.reason == "not unpaid"  # type: ignore[attr-defined]
+    assert noop.detail == "it is cancelled"  # type: ignore[attr-defined]
+
+
+@pytest.mark.django_db
+def test_a_timer_the_broker_refused_is_logged_as_not_armed(
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
+    def broker_down(*args: Any, **kwargs: Any) -> None:
+        raise kombu.exceptions.OperationalError("connection refused")
+
+    monkeypatch.setattr(expire_order_task, "apply_async", broker_down)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        order = services.place_order(amount="10.00", timeout=60)
+
+    (record,) = events(caplog, "timer.not_armed")
+    assert record.levelno == logging.ERROR
+    assert record.order_id == str(order.pk)  # type: ignore[attr-defined]
+    assert record.error == "connection refused"  # type: ignore[attr-defined]
+
+
+@pytest.mark.django_db
+def test_payments_and_sweeps_log_their_outcome_and_counts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="orders")
+    t0 = timezone.now() - timedelta(minutes=5)
+    order = services.place_order(amount="10.00", timeout=10, now=t0)
+    services.sweep()
+    services.record_payment(order_id=order.pk, payment_ref="late-2", amount="10.00")
+
+    (done,) = events(caplog, "sweep.done")
+    assert done.expired == 1  # type: ignore[attr-defined]
+    assert done.max_lateness_s == pytest.approx(290, abs=5)  # type: ignore[attr-defined]
+    (payment,) = events(caplog, "payment.recorded")
+    assert payment.outcome == "late"  # type: ignore[attr-defined]
+    assert payment.order_id == str(order.pk)  # type: ignore[attr-defined]
