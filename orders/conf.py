@@ -33,10 +33,10 @@ DEFAULTS: dict[str, Any] = {
     # A paid order whose shipping task has not shipped it after this long is re-queued
     # by the sweep (seconds).
     "SHIPPING_RETRY_AFTER": 60,
-    # The parcel poller (beat, every PARCEL_POLL_EVERY seconds) asks the logistics
-    # provider about each shipped parcel every PARCEL_CHECK_INTERVAL seconds, backing off
-    # up to PARCEL_MAX_BACKOFF after errors, for at most PARCEL_GIVE_UP_AFTER.
-    "PARCEL_POLL_EVERY": 60,
+    # The parcel poller (the task orders.poll_parcels, which beat runs every minute) asks
+    # the logistics provider about each shipped parcel every PARCEL_CHECK_INTERVAL
+    # seconds, at most PARCEL_POLL_BATCH per run, backing off up to PARCEL_MAX_BACKOFF
+    # after errors, for at most PARCEL_GIVE_UP_AFTER.
     "PARCEL_POLL_BATCH": 100,
     "PARCEL_CHECK_INTERVAL": 3600,
     "PARCEL_MAX_BACKOFF": 24 * 3600,
@@ -63,7 +63,6 @@ class OrdersSettings:
     SWEEP_GRACE: int
     SWEEP_BATCH_SIZE: int
     SHIPPING_RETRY_AFTER: int
-    PARCEL_POLL_EVERY: int
     PARCEL_POLL_BATCH: int
     PARCEL_CHECK_INTERVAL: int
     PARCEL_MAX_BACKOFF: int
