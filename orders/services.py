@@ -196,7 +196,7 @@ def record_payment(
             amount=paid_amount,
             currency=currency,
             by=by,
-            now=now or timezone.now(),
+            now=now,
         )
     except IntegrityError:
         # The same reference raced in for another order: the unique index caught it.
@@ -221,10 +221,12 @@ def _record_payment(
     amount: Decimal,
     currency: str | None,
     by: Actor,
-    now: datetime,
+    now: datetime | None,
 ) -> Payment:
     with transaction.atomic():
         order = _locked(order_id)
+        # Received now, once we hold the lock: an expiry that held it first came first.
+        now = now or timezone.now()
         duplicate = _existing_payment(order, payment_ref)
         if duplicate is not None:
             logger.info(
@@ -687,7 +689,13 @@ def record_parcel_status(
                 },
             )
     if status == ParcelStatus.RETURNED and order.status in (Status.PAID, Status.DELIVERED):
-        return refund_order(order_id=order.pk, by=by, reason="parcel returned to sender")
+        try:
+            return refund_order(order_id=order.pk, by=by, reason="parcel returned to sender")
+        except InvalidTransition:
+            order = _get(order.pk)
+            if order.cancel_reason != CancelReason.REFUND:
+                raise
+            # A twin report refunded it a moment ago: that refund was the one.
     return order
 
 

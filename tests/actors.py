@@ -1,16 +1,26 @@
 """A process that acts on orders at a given moment, for the race tests.
 
     python -m tests.actors pay|expire <unix time to start> <order id> ...
+    python -m tests.actors script <plan.json> <results.json>
 
 Each runs in its own process with its own database connection, like a web worker
 taking a payment webhook or a Celery worker firing a timer.
+
+A script is a JSON list of ``[unix time, action, arguments]`` sorted by time, with the
+actions ``pay`` (a payment webhook: ``order_id``, ``payment_ref``, ``amount``) and
+``return`` (the logistics webhook saying the parcel came back: ``order_id``). Each
+step waits for its moment, calls the service as the webhook view would, and retries a
+``GatewayError`` as the sender of a webhook retries on an error response. The results
+file gets one ``[planned, started, action, order id, outcome, attempts]`` per step.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+from typing import Any
 
 
 def main(action: str, start_at: float, order_ids: list[str]) -> None:
@@ -30,5 +40,48 @@ def main(action: str, start_at: float, order_ids: list[str]) -> None:
             services.expire_order(order_id=order_id, by="racing expirer")
 
 
+def run_script(plan_path: str, results_path: str) -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+    import django
+
+    django.setup()
+    from orders import services
+    from orders.gateways import GatewayError
+
+    with open(plan_path) as f:
+        plan: list[tuple[float, str, dict[str, Any]]] = json.load(f)
+    results = []
+    for at, action, kwargs in plan:
+        time.sleep(max(0.0, at - time.time()))
+        started = time.time()
+        outcome, attempts = "", 0
+        while not outcome:
+            attempts += 1
+            try:
+                if action == "pay":
+                    payment = services.record_payment(by="payment webhook", **kwargs)
+                    outcome = payment.outcome
+                elif action == "return":
+                    order = services.record_parcel_status(
+                        status="returned", by="logistics webhook", **kwargs
+                    )
+                    outcome = order.status
+                else:
+                    raise ValueError(f"unknown action {action!r}")
+            except GatewayError:
+                if attempts >= 20:
+                    raise
+                time.sleep(0.2)  # the sender retries a failed webhook
+            except services.OrderError as exc:
+                # The webhook view answers with an error; the result says which.
+                outcome = f"error: {type(exc).__name__}: {exc}"
+        results.append([at, started, action, kwargs["order_id"], outcome, attempts])
+    with open(results_path, "w") as f:
+        json.dump(results, f)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]), sys.argv[3:])
+    if sys.argv[1] == "script":
+        run_script(sys.argv[2], sys.argv[3])
+    else:
+        main(sys.argv[1], float(sys.argv[2]), sys.argv[3:])

@@ -17,7 +17,6 @@ from orders import services
 from orders.management.commands import orders_demo
 from orders.models import Order, Status, SweepRun
 from tests.conftest import WorkerProcess
-from tests.test_observability import reset_broker_pools
 
 COMMANDS = ("orders_status", "orders_sweep", "orders_rearm", "orders_demo")
 
@@ -126,7 +125,6 @@ def test_orders_rearm_arms_every_unpaid_timer_within_the_horizon_again() -> None
 def test_orders_demo_shows_the_lifecycle_land_live_against_a_real_worker(
     celery_worker_process: WorkerProcess,
 ) -> None:
-    reset_broker_pools()  # see tests.test_observability.broker_pools
     started = time.monotonic()
 
     output = run("orders_demo")

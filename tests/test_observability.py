@@ -187,22 +187,6 @@ def test_metrics_refuse_anything_but_get(client: Client) -> None:
 # /health/ --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def broker_pools() -> None:
-    """Fresh kombu pools for this process. ``tests.redis_server.publishing_to`` closes the
-    app's connection and producer pools but leaves them in kombu's global pool groups,
-    where the app finds them again, closed ("Acquire on closed pool"), at its next
-    broadcast (a worker ping) for the same broker."""
-    reset_broker_pools()
-
-
-def reset_broker_pools() -> None:
-    kombu.pools.reset()
-    app: Any = current_app
-    app._pool = None
-    app.amqp._producer_pool = None
-
-
 def health(client: Client) -> tuple[int, dict[str, Any]]:
     response = client.get("/health/")
     assert response["Content-Type"] == "application/json"
@@ -212,7 +196,7 @@ def health(client: Client) -> tuple[int, dict[str, Any]]:
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_health_is_ok_with_the_database_redis_a_worker_and_a_recent_sweep(
-    client: Client, celery_worker_process: WorkerProcess, broker_pools: None
+    client: Client, celery_worker_process: WorkerProcess
 ) -> None:
     services.sweep()  # as beat does
 
@@ -228,7 +212,7 @@ def test_health_is_ok_with_the_database_redis_a_worker_and_a_recent_sweep(
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_health_is_503_when_beat_has_not_swept_for_two_intervals(
-    client: Client, celery_worker_process: WorkerProcess, broker_pools: None
+    client: Client, celery_worker_process: WorkerProcess
 ) -> None:
     status, body = health(client)
     assert status == 503

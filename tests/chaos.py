@@ -1,0 +1,228 @@
+"""Helpers of the fault and randomized tests (tests/test_reliability.py,
+tests/test_concurrency.py): workers that are always stopped, waiting on the database,
+and the invariants every order must satisfy at the end, whatever happened to it."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from datetime import datetime, timedelta
+
+from django.db.models import QuerySet
+
+from orders.conf import get_settings
+from orders.models import CancelReason, Order, Payment, Status
+from tests.conftest import WorkerProcess
+
+#: The histories an order may end with; anything else is a violation.
+EXPIRED = ("expire",)
+KEPT = ("pay", "ship")
+REFUNDED_AFTER_SHIPPING = ("pay", "ship", "refund", "close")
+REFUNDED_BEFORE_SHIPPING = ("pay", "refund", "close")
+FINAL_HISTORIES = {EXPIRED, KEPT, REFUNDED_AFTER_SHIPPING, REFUNDED_BEFORE_SHIPPING}
+
+
+def key_prefix(what: str) -> str:
+    """A Redis key prefix of its own for one test's queues."""
+    return f"orders-{what}-{uuid.uuid4().hex[:8]}:"
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> float:
+    """Poll ``predicate`` until it is true; return the seconds it took."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+@contextmanager
+def workers(
+    name: str, count: int, env: dict[str, str], concurrency: int = 2
+) -> Iterator[list[WorkerProcess]]:
+    """``count`` worker processes, stopped (SIGKILL if need be) when the block ends."""
+    with ExitStack() as stack:
+        started = []
+        for i in range(count):
+            worker = WorkerProcess(name=f"{name}{i + 1}", env=env, concurrency=concurrency)
+            stack.callback(worker.stop)
+            started.append(worker.start())
+        yield started
+
+
+def kill(worker: WorkerProcess) -> None:
+    """SIGKILL the worker's whole process group: main process and pool children, no
+    warm shutdown, nothing acknowledged or given back to the broker."""
+    worker.stop(signal.SIGKILL)
+
+
+def reconnected_or_died(worker: WorkerProcess) -> bool:
+    """After a broker outage: has the worker connected again, or exited?"""
+    assert worker.proc is not None
+    return worker.proc.poll() is not None or worker.log().count("Connected to redis://") >= 2
+
+
+def restart_if_dead(worker: WorkerProcess) -> str:
+    """Start the worker again if it exited, as systemd or Kubernetes would; return the
+    reason it died ("" if it did not)."""
+    assert worker.proc is not None
+    if worker.proc.poll() is None:
+        return ""
+    code, log = worker.proc.returncode, worker.log()
+    crash = next((line for line in log.splitlines() if "Unrecoverable error" in line), "")
+    worker.log_path.with_suffix(".crashed.log").write_text(log)  # start() truncates the log
+    worker.stop()
+    worker.start()
+    return crash.split(" CRITICAL ")[-1] or f"exited with {code}"
+
+
+def histories(orders: QuerySet[Order]) -> dict[str, tuple[str, ...]]:
+    return {
+        str(order.pk): tuple(h.transition for h in order.history.all())
+        for order in orders.prefetch_related("history")
+    }
+
+
+def violations(orders: QuerySet[Order], *, late_ok: float | None) -> list[str]:
+    """Every way an order (or its payments) can be wrong once all has settled.
+
+    - it ends delivered or cancelled, with one of the FINAL_HISTORIES: one entry per
+      transition, never both a payment that kept the order and an expiry;
+    - an expired order was cancelled after its deadline (and at most ``late_ok``
+      seconds after, unless None);
+    - a kept order has exactly one accepted payment, received by the deadline;
+    - every payment that did not pay its order (late, surplus, mismatched) and the
+      accepted payment of a refunded order is refunded, and no other.
+    """
+    found: list[str] = []
+    for order in orders.prefetch_related("history", "payments"):
+        history = tuple(h.transition for h in order.history.all())
+        payments = list(order.payments.all())
+        accepted = [p for p in payments if p.outcome == Payment.Outcome.ACCEPTED]
+        others = [p for p in payments if p.outcome != Payment.Outcome.ACCEPTED]
+        where = f"order {order.pk} ({order.status}, history {list(history)})"
+        if history not in FINAL_HISTORIES:
+            found.append(f"{where}: not a final history")
+            continue
+        if "pay" in history and "expire" in history:
+            found.append(f"{where}: both paid and expired")
+        if history == EXPIRED:
+            if order.status != Status.CANCELLED or order.cancel_reason != CancelReason.TIMEOUT:
+                found.append(f"{where}: expired but not cancelled for timeout")
+            assert order.cancelled_at is not None
+            lateness = (order.cancelled_at - order.expires_at).total_seconds()
+            if lateness < 0 or (late_ok is not None and lateness > late_ok):
+                found.append(f"{where}: expired {lateness:.3f}s after its deadline")
+            if accepted:
+                found.append(f"{where}: expired, yet a payment was accepted")
+        else:
+            refunded = "refund" in history
+            expected = Status.CANCELLED if refunded else Status.DELIVERED
+            if order.status != expected:
+                found.append(f"{where}: status should be {expected}")
+            if len(accepted) != 1:
+                found.append(f"{where}: {len(accepted)} accepted payments")
+            for payment in accepted:
+                if payment.received_at > order.expires_at:
+                    found.append(f"{where}: payment {payment.reference} accepted after deadline")
+                if payment.reference != order.payment_ref:
+                    found.append(f"{where}: accepted payment is not the order's payment_ref")
+                if refunded != (payment.refunded_at is not None):
+                    found.append(f"{where}: accepted payment refunded={not refunded}")
+            if "ship" in history and not order.tracking_number:
+                found.append(f"{where}: shipped without a tracking number")
+        for payment in others:
+            if payment.refunded_at is None or not payment.refund_ref:
+                found.append(f"{where}: {payment.outcome} payment {payment.reference} not refunded")
+            if payment.outcome == Payment.Outcome.LATE and order.status != Status.CANCELLED:
+                found.append(f"{where}: payment {payment.reference} late, order not cancelled")
+            if payment.outcome == Payment.Outcome.SURPLUS and "pay" not in history:
+                found.append(f"{where}: payment {payment.reference} surplus, order never paid")
+    return found
+
+
+def passed_over_by_sweeps(
+    orders: QuerySet[Order], sweeps: list[tuple[datetime, datetime, int]]
+) -> list[str]:
+    """The sweep's promise: a sweep that starts when an unpaid order is past its
+    deadline plus the grace expires it, unless that sweep hit its batch limit, or the
+    order's row was locked by another transaction (``skip_locked``) that expired it or
+    took its payment before the sweep was over. ``sweeps`` holds each sweep's ``now``,
+    the time it returned, and how many orders it expired."""
+    conf = get_settings()
+    grace = timedelta(seconds=conf.SWEEP_GRACE)
+    found = []
+    complete = [(s, e) for s, e, expired in sweeps if expired < conf.SWEEP_BATCH_SIZE]
+    for order in orders.filter(cancel_reason=CancelReason.TIMEOUT):
+        assert order.cancelled_at is not None
+        overdue = order.expires_at + grace
+        missed = [s for s, e in complete if overdue < s and e < order.cancelled_at]
+        if missed:
+            found.append(
+                f"order {order.pk}: overdue from {overdue.isoformat()}, passed over by the "
+                f"sweep at {missed[0].isoformat()}, expired at {order.cancelled_at.isoformat()}"
+            )
+    return found
+
+
+def outcome_counts(orders: QuerySet[Order]) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for history in histories(orders).values():
+        counts[
+            {
+                EXPIRED: "expired",
+                KEPT: "paid and kept",
+                REFUNDED_AFTER_SHIPPING: "refunded after shipping",
+                REFUNDED_BEFORE_SHIPPING: "refunded before shipping",
+            }.get(history, "other")
+        ] += 1
+    return counts
+
+
+def expired_by(orders: QuerySet[Order]) -> Counter[str]:
+    """Who expired the orders: the expiry timer, the sweep, or a late payment."""
+    counts: Counter[str] = Counter()
+    for order in orders.prefetch_related("history"):
+        for entry in order.history.all():
+            if entry.transition == "expire":
+                counts[entry.actor] += 1
+    return counts
+
+
+def lateness(orders: QuerySet[Order]) -> str:
+    """How long after their deadlines the expired orders were cancelled, as text."""
+    values = sorted(
+        (o.cancelled_at - o.expires_at).total_seconds()
+        for o in orders.filter(cancel_reason=CancelReason.TIMEOUT)
+        if o.cancelled_at is not None
+    )
+    if not values:
+        return "no expiries"
+
+    def pct(q: float) -> float:
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+    return f"median {pct(0.5):.3f}s, p99 {pct(0.99):.3f}s, max {values[-1]:.3f}s"
+
+
+def payments_to_refund(orders: Iterable[str] | QuerySet[Order]) -> QuerySet[Payment]:
+    return Payment.objects.filter(order__in=orders, refunded_at__isnull=True).exclude(
+        outcome=Payment.Outcome.ACCEPTED
+    )
+
+
+def unsettled(orders: QuerySet[Order]) -> dict[str, int]:
+    """What still has to happen: unpaid orders (all deadlines are past by now), paid
+    orders not shipped, refunded orders not closed, payments not refunded."""
+    counts = {
+        "created": orders.filter(status=Status.CREATED).count(),
+        "paid": orders.filter(status=Status.PAID).count(),
+        "refunded": orders.filter(status=Status.REFUNDED).count(),
+        "payments to refund": payments_to_refund(orders).count(),
+    }
+    return {k: v for k, v in counts.items() if v}

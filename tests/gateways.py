@@ -1,0 +1,113 @@
+"""Payment gateway and logistics provider that record every call in Redis, for the
+randomized tests: many processes (workers, webhook actors, the test itself) call them,
+so the record must live outside any one process.
+
+Selected with ``ORDERS_PAYMENT_GATEWAY=tests.gateways.RecordingPaymentGateway`` and
+``ORDERS_LOGISTICS_PROVIDER=tests.gateways.RecordingLogisticsProvider`` (read by
+tests/settings.py), recording under the Redis key prefix ``ORDERS_TEST_RECORDS`` on the
+run's Redis (``settings.CELERY_BROKER_URL``).
+
+They behave as a real provider with idempotency keys: the first call with a key does
+the work (a refund, a booked shipment), later calls with the same key return the same
+reference and do nothing. With ``ORDERS_TEST_FAILURE_RATE`` > 0 some calls fail with
+a ``GatewayError`` *after* the work was done: the ambiguous timeout that makes callers
+retry, the case idempotency keys exist for.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from decimal import Decimal
+
+import redis
+from django.conf import settings
+
+from orders.gateways import GatewayError, LocalLogisticsProvider, LocalPaymentGateway
+
+REFUND_CALLS = "refund-calls"  # hash: idempotency key -> calls
+REFUNDS = "refunds"  # hash: idempotency key -> "payment_ref amount currency", first call wins
+SHIPMENT_CALLS = "shipment-calls"
+SHIPMENTS = "shipments"  # hash: idempotency key -> order id
+
+
+def redis_client(url: str | None = None) -> redis.Redis:
+    url = url or settings.CELERY_BROKER_URL
+    if url.startswith("redis+socket://"):  # kombu's spelling of a Unix socket
+        url = "unix://" + url.removeprefix("redis+socket://")
+    return redis.Redis.from_url(url, socket_timeout=10)
+
+
+def _prefix() -> str:
+    prefix = os.environ.get("ORDERS_TEST_RECORDS")
+    if not prefix:
+        raise RuntimeError("ORDERS_TEST_RECORDS is not set: where should calls be recorded?")
+    return prefix
+
+
+def _record(calls: str, done: str, key: str, value: str) -> None:
+    prefix = _prefix()
+    pipe = redis_client().pipeline()
+    pipe.hincrby(prefix + calls, key, 1)
+    pipe.hsetnx(prefix + done, key, value)
+    pipe.execute()
+    rate = float(os.environ.get("ORDERS_TEST_FAILURE_RATE") or 0)
+    if rate and random.random() < rate:
+        raise GatewayError(f"timed out waiting for the provider ({key}); retry")
+
+
+class RecordingPaymentGateway(LocalPaymentGateway):
+    def refund(
+        self, *, payment_ref: str, amount: Decimal, currency: str, idempotency_key: str
+    ) -> str:
+        reference = super().refund(
+            payment_ref=payment_ref,
+            amount=amount,
+            currency=currency,
+            idempotency_key=idempotency_key,
+        )
+        _record(REFUND_CALLS, REFUNDS, idempotency_key, f"{payment_ref} {amount} {currency}")
+        return reference
+
+
+class RecordingLogisticsProvider(LocalLogisticsProvider):
+    def create_shipment(self, *, order_id: str, idempotency_key: str) -> str:
+        tracking_number = super().create_shipment(
+            order_id=order_id, idempotency_key=idempotency_key
+        )
+        _record(SHIPMENT_CALLS, SHIPMENTS, idempotency_key, order_id)
+        return tracking_number
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass
+class Record:
+    """What the providers saw, read back by the test."""
+
+    refund_calls: dict[str, int]
+    refunds: dict[str, str]
+    shipment_calls: dict[str, int]
+    shipments: dict[str, str]
+
+    @classmethod
+    def read(cls, client: redis.Redis, prefix: str) -> Record:
+        def read_hash(name: str) -> dict[str, str]:
+            raw = client.hgetall(prefix + name)
+            return {_text(k): _text(v) for k, v in raw.items()}
+
+        return cls(
+            refund_calls={k: int(v) for k, v in read_hash(REFUND_CALLS).items()},
+            refunds=read_hash(REFUNDS),
+            shipment_calls={k: int(v) for k, v in read_hash(SHIPMENT_CALLS).items()},
+            shipments=read_hash(SHIPMENTS),
+        )
+
+    @staticmethod
+    def clear(client: redis.Redis, prefix: str) -> None:
+        client.delete(
+            *(prefix + name for name in (REFUND_CALLS, REFUNDS, SHIPMENT_CALLS, SHIPMENTS))
+        )
