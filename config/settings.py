@@ -117,6 +117,10 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_WORKER_ENABLE_SOFT_SHUTDOWN_ON_IDLE = True
 CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = 10
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Celery's Django fixup otherwise closes the database connection around every task: a
+# new connection for every timer that fires (bench/: 13.8 ms an expiry instead of 2 ms).
+# It still closes connections that are unusable or past CONN_MAX_AGE.
+CELERY_DB_REUSE_MAX = 1000
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE = {
     "orders-sweep": {"task": "orders.sweep", "schedule": float(ORDERS["SWEEP_INTERVAL"])},

@@ -13,6 +13,9 @@ with its row lock, ``save()`` and side effects.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -277,6 +280,24 @@ class SweepRun(models.Model):
         return f"sweep at {self.at:%Y-%m-%d %H:%M:%S}: {self.expired} expired"
 
 
+#: While set, transitions append their history rows here instead of inserting them.
+_history_batch: ContextVar[list[OrderTransition] | None] = ContextVar(
+    "orders_history_batch", default=None
+)
+
+
+@contextmanager
+def history_in_bulk() -> Iterator[None]:
+    """Record the transitions made inside with one INSERT at the end, for batches."""
+    rows: list[OrderTransition] = []
+    token = _history_batch.set(rows)
+    try:
+        yield
+    finally:
+        _history_batch.reset(token)
+    OrderTransition.objects.bulk_create(rows)
+
+
 @receiver(post_transition, sender=Order)
 def _record_transition(
     sender: type[Order],
@@ -291,7 +312,7 @@ def _record_transition(
     # commit together or not at all.
     by = method_kwargs.get("by", "system")
     user = by if isinstance(by, AbstractBaseUser) else None
-    OrderTransition.objects.create(
+    row = OrderTransition(
         order=instance,
         transition=name,
         source=source,
@@ -301,3 +322,8 @@ def _record_transition(
         reason=method_kwargs.get("reason", ""),
         at=method_kwargs.get("at") or timezone.now(),
     )
+    batch = _history_batch.get()
+    if batch is None:
+        row.save(force_insert=True)
+    else:
+        batch.append(row)
