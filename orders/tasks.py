@@ -3,10 +3,21 @@ acknowledge late (settings), and may run any number of times."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import shared_task
 
 from orders import services
 from orders.gateways import GatewayError
+
+#: A provider that fails is asked again, backing off up to 10 minutes, until it answers:
+#: the database says the work is still owed, and the idempotency key makes it once.
+RETRY_UNTIL_THE_PROVIDER_ANSWERS: dict[str, Any] = {
+    "autoretry_for": (GatewayError,),
+    "retry_backoff": True,
+    "retry_backoff_max": 600,
+    "max_retries": None,
+}
 
 
 @shared_task(name="orders.expire_order", acks_late=True)
@@ -19,26 +30,12 @@ def expire_bucket_task(bucket: int) -> int:
     return services.expire_bucket(bucket=bucket)
 
 
-@shared_task(
-    name="orders.ship_order",
-    acks_late=True,
-    autoretry_for=(GatewayError,),
-    retry_backoff=True,
-    retry_backoff_max=600,
-    max_retries=None,
-)
+@shared_task(name="orders.ship_order", acks_late=True, **RETRY_UNTIL_THE_PROVIDER_ANSWERS)
 def ship_order_task(order_id: str) -> str:
     return services.ship_order(order_id=order_id).status
 
 
-@shared_task(
-    name="orders.refund_payment",
-    acks_late=True,
-    autoretry_for=(GatewayError,),
-    retry_backoff=True,
-    retry_backoff_max=600,
-    max_retries=None,
-)
+@shared_task(name="orders.refund_payment", acks_late=True, **RETRY_UNTIL_THE_PROVIDER_ANSWERS)
 def refund_payment_task(payment_id: str) -> str:
     return services.refund_payment(payment_id=payment_id).refund_ref
 
