@@ -792,17 +792,25 @@ class SweepReport:
     errors: list[str] = field(default_factory=list)
 
 
-def sweep(*, now: datetime | None = None) -> SweepReport:
+SWEEP_STEPS = ("expire overdue orders", "arm timers", "retry shipments", "retry refunds")
+
+
+def sweep(
+    *, now: datetime | None = None, on_step: Callable[[int, str], object] | None = None
+) -> SweepReport:
     """Expire unpaid orders whose timer did not (deadline + grace passed), arm timers
     that came within the horizon, and retry shipments and refunds that never ran.
     Each transaction holds at most ``SWEEP_BATCH_SIZE`` orders; the expiry step goes on
-    batch after batch until no overdue order is left."""
+    batch after batch until no overdue order is left. ``on_step(done, name)`` is called
+    after each of the ``SWEEP_STEPS`` (for a progress bar)."""
     conf = get_settings()
     now = now or timezone.now()
     report = SweepReport()
+    step = on_step or (lambda done, name: None)
     report.expired, report.max_lateness = expire_due_orders(
         due_by=now - timedelta(seconds=conf.SWEEP_GRACE), by=SWEEP, now=now
     )
+    step(1, SWEEP_STEPS[0])
 
     unarmed = (
         Order.objects.filter(
@@ -817,6 +825,7 @@ def sweep(*, now: datetime | None = None) -> SweepReport:
             if scheduling.arm_expiry_timer(order, now=now):
                 order.save(update_fields=["timer_armed_for", "updated_at"])
                 report.timers_armed += 1
+    step(2, SWEEP_STEPS[1])
 
     # Follow-up work whose task was lost (broker down when it was queued, worker killed).
     stale = now - timedelta(seconds=conf.SHIPPING_RETRY_AFTER)
@@ -824,12 +833,14 @@ def sweep(*, now: datetime | None = None) -> SweepReport:
     for order_id in unshipped.values_list("pk", flat=True)[: conf.SWEEP_BATCH_SIZE]:
         report.shipments_retried += 1
         _retry(report, "shipment", partial(ship_order, order_id=order_id))
+    step(3, SWEEP_STEPS[2])
     unrefunded = Payment.objects.exclude(outcome=Payment.Outcome.ACCEPTED).filter(
         refunded_at__isnull=True, received_at__lt=stale
     )
     for payment_id in unrefunded.values_list("pk", flat=True)[: conf.SWEEP_BATCH_SIZE]:
         report.refunds_retried += 1
         _retry(report, "refund", partial(refund_payment, payment_id=payment_id))
+    step(4, SWEEP_STEPS[3])
 
     if report.expired:
         logger.warning(

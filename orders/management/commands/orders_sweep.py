@@ -7,6 +7,7 @@ from typing import Any
 from django.core.management.base import BaseCommand
 
 from orders import services
+from orders.management.progress import progress_bar
 
 
 class Command(BaseCommand):
@@ -18,7 +19,13 @@ class Command(BaseCommand):
     )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        report = services.sweep()
+        total = len(services.SWEEP_STEPS)
+
+        def show(done: int, name: str) -> None:
+            self.stderr.write(progress_bar(done, total, f"Sweep: {name:<22}"), ending="")
+
+        report = services.sweep(on_step=show)
+        self.stderr.write("")
         self.stdout.write(
             f"Expired {report.expired} overdue orders (up to {report.max_lateness:.1f}s late), "
             f"armed {report.timers_armed} timers, retried {report.shipments_retried} shipments "
