@@ -102,6 +102,12 @@ class SweepHealth:
     warnings: list[str] = field(default_factory=list)
 
 
+def sweep_is_overdue(age: timedelta) -> bool:
+    """Beat runs the sweep every SWEEP_INTERVAL: a last sweep older than two intervals
+    means beat (or the worker that runs its sweeps) is down."""
+    return age > timedelta(seconds=2 * get_settings().SWEEP_INTERVAL)
+
+
 def sweep_health(*, now: datetime | None = None) -> SweepHealth:
     """Read the latest ``SweepRun``: timers are being lost when it had to expire orders,
     and beat is probably down when it is older than two sweep intervals."""
@@ -123,7 +129,7 @@ def sweep_health(*, now: datetime | None = None) -> SweepHealth:
             "their timers were lost (worker crash, flushed or unreachable Redis). "
             "Check the broker and the workers."
         )
-    if age > timedelta(seconds=2 * interval):
+    if sweep_is_overdue(age):
         warnings.append(
             f"The last sweep ran {_ago(age)} ago, more than twice the sweep interval "
             f"({interval} s). Is Celery beat running?"
