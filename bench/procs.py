@@ -3,105 +3,51 @@ and a sampler of their memory and CPU."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
-import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import psutil  # type: ignore[import-untyped]
 
-from bench.env import BASE_DIR, VAR_DIR
+import config.processes
+from bench.env import VAR_DIR
+from config.processes import ChildProcess
 
 MB = 1024 * 1024
 
 
-class BenchProcess:
-    """A child process in its own session (so that it and its children are ended
-    together, by the process group id the bench itself started), logging to var/."""
+class BenchProcess(ChildProcess):
+    """A strategy's process, logging to var/bench-<name>.log. Ended at once: a killed
+    worker leaves its timers unacked in Redis, and the bench deletes its own keys after
+    each strategy anyway."""
 
-    ready_marker: bytes = b""
+    def __init__(
+        self, *, name: str, args: list[str], env: dict[str, str], log_path: Path | None = None
+    ) -> None:
+        log_path = log_path or VAR_DIR / f"bench-{name}.log"
+        super().__init__(name=name, args=args, env=env, log_path=log_path)
 
-    def __init__(self, *, name: str, args: list[str], env: dict[str, str]) -> None:
-        self.name = name
-        self.args = args
-        self.env = env
-        self.log_path = VAR_DIR / f"bench-{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout: float = 90) -> BenchProcess:
-        VAR_DIR.mkdir(exist_ok=True)
-        self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop())
-        self.proc = subprocess.Popen(
-            self.args,
-            cwd=BASE_DIR,
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while self.ready_marker not in self.log_path.read_bytes():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = self.log_path.read_text(errors="replace")[-3000:]
-                self.stop()
-                raise RuntimeError(f"{self.name} did not start:\n{tail}")
-            time.sleep(0.05)
+    def start(self, timeout: float = 90) -> Self:
+        super().start(timeout)
         return self
 
-    def stop(self) -> None:
-        """End the process group at once. A killed worker leaves its timers unacked in
-        Redis; the bench deletes its own keys after each strategy anyway."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self._log.close()
-        self.proc = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def stop(self, sig: int = signal.SIGKILL, timeout: float = 30) -> None:
+        super().stop(sig, timeout)
 
 
-class WorkerProcess(BenchProcess):
+class WorkerProcess(config.processes.WorkerProcess, BenchProcess):
     """``celery -A config worker``, as in production (prefork, one child per core)."""
 
-    ready_marker = b" ready."
-
     def __init__(self, *, name: str, env: dict[str, str], concurrency: int) -> None:
-        super().__init__(
+        config.processes.WorkerProcess.__init__(
+            self,
             name=name,
             env=env,
-            args=[
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "config",
-                "worker",
-                # Production's level; "ready." is logged at INFO.
-                "-l",
-                "info",
-                "--pool",
-                "prefork",
-                "--concurrency",
-                str(concurrency),
-                "--without-mingle",
-                "--without-gossip",
-                "-n",
-                f"{name}@%h",
-            ],
+            concurrency=concurrency,
+            log_path=VAR_DIR / f"bench-{name}.log",
         )
 
 

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +10,8 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.db import connection
+
+from config import processes
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -41,8 +39,8 @@ def database_url() -> str:
     return f"postgres://{auth}@{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
-class WorkerProcess:
-    """``celery -A config worker`` in its own process, as in production."""
+class WorkerProcess(processes.WorkerProcess):
+    """A real worker process, logging to var/test-worker-<name>.log."""
 
     def __init__(
         self,
@@ -52,62 +50,13 @@ class WorkerProcess:
         concurrency: int = 2,
         extra_args: tuple[str, ...] = (),
     ) -> None:
-        self.log_path = BASE_DIR / "var" / f"test-worker-{name}.log"
-        self.args = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "config",
-            "worker",
-            "-l",
-            "info",
-            "--pool",
-            "prefork",
-            "--concurrency",
-            str(concurrency),
-            "--without-mingle",
-            "--without-gossip",
-            "-n",
-            f"{name}@%h",
-            *extra_args,
-        ]
-        self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60) -> WorkerProcess:
-        self.log_path.parent.mkdir(exist_ok=True)
-        self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop())
-        self.proc = subprocess.Popen(
-            self.args,
-            cwd=BASE_DIR,
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        super().__init__(
+            name=name,
+            env=env,
+            log_path=BASE_DIR / "var" / f"test-worker-{name}.log",
+            concurrency=concurrency,
+            extra_args=extra_args,
         )
-        deadline = time.monotonic() + timeout
-        while b" ready." not in self.log_path.read_bytes():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start:\n{self.log_path.read_text()[-3000:]}")
-            time.sleep(0.1)
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-        self.proc = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 def worker_env(**extra: str) -> dict[str, str]:
