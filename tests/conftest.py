@@ -12,6 +12,8 @@ from django.conf import settings
 from django.db import connection
 
 from config import processes
+from orders import services
+from orders.models import Order
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -28,6 +30,19 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"orders: database {db['ENGINE'].rsplit('.', 1)[-1]} ({db.get('HOST') or db['NAME']})",
         f"orders: redis {redis}, keys prefixed {prefix}",
     ]
+
+
+@pytest.fixture
+def order() -> Order:
+    """An unpaid order of 12.50, due in ten minutes (for the HTTP tests)."""
+    return services.place_order(amount="12.50", timeout=600)
+
+
+@pytest.fixture
+def paid_order(order: Order) -> Order:
+    services.record_payment(order_id=order.pk, payment_ref="pay-1", amount="12.50")
+    order.refresh_from_db()
+    return order
 
 
 def database_url() -> str:

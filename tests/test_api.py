@@ -59,18 +59,6 @@ def order_url(order: Order | str, action: str = "") -> str:
     return f"{ORDERS_URL}{order_id}/" + (f"{action}/" if action else "")
 
 
-@pytest.fixture
-def order() -> Order:
-    return services.place_order(amount="12.50", timeout=600)
-
-
-@pytest.fixture
-def paid_order(order: Order) -> Order:
-    services.record_payment(order_id=order.pk, payment_ref="pay-1", amount="12.50")
-    order.refresh_from_db()
-    return order
-
-
 # Creating -----------------------------------------------------------------------------
 
 

@@ -66,18 +66,6 @@ class FailingGateway:
         raise GatewayError("connection refused")
 
 
-@pytest.fixture
-def order() -> Order:
-    return services.place_order(amount="12.50", timeout=600)
-
-
-@pytest.fixture
-def paid_order(order: Order) -> Order:
-    services.record_payment(order_id=order.pk, payment_ref="pay-1", amount="12.50")
-    order.refresh_from_db()
-    return order
-
-
 # Payments -----------------------------------------------------------------------------
 
 
