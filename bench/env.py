@@ -18,6 +18,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 
+from orders import broker
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
 BENCH_DB_NAME = "orders_bench"
@@ -138,9 +140,7 @@ def _remove_sqlite() -> None:
 
 
 def redis_client(url: str) -> redis.Redis:
-    if url.startswith("redis+socket://"):
-        url = "unix://" + url.removeprefix("redis+socket://")
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
+    return broker.redis_client(url, connect_timeout=5, timeout=30)
 
 
 def bench_keys(client: redis.Redis, prefix: str) -> list[bytes]:

@@ -20,6 +20,7 @@ from django.db import DatabaseError, connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 
+from orders import broker
 from orders.api import json_endpoint
 from orders.conf import get_settings
 from orders.models import SweepRun
@@ -48,20 +49,9 @@ def check_database() -> Check:
     return Check("database", True, f"SELECT 1 in {_ms(started)}")
 
 
-def broker_redis_url() -> str:
-    """The broker's URL in the form the redis client reads (the embedded Redis's
-    ``redis+socket://`` is kombu's spelling of ``unix://``)."""
-    url = str(current_app.conf.broker_url)
-    if url.startswith("redis+socket://"):
-        url = "unix://" + url.removeprefix("redis+socket://")
-    return url
-
-
 def check_redis() -> Check:
     started = time.monotonic()
-    client = redis.Redis.from_url(
-        broker_redis_url(), socket_connect_timeout=TIMEOUT, socket_timeout=TIMEOUT
-    )
+    client = broker.redis_client(connect_timeout=TIMEOUT, timeout=TIMEOUT)
     try:
         client.ping()
     except (redis.exceptions.RedisError, OSError, ValueError) as exc:

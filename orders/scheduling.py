@@ -14,10 +14,10 @@ from typing import Any
 import kombu.exceptions
 import redis
 import redis.exceptions
-from celery import current_app
 from django.db import transaction
 from django.utils import timezone
 
+from orders import broker
 from orders.conf import get_settings
 from orders.models import Order
 
@@ -90,7 +90,7 @@ def _publish_bucket_timer(order_id: str, deadline: datetime) -> None:
 
     bucket = bucket_of(deadline)
     countdown = max(0.0, bucket - time.time())
-    key = f"{_key_prefix()}orders:timer-bucket:{bucket}"
+    key = f"{broker.key_prefix()}orders:timer-bucket:{bucket}"
     client = _redis()
     try:
         # The first order of a bucket arms it; the rest only see the key. The key lives
@@ -140,14 +140,7 @@ def _forget_timer(order_id: str, deadline: datetime, exc: BaseException) -> None
 @cache
 def _redis() -> redis.Redis:
     """A client on the broker's Redis, for the buckets' SET NX."""
-    url = current_app.conf.broker_url
-    if url.startswith("redis+socket://"):
-        url = "unix://" + url.removeprefix("redis+socket://")
-    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
-
-
-def _key_prefix() -> str:
-    return str((current_app.conf.broker_transport_options or {}).get("global_keyprefix", ""))
+    return broker.redis_client()
 
 
 def enqueue_on_commit(task: Any, *args: str, what: str) -> None:

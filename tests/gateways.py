@@ -24,6 +24,7 @@ from decimal import Decimal
 import redis
 from django.conf import settings
 
+from orders import broker
 from orders.gateways import GatewayError, LocalLogisticsProvider, LocalPaymentGateway
 
 REFUND_CALLS = "refund-calls"  # hash: idempotency key -> calls
@@ -33,10 +34,7 @@ SHIPMENTS = "shipments"  # hash: idempotency key -> order id
 
 
 def redis_client(url: str | None = None) -> redis.Redis:
-    url = url or settings.CELERY_BROKER_URL
-    if url.startswith("redis+socket://"):  # kombu's spelling of a Unix socket
-        url = "unix://" + url.removeprefix("redis+socket://")
-    return redis.Redis.from_url(url, socket_timeout=10)
+    return broker.redis_client(url or settings.CELERY_BROKER_URL, timeout=10)
 
 
 def _prefix() -> str:
