@@ -135,11 +135,6 @@ CELERY_BEAT_SCHEDULE = {
     "orders-poll-parcels": {"task": "orders.poll_parcels", "schedule": 60.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
-# Two beats may run at once (two sweeps are safe). CELERY_BEAT_SCHEDULER=redbeat.RedBeatScheduler
-# (celery-redbeat) lets only the beat holding a lock in Redis send tasks; a standby takes
-# over at most CELERY_REDBEAT_LOCK_TIMEOUT seconds after it dies (config/redbeat.py).
-CELERY_BEAT_SCHEDULER = env("CELERY_BEAT_SCHEDULER", default="celery.beat:PersistentScheduler")
-CELERY_REDBEAT_LOCK_TIMEOUT = env.int("CELERY_REDBEAT_LOCK_TIMEOUT", default=30)
 
 # LOG_FORMAT=json writes one JSON object per line, with the structured fields of the
 # app's log calls (event, order_id, lateness_s, ...), for a log shipper to index.

@@ -10,7 +10,6 @@ time, all on this test's own Redis keys.
 from __future__ import annotations
 
 import re
-import signal
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -162,36 +161,3 @@ def test_two_beats_sweep_at_once_and_every_overdue_order_expires_once() -> None:
         # both found some of the orders committed together shared the work row by row.
         # (SQLite lets one writer in at a time: the first sweep takes every batch.)
         assert len(expired_per_sweep) >= 2, "the sweeps did not share the work"
-
-
-LOCK_TIMEOUT = 5  # seconds; a standby asks for the lock every second (a fifth of it)
-
-
-def test_with_redbeat_one_beat_sends_and_a_standby_takes_over_when_it_dies() -> None:
-    """CELERY_BEAT_SCHEDULER=redbeat.RedBeatScheduler: the beat holding the lock in Redis
-    sends the sweeps, the other waits; SIGKILL the first (its lock is not released) and
-    the standby sends within the lock timeout, and a worker runs its sweeps."""
-    env = worker_env(
-        CELERY_KEY_PREFIX=key_prefix("redbeat"),
-        CELERY_BEAT_SCHEDULER="redbeat.RedBeatScheduler",
-        CELERY_REDBEAT_LOCK_TIMEOUT=str(LOCK_TIMEOUT),
-        ORDERS_SWEEP_INTERVAL="1",
-    )
-    with workers("redbeat", 1, env), beats(["active"], env) as [active]:
-        wait_for(lambda: "beat: Acquired lock" in active.log(), 30, "the first beat's lock")
-        with beats(["standby"], env) as [standby]:
-            wait_for(lambda: active.sent() >= 3, 30, "the active beat to send sweeps")
-            assert standby.sent() == 0, "only the beat holding the lock sends"
-            assert "Acquired lock" not in standby.log()
-
-            active.stop(signal.SIGKILL)
-            killed = timezone.now()
-            took = wait_for(lambda: standby.sent() > 0, 3 * LOCK_TIMEOUT, "the standby to send")
-            wait_for(
-                lambda: SweepRun.objects.filter(at__gt=killed).exists(),
-                30,
-                "a sweep sent by the standby to run",
-            )
-    print(f"\nredbeat ({connection.vendor}): the standby sent its first sweep {took:.1f}s after")
-    # The lock outlives its holder by at most LOCK_TIMEOUT; the standby asks every second.
-    assert took < LOCK_TIMEOUT + 3
