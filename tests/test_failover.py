@@ -34,7 +34,8 @@ from tests.chaos import (
     workers,
 )
 from tests.conftest import WorkerProcess, worker_env
-from tests.redis_server import SentinelGroup, publishing_to, unacked
+from tests.redis_server import SentinelGroup, publishing_to, queued, unacked
+from tests.test_beat import BeatProcess
 from tests.test_reliability import AMOUNT, GRACE, of, place, report, sweep_until_settled
 
 pytestmark = [
@@ -161,3 +162,33 @@ def test_primary_killed_the_replica_takes_over_and_every_order_expires_once(
     for order in of(after):
         assert order.cancelled_at is not None
         assert (order.cancelled_at - order.expires_at).total_seconds() < 2.0, "on time"
+
+
+def test_a_beat_keeps_sending_the_sweep_through_a_failover(
+    sentinel_broker: tuple[SentinelGroup, str],
+) -> None:
+    """The default beat scheduler keeps nothing in Redis and survives the failover: its
+    sweeps reach the promoted replica (why README recommends two plain beats, not a
+    scheduler that locks in Redis)."""
+    group, prefix = sentinel_broker
+    env = worker_env(
+        REDIS_URL=group.url,
+        REDIS_SENTINEL_MASTER=MASTER,
+        CELERY_KEY_PREFIX=prefix,
+        ORDERS_SWEEP_INTERVAL="1",
+    )
+    beat = BeatProcess(name="failover", env=env).start()
+    try:
+        wait_for(lambda: queued(group.primary.client(), prefix) >= 2, 30, "sweeps on the primary")
+        group.primary.kill()
+        wait_for(group.promoted, 30, "the replica to be promoted")
+        before = queued(group.replica.client(), prefix)
+        wait_for(
+            lambda: queued(group.replica.client(), prefix) >= before + 3,
+            30,
+            "the beat's sweeps to reach the new master",
+        )
+        assert beat.proc is not None
+        assert beat.proc.poll() is None, "the beat died in the failover"
+    finally:
+        beat.stop()
