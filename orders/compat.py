@@ -74,4 +74,9 @@ def finish_redis_channel_close_after_failed_drain(channel_class: type | None = N
 
     setattr(close, _MARK, True)
     channel_class.close = close  # type: ignore[attr-defined]
+    logger.info(
+        "orders.compat: kombu's Redis channel close is completed when its drain fails "
+        "(celery %s, see docs/RELIABILITY.md).",
+        celery.__version__,
+    )
     return True
