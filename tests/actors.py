@@ -56,15 +56,16 @@ def run_script(plan_path: str, results_path: str) -> None:
 
     with open(plan_path) as f:
         plan: list[tuple[float, str, dict[str, Any]]] = json.load(f)
-    # (when, planned, seq, action, arguments): a return whose parcel is not shipped yet
-    # goes back in the queue, half a second later.
-    queue = [(at, at, seq, action, kwargs) for seq, (at, action, kwargs) in enumerate(plan)]
+    # (when, planned, seq, action, arguments, first taken): a return whose parcel is not
+    # shipped yet goes back in the queue, half a second later; its lag behind the plan
+    # counts from when it was first taken.
+    queue = [(at, at, seq, action, kwargs, 0.0) for seq, (at, action, kwargs) in enumerate(plan)]
     heapq.heapify(queue)
     results = []
     while queue:
-        when, at, seq, action, kwargs = heapq.heappop(queue)
+        when, at, seq, action, kwargs, first = heapq.heappop(queue)
         time.sleep(max(0.0, when - time.time()))
-        started = time.time()
+        started = first or time.time()
         outcome, attempts = "", 0
         while not outcome:
             attempts += 1
@@ -82,8 +83,9 @@ def run_script(plan_path: str, results_path: str) -> None:
                             **kwargs,
                         )
                         outcome = order.status
-                    elif order.status in (Status.CREATED, Status.PAID) and started < at + 120:
-                        heapq.heappush(queue, (started + 0.5, at, seq, action, kwargs))
+                    elif order.status in (Status.CREATED, Status.PAID) and time.time() < at + 120:
+                        retry = (time.time() + 0.5, at, seq, action, kwargs, started)
+                        heapq.heappush(queue, retry)
                         break
                     else:
                         outcome = f"never shipped: {order.status}"
