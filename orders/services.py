@@ -34,6 +34,7 @@ from orders.logging import log_event
 from orders.models import (
     Actor,
     CancelReason,
+    IdempotencyRecord,
     Order,
     ParcelEvent,
     ParcelStatus,
@@ -625,11 +626,23 @@ def refund_payment(*, payment_id: Any, now: datetime | None = None) -> Payment:
 # Logistics ----------------------------------------------------------------------------
 
 
+#: Once a parcel is delivered or back with the sender its journey is over: a late or
+#: replayed report of an earlier status changes nothing.
+TERMINAL_PARCEL_STATUSES = (ParcelStatus.DELIVERED, ParcelStatus.RETURNED)
+
+
 def record_parcel_status(
-    *, order_id: Any, status: str, by: Actor = "logistics", now: datetime | None = None
+    *,
+    order_id: Any,
+    tracking_number: str,
+    status: str,
+    by: Actor = "logistics",
+    now: datetime | None = None,
 ) -> Order:
-    """Take a parcel status from the logistics provider (webhook or poll). A change is
-    kept as a ``ParcelEvent``; a returned parcel refunds the order, once."""
+    """Take a parcel status from the logistics provider (webhook or poll). Only an order
+    shipped under ``tracking_number`` has a parcel; for any other the report is refused
+    (``InvalidTransition``) and nothing is stored. A change is kept as a ``ParcelEvent``,
+    none after a terminal status, and a returned parcel refunds the order, once."""
     if status not in ParcelStatus.values:
         raise InvalidInput(
             f"status must be one of {', '.join(ParcelStatus.values)}, got {status!r}."
@@ -637,25 +650,47 @@ def record_parcel_status(
     now = now or timezone.now()
     with transaction.atomic():
         order = _locked(order_id)
-        if status != order.parcel_status:
+        if not order.tracking_number:
+            raise InvalidTransition(
+                f"Order {order.pk} was never shipped (it is {order.status}), so it has no "
+                "parcel to report on."
+            )
+        if tracking_number != order.tracking_number:
+            raise InvalidTransition(
+                f"Tracking number {tracking_number!r} is not the parcel of order {order.pk}."
+            )
+        if order.parcel_status in TERMINAL_PARCEL_STATUSES:
+            if status != order.parcel_status:
+                log_event(
+                    logger,
+                    "parcel.ignored",
+                    "Parcel of order {order_id} reported {parcel_status} by {actor} after it "
+                    "was {final_status}; ignored.",
+                    order_id=str(order.pk),
+                    parcel_status=status,
+                    final_status=order.parcel_status,
+                    actor=str(by),
+                )
+            if order.parcel_next_check_at is not None:  # left by a poll whose refund failed
+                order.parcel_next_check_at = None
+                order.save(update_fields=["parcel_next_check_at", "updated_at"])
+        elif status != order.parcel_status:
             ParcelEvent.objects.create(order=order, status=status, source=str(by), at=now)
             order.parcel_status = status
             if status != ParcelStatus.IN_TRANSIT:
                 order.parcel_next_check_at = None  # the parcel's journey is over
             order.save(update_fields=["parcel_status", "parcel_next_check_at", "updated_at"])
-            logger.info(
-                "Parcel of order %s is now %s (reported by %s).",
-                order.pk,
-                status,
-                by,
-                extra={
-                    "event": "parcel.status",
-                    "order_id": str(order.pk),
-                    "parcel_status": status,
-                    "actor": str(by),
-                },
+            log_event(
+                logger,
+                "parcel.status",
+                "Parcel of order {order_id} is now {parcel_status} (reported by {actor}).",
+                order_id=str(order.pk),
+                parcel_status=status,
+                actor=str(by),
             )
-    if status == ParcelStatus.RETURNED and order.status in (Status.PAID, Status.DELIVERED):
+    # Whatever this report says: a parcel that came back earlier and whose refund failed
+    # then (gateway down) is still owed its refund.
+    if order.parcel_status == ParcelStatus.RETURNED and can_proceed(order.refund):
         try:
             return refund_order(order_id=order.pk, by=by, reason="parcel returned to sender")
         except InvalidTransition:
@@ -720,7 +755,29 @@ def poll_parcels(*, now: datetime | None = None) -> ParcelPollReport:
         )
         if not failures:
             report.changed += status != order.parcel_status
-            record_parcel_status(order_id=order.pk, status=status, by="logistics poll", now=now)
+            try:
+                record_parcel_status(
+                    order_id=order.pk,
+                    tracking_number=order.tracking_number,
+                    status=status,
+                    by="logistics poll",
+                    now=now,
+                )
+            except GatewayError as exc:
+                # The parcel came back but the refund failed. The order is still shipped:
+                # the next poll finds it returned again, and that retries the refund.
+                report.failed += 1
+                retry_at = now + timedelta(seconds=conf.PARCEL_CHECK_INTERVAL)
+                Order.objects.filter(pk=order.pk).update(parcel_next_check_at=retry_at)
+                log_event(
+                    logger,
+                    "parcel.refund_failed",
+                    "Refund of order {order_id}, whose parcel came back, failed ({error}); "
+                    "retried at the next poll.",
+                    level=logging.WARNING,
+                    order_id=str(order.pk),
+                    error=str(exc),
+                )
     if report.checked:
         logger.info("Parcel poll: %s.", report, extra={"event": "parcel.poll", **vars(report)})
     return report
@@ -746,7 +803,8 @@ def sweep(
     *, now: datetime | None = None, on_step: Callable[[int, str], object] | None = None
 ) -> SweepReport:
     """Expire unpaid orders whose timer did not (deadline + grace passed), arm timers
-    that came within the horizon, and retry shipments and refunds that never ran.
+    that came within the horizon, retry shipments and refunds that never ran, and forget
+    webhook ids and idempotency keys kept long enough.
     Each transaction holds at most ``SWEEP_BATCH_SIZE`` orders; the expiry step goes on
     batch after batch until no overdue order is left. ``on_step(done, name)`` is called
     after each of the ``SWEEP_STEPS`` (for a progress bar)."""
@@ -810,6 +868,8 @@ def sweep(
         errors=len(report.errors),
     )
     SweepRun.objects.filter(at__lt=now - timedelta(days=7)).delete()
+    # Webhook ids and idempotency keys whose time is up (orders.idempotency).
+    IdempotencyRecord.objects.filter(expires_at__lt=now).delete()
     log_event(
         logger,
         "sweep.done",

@@ -595,12 +595,18 @@ def test_refund_confirmation_with_nothing_refundable_offers_no_refund_button(
 def test_order_page_shows_the_logistics_events(client: Client, make_staff: MakeStaff) -> None:
     make_staff("view_order")
     order = paid_order()
-    services.ship_order(order_id=order.pk)
+    order = services.ship_order(order_id=order.pk)
     services.record_parcel_status(
-        order_id=order.pk, status=ParcelStatus.IN_TRANSIT, by="logistics webhook"
+        order_id=order.pk,
+        tracking_number=order.tracking_number,
+        status=ParcelStatus.IN_TRANSIT,
+        by="logistics webhook",
     )
     services.record_parcel_status(
-        order_id=order.pk, status=ParcelStatus.DELIVERED, by="logistics poll"
+        order_id=order.pk,
+        tracking_number=order.tracking_number,
+        status=ParcelStatus.DELIVERED,
+        by="logistics poll",
     )
 
     response = client.get(change_url(order))

@@ -72,7 +72,10 @@ def test_up_runs_web_worker_and_beat_its_login_and_token_work_and_a_killed_worke
     try:
         base = f"http://127.0.0.1:{port}"
         output = wait_for_output(
-            log_path, proc, r"webhooks +X-Orders-Signature secret \S+\n", timeout=90
+            log_path,
+            proc,
+            r"webhooks +payment secret whsec_\S+\n +logistics secret whsec_\S+\n",
+            timeout=90,
         )
         login = re.search(r"login (\S+) / (\S+)", output)
         token = re.search(r"Bearer (\S+)", output)

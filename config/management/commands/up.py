@@ -3,6 +3,7 @@ started again if it exits (config/supervise.py)."""
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 import sys
@@ -15,6 +16,11 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandParser
 
 from config.settings import BASE_DIR
+
+
+def webhook_secret() -> str:
+    """A fresh Standard Webhooks secret: "whsec_" + base64 of 32 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 class Command(BaseCommand):
@@ -46,7 +52,10 @@ class Command(BaseCommand):
             "PORT": str(port),
             "DEBUG": os.environ.get("DEBUG", "1"),  # runserver serves the admin's static files
             "ORDERS_API_TOKEN": settings.ORDERS["API_TOKEN"] or secrets.token_urlsafe(24),
-            "ORDERS_WEBHOOK_SECRET": settings.ORDERS["WEBHOOK_SECRET"] or secrets.token_urlsafe(24),
+            "ORDERS_PAYMENT_WEBHOOK_SECRET": settings.ORDERS["PAYMENT_WEBHOOK_SECRET"]
+            or webhook_secret(),
+            "ORDERS_LOGISTICS_WEBHOOK_SECRET": settings.ORDERS["LOGISTICS_WEBHOOK_SECRET"]
+            or webhook_secret(),
             "PYTHONUNBUFFERED": "1",
         }
         db = settings.DATABASES["default"]
@@ -57,7 +66,8 @@ class Command(BaseCommand):
         )
         settings.ORDERS |= {
             "API_TOKEN": env["ORDERS_API_TOKEN"],
-            "WEBHOOK_SECRET": env["ORDERS_WEBHOOK_SECRET"],
+            "PAYMENT_WEBHOOK_SECRET": env["ORDERS_PAYMENT_WEBHOOK_SECRET"],
+            "LOGISTICS_WEBHOOK_SECRET": env["ORDERS_LOGISTICS_WEBHOOK_SECRET"],
         }
         call_command("check")
         self.stdout.write(
@@ -66,7 +76,8 @@ class Command(BaseCommand):
             f"  admin      http://127.0.0.1:{port}/admin/   login {username} / {password}\n"
             f"  api        http://127.0.0.1:{port}/api/orders/   "
             f"Authorization: Bearer {env['ORDERS_API_TOKEN']}\n"
-            f"  webhooks   X-Orders-Signature secret {env['ORDERS_WEBHOOK_SECRET']}\n\n"
+            f"  webhooks   payment secret {env['ORDERS_PAYMENT_WEBHOOK_SECRET']}\n"
+            f"             logistics secret {env['ORDERS_LOGISTICS_WEBHOOK_SECRET']}\n\n"
         )
         self.stdout.flush()
         # The children run with this interpreter, so that they find the same packages.
