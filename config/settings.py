@@ -92,6 +92,7 @@ ORDERS = {
     "TIMER_MODE": env("ORDERS_TIMER_MODE", default="per_order"),
     "API_TOKEN": env("ORDERS_API_TOKEN", default=""),
     "WEBHOOK_SECRET": env("ORDERS_WEBHOOK_SECRET", default=""),
+    "METRICS_TOKEN": env("ORDERS_METRICS_TOKEN", default=""),
 }
 
 # Celery, on Redis. An unset REDIS_URL means the embedded server (started on demand).

@@ -49,6 +49,10 @@ DEFAULTS: dict[str, Any] = {
     # means "refuse everything", never "accept everything".
     "API_TOKEN": "",
     "WEBHOOK_SECRET": "",
+    # The operators' read-only token: /metrics and the details of /health/. Empty means
+    # "no Bearer access" (staff with the permission orders.view_order still get in). Keep
+    # it apart from API_TOKEN, which places and cancels orders.
+    "METRICS_TOKEN": "",
 }
 
 
@@ -72,6 +76,7 @@ class OrdersSettings:
     LOGISTICS_PROVIDER: str
     API_TOKEN: str
     WEBHOOK_SECRET: str
+    METRICS_TOKEN: str
 
     @property
     def default_timeout(self) -> timedelta:

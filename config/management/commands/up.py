@@ -46,6 +46,7 @@ class Command(BaseCommand):
             "DEBUG": os.environ.get("DEBUG", "1"),  # runserver serves the admin's static files
             "ORDERS_API_TOKEN": settings.ORDERS["API_TOKEN"] or secrets.token_urlsafe(24),
             "ORDERS_WEBHOOK_SECRET": settings.ORDERS["WEBHOOK_SECRET"] or secrets.token_urlsafe(24),
+            "ORDERS_METRICS_TOKEN": settings.ORDERS["METRICS_TOKEN"] or secrets.token_urlsafe(24),
             "PYTHONUNBUFFERED": "1",
         }
         db = settings.DATABASES["default"]
@@ -57,6 +58,7 @@ class Command(BaseCommand):
         settings.ORDERS |= {
             "API_TOKEN": env["ORDERS_API_TOKEN"],
             "WEBHOOK_SECRET": env["ORDERS_WEBHOOK_SECRET"],
+            "METRICS_TOKEN": env["ORDERS_METRICS_TOKEN"],
         }
         call_command("check")
         self.stdout.write(
@@ -65,6 +67,8 @@ class Command(BaseCommand):
             f"  admin      http://127.0.0.1:{port}/admin/   login {username} / {password}\n"
             f"  api        http://127.0.0.1:{port}/api/orders/   "
             f"Authorization: Bearer {env['ORDERS_API_TOKEN']}\n"
+            f"  metrics    http://127.0.0.1:{port}/metrics   "
+            f"Authorization: Bearer {env['ORDERS_METRICS_TOKEN']}\n"
             f"  webhooks   X-Orders-Signature secret {env['ORDERS_WEBHOOK_SECRET']}\n\n"
         )
         self.stdout.flush()
