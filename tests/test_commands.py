@@ -14,7 +14,7 @@ from django.core.management.base import CommandError
 from django.utils import timezone
 from pytest_django import Settings
 
-from orders import services
+from orders import broker, heartbeat, services
 from orders.models import Order, Status, SweepRun
 from tests.conftest import WorkerProcess
 
@@ -89,6 +89,27 @@ def test_orders_status_shows_what_the_last_sweep_found() -> None:
     assert "expired 2 overdue orders (up to 7.5s late)" in output
     assert "their timers were lost" in output
     assert "Next deadlines: none." in output
+
+
+@pytest.mark.django_db
+def test_orders_status_names_the_workers_whose_heartbeat_is_fresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Keys of a deployment of this test's own: only the worker it makes up beats there.
+    options = current_app.conf.broker_transport_options | {"global_keyprefix": "orders-st-1:"}
+    monkeypatch.setitem(current_app.conf, "broker_transport_options", options)
+    client = broker.redis_client()
+    client.delete(heartbeat.heartbeat_key())
+
+    assert "Workers: none has written a heartbeat within 30s" in run("orders_status")
+
+    heartbeat.beat(client, "w1@shop")
+    try:
+        line = re.search(r"Workers: .*", run("orders_status"))
+        assert line, "no Workers line"
+        assert re.fullmatch(r"Workers: 1 alive, last heartbeat: w1@shop \(\d\.\ds ago\)\.", line[0])
+    finally:
+        client.delete(heartbeat.heartbeat_key())
 
 
 @pytest.mark.django_db
