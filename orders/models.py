@@ -116,19 +116,17 @@ class Order(FSMModelMixin, models.Model):
 
     # The lifecycle. Keyword arguments are recorded by the transition log below.
 
-    @transition(field=status, source=Status.CREATED, target=Status.PAID, custom={"admin": False})
+    @transition(field=status, source=Status.CREATED, target=Status.PAID)
     def pay(self, *, by: Actor, reason: str = "", payment_ref: str, at: datetime) -> None:
         self.payment_ref = payment_ref
         self.paid_at = at
 
-    @transition(field=status, source=Status.PAID, target=Status.DELIVERED, custom={"admin": False})
+    @transition(field=status, source=Status.PAID, target=Status.DELIVERED)
     def ship(self, *, by: Actor, reason: str = "", tracking_number: str, at: datetime) -> None:
         self.tracking_number = tracking_number
         self.delivered_at = at
 
-    @transition(
-        field=status, source=Status.CREATED, target=Status.CANCELLED, custom={"admin": False}
-    )
+    @transition(field=status, source=Status.CREATED, target=Status.CANCELLED)
     def expire(self, *, by: Actor, reason: str = "", at: datetime) -> None:
         self.cancel_reason = CancelReason.TIMEOUT
         self.cancelled_at = at
@@ -172,9 +170,7 @@ class Order(FSMModelMixin, models.Model):
         self.refund_ref = refund_ref
         self.refunded_at = at or timezone.now()
 
-    @transition(
-        field=status, source=Status.REFUNDED, target=Status.CANCELLED, custom={"admin": False}
-    )
+    @transition(field=status, source=Status.REFUNDED, target=Status.CANCELLED)
     def close(self, *, by: Actor, reason: str = "", at: datetime) -> None:
         self.cancel_reason = CancelReason.REFUND
         self.cancelled_at = at

@@ -1,10 +1,10 @@
-"""``manage.py up``: set everything up and run web, worker and beat together (honcho)."""
+"""``manage.py up``: set everything up and run web, worker and beat together, each
+started again if it exits (config/supervise.py)."""
 
 from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import sys
 from typing import Any
 
@@ -20,7 +20,8 @@ from config.settings import BASE_DIR
 class Command(BaseCommand):
     help = (
         "Apply migrations, create a staff login with a fresh random password, and run the "
-        "web server, a Celery worker and Celery beat together (config/Procfile, via honcho). "
+        "web server, a Celery worker and Celery beat together (config/Procfile), starting again "
+        "any that exits (config/supervise.py). "
         "Uses DATABASE_URL and REDIS_URL when set, else SQLite and an embedded Redis."
     )
 
@@ -72,8 +73,7 @@ class Command(BaseCommand):
             f"  webhooks   X-Orders-Signature secret {env['ORDERS_WEBHOOK_SECRET']}\n\n"
         )
         self.stdout.flush()
-        honcho = shutil.which("honcho", path=os.path.dirname(sys.executable)) or "honcho"
         # The children run with this interpreter, so that they find the same packages.
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         os.chdir(BASE_DIR)
-        os.execvpe(honcho, [honcho, "-f", "config/Procfile", "-d", ".", "start"], env)
+        os.execve(sys.executable, [sys.executable, "-m", "config.supervise"], env)
