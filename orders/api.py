@@ -8,7 +8,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Collection
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import wraps
 from typing import Any
 
@@ -20,6 +20,7 @@ from django.views.decorators.csrf import csrf_exempt
 from orders import services
 from orders.conf import get_settings
 from orders.gateways import GatewayError
+from orders.idempotency import Answer, answer_once
 from orders.models import CancelReason, Order
 from orders.services import InvalidInput, InvalidTransition, OrderError, OrderNotFound
 
@@ -27,6 +28,7 @@ logger = logging.getLogger("orders.http")
 
 #: Who the API's transitions are recorded as.
 API_ACTOR = "customer (api)"
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 
 JsonObject = dict[str, Any]
 View = Callable[..., HttpResponse]
@@ -201,24 +203,46 @@ def order_id_of(value: str) -> uuid.UUID:
 # Authentication -----------------------------------------------------------------------
 
 
-def require_api_token(request: HttpRequest) -> None:
-    expected = get_settings().API_TOKEN
+def require_token(request: HttpRequest, *, setting: str, what: str) -> None:
+    """``Authorization: Bearer <ORDERS[setting]>``; ``what`` names the token in errors."""
+    expected = getattr(get_settings(), setting)
     if not expected:
-        raise Refused(
-            503, "The orders API is not configured: the server has no ORDERS['API_TOKEN']."
-        )
+        raise Refused(503, f"The {what} is not configured: the server has no ORDERS[{setting!r}].")
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Refused(
             401,
-            "Authentication required: send the header 'Authorization: Bearer <API token>'.",
+            f"Authentication required: send the header 'Authorization: Bearer <{what}>'.",
             {"WWW-Authenticate": "Bearer"},
         )
     # Bytes, because compare_digest refuses str with non-ASCII characters.
     if not hmac.compare_digest(token.strip().encode(), expected.encode()):
         raise Refused(
-            401, "The API token is not valid.", {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+            401, f"The {what} is not valid.", {"WWW-Authenticate": 'Bearer error="invalid_token"'}
         )
+
+
+def require_api_token(request: HttpRequest) -> None:
+    """The storefront's token: it places and cancels orders."""
+    require_token(request, setting="API_TOKEN", what="API token")
+
+
+def is_operator(request: HttpRequest) -> bool:
+    """A staff login allowed to view orders (a look from the browser)."""
+    user = getattr(request, "user", None)
+    return bool(
+        user is not None
+        and user.is_authenticated
+        and user.is_staff
+        and user.has_perm("orders.view_order")
+    )
+
+
+def require_operator(request: HttpRequest) -> None:
+    """The operators' reads (``/metrics``, the details of ``/health/``): an operator's
+    login, or the read-only metrics token (a scraper), never the API's write token."""
+    if not is_operator(request):
+        require_token(request, setting="METRICS_TOKEN", what="metrics token")
 
 
 def api_endpoint(*methods: str) -> Callable[[View], View]:
@@ -230,17 +254,36 @@ def api_endpoint(*methods: str) -> Callable[[View], View]:
 
 @api_endpoint("POST")
 def create_order(request: HttpRequest) -> HttpResponse:
-    data = json_object(request, fields=("amount", "currency", "timeout_seconds"))
-    order = services.place_order(
-        amount=required(data, "amount"),
-        currency=data.get("currency"),
-        timeout=optional_number(data, "timeout_seconds"),
-    )
-    return JsonResponse(
-        order_json(order),
-        status=201,
-        headers={"Location": reverse("orders:api-order", args=[order.pk])},
-    )
+    """Place an order. With an ``Idempotency-Key`` header the request is safe to retry:
+    the same key and body answer with the first answer (the order as it was placed),
+    the same key with another body is a 409."""
+
+    def place() -> Answer:
+        data = json_object(request, fields=("amount", "currency", "timeout_seconds"))
+        order = services.place_order(
+            amount=required(data, "amount"),
+            currency=data.get("currency"),
+            timeout=optional_number(data, "timeout_seconds"),
+        )
+        return Answer(201, order_json(order))
+
+    key = request.headers.get(IDEMPOTENCY_KEY_HEADER)
+    if key is None:
+        answer = place()
+    else:
+        answer = answer_once(
+            # One API token, so one scope; a shop with one token per client would add it here.
+            scope="api:create_order",
+            key=key,
+            key_name=IDEMPOTENCY_KEY_HEADER,
+            request_body=request.body,
+            keep_for=timedelta(seconds=get_settings().IDEMPOTENCY_KEY_TTL),
+            act=place,
+        )
+    headers = {"Location": reverse("orders:api-order", args=[answer.body["id"]])}
+    if answer.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JsonResponse(answer.body, status=answer.status, headers=headers)
 
 
 @api_endpoint("GET")

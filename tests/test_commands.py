@@ -8,17 +8,15 @@ import time
 from datetime import timedelta
 
 import pytest
+from celery import current_app
 from django.core.management import call_command, load_command_class
 from django.core.management.base import CommandError
 from django.utils import timezone
 from pytest_django import Settings
 
-from orders import services
-from orders.management.commands import orders_demo
+from orders import broker, heartbeat, services
 from orders.models import Order, Status, SweepRun
 from tests.conftest import WorkerProcess
-
-COMMANDS = ("orders_status", "orders_sweep", "orders_rearm", "orders_demo")
 
 
 def run(name: str, *args: str) -> str:
@@ -37,8 +35,9 @@ def run(name: str, *args: str) -> str:
     ],
 )
 def test_help_of_each_command_explains_what_it_does(name: str, explains: list[str]) -> None:
+    app = "config" if name == "orders_demo" else "orders"  # the demo is the host project's
     text = " ".join(
-        load_command_class("orders", name).create_parser("manage.py", name).format_help().split()
+        load_command_class(app, name).create_parser("manage.py", name).format_help().split()
     )
 
     for phrase in explains:
@@ -89,6 +88,27 @@ def test_orders_status_shows_what_the_last_sweep_found() -> None:
     assert "expired 2 overdue orders (up to 7.5s late)" in output
     assert "their timers were lost" in output
     assert "Next deadlines: none." in output
+
+
+@pytest.mark.django_db
+def test_orders_status_names_the_workers_whose_heartbeat_is_fresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Keys of a deployment of this test's own: only the worker it makes up beats there.
+    options = current_app.conf.broker_transport_options | {"global_keyprefix": "orders-st-1:"}
+    monkeypatch.setitem(current_app.conf, "broker_transport_options", options)
+    client = broker.redis_client()
+    client.delete(heartbeat.heartbeat_key())
+
+    assert "Workers: none has written a heartbeat within 30s" in run("orders_status")
+
+    heartbeat.beat(client, "w1@shop")
+    try:
+        line = re.search(r"Workers: .*", run("orders_status"))
+        assert line, "no Workers line"
+        assert re.fullmatch(r"Workers: 1 alive, last heartbeat: w1@shop \(\d\.\ds ago\)\.", line[0])
+    finally:
+        client.delete(heartbeat.heartbeat_key())
 
 
 @pytest.mark.django_db
@@ -156,9 +176,11 @@ def test_orders_demo_shows_the_lifecycle_land_live_against_a_real_worker(
 def test_orders_demo_without_a_worker_explains_how_to_start_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(orders_demo, "ping_workers", lambda timeout: 0)
+    # Keys of a deployment that no worker serves: no heartbeat there.
+    options = current_app.conf.broker_transport_options | {"global_keyprefix": "orders-nobody:"}
+    monkeypatch.setitem(current_app.conf, "broker_transport_options", options)
 
-    with pytest.raises(CommandError, match=r"No Celery worker answered.*`\.ci/up`"):
+    with pytest.raises(CommandError, match=r"No Celery worker has written a heartbeat.*`\.ci/up`"):
         run("orders_demo")
     assert not Order.objects.exists()
 
