@@ -1,0 +1,22 @@
+"""What "the database did not change" means in a test: every row of the app's tables, as
+read before and after a request that should have been refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orders.models import Order, OrderTransition, ParcelEvent, Payment
+
+TABLES = (Order, Payment, OrderTransition, ParcelEvent)
+
+Snapshot = dict[str, list[dict[str, Any]]]
+
+
+def snapshot() -> Snapshot:
+    """Every row of orders, payments, transitions and parcel events, so that a refused
+    request is seen to have changed nothing: no row added, none updated."""
+    return {model._meta.label: list(model.objects.order_by("pk").values()) for model in TABLES}
+
+
+def row_counts(state: Snapshot) -> dict[str, int]:
+    return {table: len(rows) for table, rows in state.items()}
