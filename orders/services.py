@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from functools import partial
 from typing import Any
 
@@ -31,6 +31,7 @@ from orders import scheduling, signals
 from orders.conf import get_settings
 from orders.gateways import GatewayError, logistics_provider, payment_gateway
 from orders.models import (
+    REASON_MAX_LENGTH,
     Actor,
     CancelReason,
     Order,
@@ -84,26 +85,71 @@ def _get(order_id: Any, *, lock: bool = False) -> Order:
 
 
 # Input checks -------------------------------------------------------------------------
+# Every value from outside (API, webhooks, admin forms, tasks) is checked here, once, so
+# that whichever door it came through, a bad value is a clear InvalidInput (a 400), never
+# a database error (a 500) or a surprise stored.
 
 _CURRENCY = re.compile(r"[A-Z]{3}")
+# ASCII digits only: Decimal() alone also reads full-width digits, "1_000", "1e3", " 12 "
+# and "NaN".
+_AMOUNT = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+# Longer than any amount that could pass (10 digits, 2 decimals): refused before parsing.
+_AMOUNT_MAX_CHARS = 32
+_QUANTUM = Decimal("0.01")
+
+
+def brief(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message quotes what it refused
+    without echoing (and logging) a megabyte of it back."""
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 def parse_amount(value: Any) -> Decimal:
-    if isinstance(value, bool | float):
+    """A positive amount of money with at most 2 decimals and 10 digits, from a decimal
+    string of ASCII digits, an int or (from Python callers) a Decimal."""
+    is_text = isinstance(value, str) and len(value) <= _AMOUNT_MAX_CHARS
+    is_number = isinstance(value, int | Decimal) and not isinstance(value, bool)
+    if not (is_number or (is_text and _AMOUNT.fullmatch(value))):
         # Floats carry binary rounding errors into money; ask for a string.
-        raise InvalidInput(f'amount must be a decimal string such as "12.50", got {value!r}.')
-    try:
-        amount = Decimal(str(value))
-    except (InvalidOperation, ValueError) as exc:
-        raise InvalidInput(f"amount must be a decimal number, got {value!r}.") from exc
+        raise InvalidInput(f'amount must be a decimal string such as "12.50", got {brief(value)}.')
+    amount = Decimal(value)
     if not amount.is_finite() or amount <= 0:
-        raise InvalidInput(f"amount must be greater than zero, got {value!r}.")
+        raise InvalidInput(f"amount must be greater than zero, got {brief(value)}.")
     # The magnitude first: quantize() itself fails on numbers of more than 28 digits.
-    if amount >= Decimal("1e10") or amount != amount.quantize(Decimal("0.01")):
+    if amount >= Decimal("1e10") or amount != amount.quantize(_QUANTUM):
         raise InvalidInput(
-            f"amount must have at most 2 decimal places and 10 digits, got {value!r}."
+            f"amount must have at most 2 decimal places and 10 digits, got {brief(value)}."
         )
-    return amount.quantize(Decimal("0.01"))
+    return amount.quantize(_QUANTUM)
+
+
+def parse_reason(value: Any, *, required: bool = False) -> str:
+    """A transition's reason: text of at most ``REASON_MAX_LENGTH`` characters, without
+    NUL (which PostgreSQL cannot store). Line breaks are fine: logs escape them."""
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise InvalidInput(f"reason must be a string, got {brief(value)}.")
+    if "\x00" in value:
+        raise InvalidInput("reason must not contain NUL characters (\\u0000).")
+    if len(value) > REASON_MAX_LENGTH:
+        raise InvalidInput(
+            f"reason must be at most {REASON_MAX_LENGTH} characters, got {len(value)}."
+        )
+    if required and not value.strip():
+        raise InvalidInput("A reason is required.")
+    return value
+
+
+def parse_payment_ref(value: Any) -> str:
+    # A reference names a payment at the gateway: printable, so that it cannot carry a
+    # NUL to the database or a line break into a log line.
+    if not isinstance(value, str) or not 0 < len(value) <= 128 or not value.isprintable():
+        raise InvalidInput(
+            "payment_ref must be a non-empty string of at most 128 printable characters."
+        )
+    return value
 
 
 def parse_currency(value: Any) -> str:
@@ -111,7 +157,7 @@ def parse_currency(value: Any) -> str:
         return get_settings().CURRENCY
     if not isinstance(value, str) or not _CURRENCY.fullmatch(value.upper()):
         raise InvalidInput(
-            f'currency must be a 3-letter ISO 4217 code such as "CNY", got {value!r}.'
+            f'currency must be a 3-letter ISO 4217 code such as "CNY", got {brief(value)}.'
         )
     return value.upper()
 
@@ -187,8 +233,7 @@ def record_payment(
     """Record money received for an order. It pays the order only if the order is still
     unpaid, the deadline has not passed and the amount matches; any other payment is
     kept and refunded. The same ``payment_ref`` again changes nothing."""
-    if not isinstance(payment_ref, str) or not 0 < len(payment_ref) <= 128:
-        raise InvalidInput("payment_ref must be a non-empty string of at most 128 characters.")
+    payment_ref = parse_payment_ref(payment_ref)
     paid_amount = parse_amount(amount)
     try:
         return _record_payment(
@@ -473,11 +518,12 @@ def cancel_order(
     *,
     order_id: Any,
     by: Actor,
-    reason: str = "",
+    reason: str | None = "",
     cancel_reason: CancelReason = CancelReason.CUSTOMER,
     now: datetime | None = None,
 ) -> Order:
     """Cancel an unpaid order at the customer's or staff's request."""
+    reason = parse_reason(reason)
     with transaction.atomic():
         order = _locked(order_id)
         if not can_proceed(order.cancel):
@@ -582,8 +628,7 @@ def refund_order(*, order_id: Any, by: Actor, reason: str, now: datetime | None 
         raise InvalidTransition(
             f"Only a paid or delivered order can be refunded; this one is {order.status}."
         )
-    if not reason.strip():
-        raise InvalidInput("A refund needs a reason.")
+    reason = parse_reason(reason, required=True)
     payment = order.payments.filter(outcome=Payment.Outcome.ACCEPTED).first()
     if payment is None:
         raise InvalidTransition(f"Order {order.pk} has no accepted payment to refund.")
@@ -685,7 +730,7 @@ def record_parcel_status(
     kept as a ``ParcelEvent``; a returned parcel refunds the order, once."""
     if status not in ParcelStatus.values:
         raise InvalidInput(
-            f"status must be one of {', '.join(ParcelStatus.values)}, got {status!r}."
+            f"status must be one of {', '.join(ParcelStatus.values)}, got {brief(status)}."
         )
     now = now or timezone.now()
     with transaction.atomic():
