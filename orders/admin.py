@@ -125,12 +125,16 @@ class ParcelEventInline(_ReadOnlyInline):
 
 
 class OrderChangeList(ChangeList):
-    """The admin's order list, except that a date-hierarchy link outside the calendar
-    (``?created_at__year=9999``, whose next year does not exist, or a day past the last
-    one) is a bad lookup like any other, answered with the list and ``?e=1``, instead
-    of a ValueError or an OverflowError and a 500."""
+    """The admin's order list, except that two kinds of filter are bad lookups like any
+    other, answered with the list and ``?e=1`` instead of a 500: a date-hierarchy link
+    outside the calendar (``?created_at__year=9999``, whose next year does not exist, or
+    a day past the last one: a ValueError or an OverflowError), and a value with a NUL
+    (``?status__exact=%00``: a DataError on PostgreSQL when the list is read)."""
 
     def get_filters(self, request: HttpRequest) -> Any:
+        values = self.get_filters_params().values()
+        if any("\x00" in value for given in values for value in given):
+            raise IncorrectLookupParameters("A filter value contains a NUL character.")
         try:
             return super().get_filters(request)
         except (ValueError, OverflowError) as exc:

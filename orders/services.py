@@ -166,11 +166,11 @@ def parse_seconds(value: Any, *, name: str, minimum: float, maximum: float) -> t
     if isinstance(value, timedelta):
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidInput(f"{name} must be a number of seconds, got {value!r}.")
+        raise InvalidInput(f"{name} must be a number of seconds, got {brief(value)}.")
     # Compared as given: a 400-digit int overflows float(), so no isfinite() on it.
     if (isinstance(value, float) and not math.isfinite(value)) or not minimum <= value <= maximum:
         raise InvalidInput(
-            f"{name} must be between {minimum:g} and {maximum:g} seconds, got {value!r:.30}."
+            f"{name} must be between {minimum:g} and {maximum:g} seconds, got {brief(value)}."
         )
     return timedelta(seconds=value)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db.models import Model
+
 from orders.models import Order, OrderTransition, ParcelEvent, Payment
 
-TABLES = (Order, Payment, OrderTransition, ParcelEvent)
+TABLES: tuple[type[Model], ...] = (Order, Payment, OrderTransition, ParcelEvent)
 
 Snapshot = dict[str, list[dict[str, Any]]]
 
@@ -15,7 +17,10 @@ Snapshot = dict[str, list[dict[str, Any]]]
 def snapshot() -> Snapshot:
     """Every row of orders, payments, transitions and parcel events, so that a refused
     request is seen to have changed nothing: no row added, none updated."""
-    return {model._meta.label: list(model.objects.order_by("pk").values()) for model in TABLES}
+    return {
+        model._meta.label: [dict(row) for row in model._default_manager.order_by("pk").values()]
+        for model in TABLES
+    }
 
 
 def row_counts(state: Snapshot) -> dict[str, int]:
