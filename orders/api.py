@@ -150,7 +150,7 @@ def json_object(
     if optional and not request.body.strip():
         return {}
     try:
-        data = json.loads(request.body)
+        data = json.loads(request.body, parse_float=_json_number)
     except (ValueError, RecursionError):
         # ValueError also covers bad UTF-8 and integers too long to convert;
         # RecursionError is what deeply nested arrays raise.
@@ -163,6 +163,14 @@ def json_object(
         shown = ", ".join(brief(name) for name in unknown[:5])
         raise InvalidInput(f"Unknown field(s) {shown}; expected {', '.join(fields)}.")
     return data
+
+
+def _json_number(text: str) -> int | float:
+    """JSON has one kind of number: ``12.0`` is the whole number 12 (as JSON Schema says),
+    so it is read as an int and taken wherever a whole number is. Only below 2**53, where
+    a float is exact; beyond, it stays a float (``1e400`` is infinity, and refused)."""
+    value = float(text)
+    return int(value) if value.is_integer() and abs(value) < 2**53 else value
 
 
 def _json_type(value: Any) -> str:

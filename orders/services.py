@@ -89,7 +89,15 @@ def _get(order_id: Any, *, lock: bool = False) -> Order:
 # that whichever door it came through, a bad value is a clear InvalidInput (a 400), never
 # a database error (a 500) or a surprise stored.
 
-_CURRENCY = re.compile(r"[A-Z]{3}")
+# ASCII letters before upper(), which turns "ß" into "SS" and "ﬀ" into "FF".
+CURRENCY_PATTERN = "[A-Za-z]{3}"
+_CURRENCY = re.compile(CURRENCY_PATTERN)
+#: What a reason may not contain: NUL, which PostgreSQL cannot store in text.
+REASON_PATTERN = "[^\\x00]*"
+_REASON = re.compile(REASON_PATTERN)
+#: A payment reference: no C0/C1 control characters nor Unicode line separators.
+PAYMENT_REF_PATTERN = "[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]{1,128}"
+_PAYMENT_REF = re.compile(PAYMENT_REF_PATTERN)
 # ASCII digits only: Decimal() alone also reads full-width digits, "1_000", "1e3", " 12 "
 # and "NaN".
 _AMOUNT = re.compile(r"-?[0-9]+(\.[0-9]+)?")
@@ -131,7 +139,7 @@ def parse_reason(value: Any, *, required: bool = False) -> str:
         value = ""
     if not isinstance(value, str):
         raise InvalidInput(f"reason must be a string, got {brief(value)}.")
-    if "\x00" in value:
+    if not _REASON.fullmatch(value):
         raise InvalidInput("reason must not contain NUL characters (\\u0000).")
     if len(value) > REASON_MAX_LENGTH:
         raise InvalidInput(
@@ -143,19 +151,17 @@ def parse_reason(value: Any, *, required: bool = False) -> str:
 
 
 def parse_payment_ref(value: Any) -> str:
-    # A reference names a payment at the gateway: printable, so that it cannot carry a
-    # NUL to the database or a line break into a log line.
-    if not isinstance(value, str) or not 0 < len(value) <= 128 or not value.isprintable():
-        raise InvalidInput(
-            "payment_ref must be a non-empty string of at most 128 printable characters."
-        )
+    # A reference names a payment at the gateway: no control characters, so that it
+    # cannot carry a NUL to the database or a line break into a log line.
+    if not isinstance(value, str) or not _PAYMENT_REF.fullmatch(value):
+        raise InvalidInput("payment_ref must be 1 to 128 characters, without control characters.")
     return value
 
 
 def parse_currency(value: Any) -> str:
     if value is None:
         return get_settings().CURRENCY
-    if not isinstance(value, str) or not _CURRENCY.fullmatch(value.upper()):
+    if not isinstance(value, str) or not _CURRENCY.fullmatch(value):
         raise InvalidInput(
             f'currency must be a 3-letter ISO 4217 code such as "CNY", got {brief(value)}.'
         )
@@ -490,7 +496,9 @@ def extend_order(*, order_id: Any, seconds: Any, by: Actor, now: datetime | None
             raise InvalidTransition("The deadline has already passed; the order is expiring.")
         new_deadline = order.expires_at + delta
         if new_deadline - now > timedelta(seconds=conf.MAX_TIMEOUT):
-            raise InvalidInput(
+            # A conflict with the order's present deadline, not a malformed request: the
+            # same extension of a younger deadline would be fine.
+            raise InvalidTransition(
                 f"The new deadline would be more than MAX_TIMEOUT ({conf.MAX_TIMEOUT}s) away."
             )
         order.expires_at = new_deadline

@@ -364,6 +364,7 @@ def test_a_body_over_the_upload_limit_is_413(
         ("PUT", "/webhooks/logistics/", "POST"),
         ("TRACE", "/api/orders/", "POST"),
         ("PROPFIND", "/api/orders/{unpaid}/", "GET"),
+        ("POST", "/api/schema/", "GET"),
     ],
 )
 def test_a_method_not_allowed_is_405_with_allow(
