@@ -490,28 +490,44 @@ def test_a_cancel_reason_over_1000_characters_is_400(client: Client, world: Worl
 def test_a_line_break_in_the_path_does_not_forge_a_log_line(
     client: Client, world: World, caplog: pytest.LogCaptureFixture, method: str, path: str
 ) -> None:
-    formatter = PlainFormatter("%(levelname)s %(name)s %(message)s")
-    with nothing_changes(), caplog.at_level(logging.WARNING, logger="orders.http"):
+    # The host project's own console formatter (LOG_FORMAT: plain, or json).
+    [console] = [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler]
+    assert console.formatter is not None
+    with nothing_changes(), caplog.at_level(logging.WARNING):
         response = send(client, method, path, headers=AUTH)
 
     assert_refused(response, 404)
-    [record] = [r for r in caplog.records if r.name == "orders.http"]
-    line = formatter.format(record)
-    assert line.splitlines() == [line]
-    assert "forged" in line
+    records = [r for r in caplog.records if r.name in ("orders.http", "django.request")]
+    assert [r.name for r in records] == ["orders.http", "django.request"]
+    for record in records:
+        line = console.formatter.format(record)
+        assert line.splitlines() == [line]
+        assert "forged" in line
 
 
-def test_the_plain_formatter_keeps_a_traceback_on_its_own_lines() -> None:
-    formatter = PlainFormatter("%(message)s")
+def test_the_plain_log_keeps_a_record_on_one_line_and_a_traceback_on_its_own() -> None:
+    # What a reason or a reference (logged by the services) could carry, through the host
+    # project's console formatter.
+    [console] = [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler]
+    assert isinstance(console.formatter, PlainFormatter), "LOG_FORMAT=plain, the default"
     try:
         raise ValueError("boom")
     except ValueError:
-        record = logging.LogRecord("x", logging.ERROR, "", 0, "a\nb", (), sys.exc_info())
+        record = logging.LogRecord(
+            "orders",
+            logging.ERROR,
+            "",
+            0,
+            "Refunded: %s",
+            ("a\r\nERROR forged\u2028x",),
+            sys.exc_info(),
+        )
 
-    lines = formatter.format(record).splitlines()
+    lines = console.formatter.format(record).splitlines()
 
-    assert lines[0] == "a\\nb"
-    assert lines[1].startswith("Traceback")
+    assert lines[0].endswith("Refunded: a\\r\\nERROR forged\\u2028x")
+    assert lines[1] == "Traceback (most recent call last):"
+    assert lines[-1] == "ValueError: boom"
 
 
 # The admin ----------------------------------------------------------------------------
