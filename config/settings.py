@@ -91,7 +91,9 @@ ORDERS = {
     "TIMER_HORIZON": env.int("ORDERS_TIMER_HORIZON", default=50 * 60),
     "TIMER_MODE": env("ORDERS_TIMER_MODE", default="per_order"),
     "API_TOKEN": env("ORDERS_API_TOKEN", default=""),
-    "WEBHOOK_SECRET": env("ORDERS_WEBHOOK_SECRET", default=""),
+    # Standard Webhooks secrets ("whsec_" + base64), one per provider.
+    "PAYMENT_WEBHOOK_SECRET": env("ORDERS_PAYMENT_WEBHOOK_SECRET", default=""),
+    "LOGISTICS_WEBHOOK_SECRET": env("ORDERS_LOGISTICS_WEBHOOK_SECRET", default=""),
 }
 
 # Celery, on Redis. An unset REDIS_URL means the embedded server (started on demand).

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, cast
@@ -17,6 +17,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.contrib.admin.options import IncorrectLookupParameters
+from django.contrib.admin.utils import quote, unquote
 from django.contrib.admin.views.main import ChangeList
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import PermissionDenied
@@ -24,18 +25,19 @@ from django.db import models
 from django.db.models import QuerySet
 from django.forms import ModelForm
 from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import dateformat, timezone
 from django.utils.html import format_html
+from django.utils.module_loading import import_string
 from django.utils.safestring import SafeString
-from django.utils.translation import gettext_lazy as _
-from django_fsm.admin import FSMAdminMixin, FSMObjectTransition
 
 from orders import selectors, services
 from orders.conf import get_settings
 from orders.forms import ReasonForm
 from orders.gateways import GatewayError
+from orders.logging import log_event
 from orders.models import CancelReason, Order, OrderTransition, ParcelEvent, Payment, Status
 
 if TYPE_CHECKING:
@@ -59,6 +61,15 @@ logger = logging.getLogger("orders.admin")
 _ADMIN_TRANSITIONS = {"refund": "refunded", "cancel": "cancelled"}
 # A bulk action over hundreds of orders reports this many one by one, then a count.
 MAX_REPORTED = 25
+#: The change form's button field, naming the transition whose page to open.
+TRANSITION_PARAM = "_fsm_transition_to"
+NOT_ALLOWED = "You do not have permission to {transition_name} orders."
+
+
+def _done_message(order: Order, name: str) -> str:
+    if name == "refund":
+        return f"Order {order.pk} was refunded ({order.refund_ref}) and closed."
+    return f"Order {order.pk} was cancelled."
 
 
 def format_duration(seconds: float) -> str:
@@ -186,14 +197,8 @@ class LatePaymentFilter(admin.SimpleListFilter):
 
 
 @admin.register(Order)
-class OrderAdmin(FSMAdminMixin, _ModelAdmin):
-    fsm_fields = ["status"]
-    # Shown by the mixin's transition page, which checks only the permission.
-    fsm_transition_not_allowed_msg = _("You do not have permission to {transition_name} orders.")
-
-    # With the reason's form restyled as the admin's own, and what is being refunded.
-    fsm_transition_form_template = "admin/orders/order/transition_form.html"
-
+class OrderAdmin(_ModelAdmin):
+    change_form_template = "admin/orders/order/change_form.html"
     change_list_template = "admin/orders/order/change_list.html"
     # Short enough to fit beside the filters on a laptop: a short id and times of day
     # (the full values are in the cells' titles and on the order's page).
@@ -335,18 +340,38 @@ class OrderAdmin(FSMAdminMixin, _ModelAdmin):
         extra_context: dict[str, Any] | None = None,
     ) -> HttpResponse:
         # Nothing on the page can be saved: leave only the transition buttons.
-        context = {"show_save": False, "show_save_and_continue": False, **(extra_context or {})}
+        order = self.get_object(request, unquote(object_id))
+        context = {
+            "show_save": False,
+            "show_save_and_continue": False,
+            "transition_param": TRANSITION_PARAM,
+            "transitions": [
+                {
+                    "name": t.name,
+                    "label": t.custom["label"],
+                    "help_text": t.custom.get("help_text", ""),
+                }
+                for t in (self.admin_transitions(request, order) if order is not None else [])
+            ],
+            **(extra_context or {}),
+        }
         return super().change_view(request, object_id, form_url, context)
 
     # The overview
 
     def get_urls(self) -> list[URLPattern]:
-        # Before the model's own URLs, whose "<path:object_id>/" would take "overview/".
+        # Before the model's own URLs, whose "<path:object_id>/" would take ours.
+        name = f"{self.opts.app_label}_{self.opts.model_name}"
         return [
             path(
                 "overview/",
                 self.admin_site.admin_view(self.overview_view),
-                name=f"{self.opts.app_label}_{self.opts.model_name}_overview",
+                name=f"{name}_overview",
+            ),
+            path(
+                "<path:object_id>/transition/<str:transition_name>/",
+                self.admin_site.admin_view(self.transition_view),
+                name=f"{name}_transition",
             ),
             *super().get_urls(),
         ]
@@ -427,11 +452,13 @@ class OrderAdmin(FSMAdminMixin, _ModelAdmin):
                 "(ORDERS['BULK_REFUND_LIMIT']). Select fewer. Nothing was refunded."
             )
         if refusal is not None:
-            logger.warning(
-                "Bulk refund by %s refused: %s",
-                request.user,
-                refusal,
-                extra={"event": "admin.bulk_refund_refused", "actor": str(request.user)},
+            log_event(
+                logger,
+                "admin.bulk_refund_refused",
+                "Bulk refund by {actor} refused: {refusal}",
+                level=logging.WARNING,
+                actor=str(request.user),
+                refusal=refusal,
             )
             self.message_user(request, refusal, level=messages.ERROR)
             return None
@@ -494,75 +521,106 @@ class OrderAdmin(FSMAdminMixin, _ModelAdmin):
                 level=messages.ERROR,
             )
 
-    # Transitions
+    # Transitions: two views of our own behind get_urls(), as Django's UserAdmin does
+    # for passwords, so that only public APIs are used and every button goes through
+    # the permission check and the service in _run_transition().
 
-    @staticmethod
-    def get_fsm_block_label(fsm_field_name: str) -> str:
-        return "Actions"
+    def admin_transitions(self, request: HttpRequest, order: Order) -> list[fsm.Transition]:
+        """The buttons this user gets on this order: the admin's transitions that the
+        state machine allows now and the user has the permission for."""
+        if not self.has_change_permission(request, order):
+            return []
+        return [
+            transition
+            for transition in order.get_available_user_status_transitions(  # type: ignore[attr-defined]
+                user=request.user
+            )
+            if transition.name in _ADMIN_TRANSITIONS
+        ]
 
-    def _get_fsm_extra_context(
-        self, *, request: HttpRequest, obj: models.Model | None
-    ) -> Generator[FSMObjectTransition]:
-        # A button is a change: a user who may only view orders gets none.
-        if self.has_change_permission(request, obj):
-            yield from super()._get_fsm_extra_context(request=request, obj=obj)
+    def response_change(self, request: HttpRequest, obj: Order) -> HttpResponse:
+        # A transition button submits the change form; its page asks for the reason.
+        name = request.POST.get(TRANSITION_PARAM)
+        if not name:
+            return super().response_change(request, obj)
+        return redirect(self._transition_url(obj, self._transition_named(obj, name).name))
 
-    def _get_fsm_transition_func(self, *, obj: models.Model, transition_name: str) -> Any:
-        # The name comes from the request: an unknown one is a 404, not a 500.
-        try:
-            return super()._get_fsm_transition_func(obj=obj, transition_name=transition_name)
-        except (AttributeError, TypeError, ValueError) as exc:
-            raise Http404(str(exc)) from exc
-
-    def fsm_transition_view(
-        self, request: HttpRequest, object_id: str, transition_name: str, **kwargs: Any
+    def transition_view(
+        self, request: HttpRequest, object_id: str, transition_name: str
     ) -> HttpResponse:
-        if not self.has_change_permission(request):
+        """The page of one transition: its reason form, then the service."""
+        order = self.get_object(request, unquote(object_id))
+        if order is None:
+            raise Http404(f"No order with id {object_id!r}.")
+        if not self.has_change_permission(request, order):
             raise PermissionDenied
-        return super().fsm_transition_view(request, object_id, transition_name, **kwargs)
-
-    def _apply_fsm_transition(
-        self,
-        *,
-        obj: models.Model,
-        transition_name: str,
-        request: HttpRequest,
-        kwargs: Mapping[str, Any] | None = None,
-    ) -> bool:
-        """Run a button's transition through its service, never ``obj.save()``: the
-        service takes the row lock, calls the gateway, closes after a refund and sends
-        the signals."""
-        reason = str((kwargs or {}).get("reason", ""))
+        transition = self._transition_named(order, transition_name)
+        change_url = reverse(
+            f"{self.admin_site.name}:{self.opts.app_label}_{self.opts.model_name}_change",
+            args=[quote(order.pk)],
+        )
         try:
-            order = self._run_transition(request, cast(Order, obj), transition_name, reason=reason)
+            self._check_transition(request, order, transition.name)
+            form = import_string(transition.custom["form"])(
+                request.POST if request.method == "POST" else None
+            )
+            if form.is_valid():
+                order = self._run_transition(
+                    request, order, transition.name, reason=form.cleaned_data["reason"]
+                )
+                self.message_user(request, _done_message(order, transition.name), messages.SUCCESS)
+                return redirect(change_url)
         except _Refused as exc:
             self.message_user(request, str(exc), level=messages.ERROR)
-            return False
-        done = (
-            f"Order {order.pk} was refunded ({order.refund_ref}) and closed."
-            if transition_name == "refund"
-            else f"Order {order.pk} was cancelled."
-        )
-        self.message_user(request, done, level=messages.SUCCESS)
-        return True
+            return redirect(change_url)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"{transition.custom['label']} order {order.pk}",
+            "opts": self.opts,
+            "original": order,
+            "transition": {
+                "name": transition.name,
+                "label": transition.custom["label"],
+                "help_text": transition.custom.get("help_text"),
+            },
+            "transition_form": form,
+        }
+        return TemplateResponse(request, "admin/orders/order/transition_form.html", context)
 
-    def _run_transition(
-        self, request: HttpRequest, order: Order, name: str, *, reason: str
-    ) -> Order:
-        """The one way the admin moves an order, from a button or a bulk action: check the
-        transition's permission ourselves (django-fsm-2 runs a posted transition name
-        without checking it), then call its service. Raises ``_Refused`` with the reason."""
+    def _transition_named(self, order: Order, name: str) -> fsm.Transition:
+        # The name comes from the request: only a transition of the lifecycle is one.
+        for transition in order.get_all_status_transitions():  # type: ignore[attr-defined]
+            if transition.name == name:
+                return transition
+        raise Http404(f"Orders have no transition named {name!r}.")
+
+    def _transition_url(self, order: Order, name: str) -> str:
+        return reverse(
+            f"{self.admin_site.name}:{self.opts.app_label}_{self.opts.model_name}_transition",
+            kwargs={"object_id": quote(order.pk), "transition_name": name},
+        )
+
+    def _check_transition(self, request: HttpRequest, order: Order, name: str) -> None:
+        """Raise ``_Refused`` unless this user may run ``name`` on ``order`` now."""
         user = request.user
         if name not in _ADMIN_TRANSITIONS or not isinstance(user, AbstractBaseUser):
             raise _Refused(f"“{name}” cannot be done from the admin.")
         method = getattr(order, name)
         if not fsm.has_transition_perm(method, user):
             if fsm.can_proceed(method):
-                raise _Refused(self.fsm_transition_not_allowed_msg.format(transition_name=name))
+                raise _Refused(NOT_ALLOWED.format(transition_name=name))
             raise _Refused(
                 f"Order {order.pk} is {order.get_status_display().lower()}"
                 f": it cannot be {_ADMIN_TRANSITIONS[name]}."
             )
+
+    def _run_transition(
+        self, request: HttpRequest, order: Order, name: str, *, reason: str
+    ) -> Order:
+        """The one way the admin moves an order, from a button or a bulk action: check the
+        transition's permission, then call its service. Raises ``_Refused`` with the reason."""
+        self._check_transition(request, order, name)
+        user = cast(AbstractBaseUser, request.user)
         try:
             if name == "refund":
                 return services.refund_order(order_id=order.pk, by=user, reason=reason)
@@ -588,19 +646,15 @@ def _log_bulk_refund(request: HttpRequest, done: Sequence[Order], refused: Seque
     for order in done:
         totals[order.currency] += order.amount
     amounts = {currency: str(total) for currency, total in sorted(totals.items())}
-    logger.info(
-        "Bulk refund by %s: %d orders refunded (%s), %d refused.",
-        request.user,
-        len(done),
-        ", ".join(f"{total} {currency}" for currency, total in amounts.items()) or "nothing",
-        len(refused),
-        extra={
-            "event": "admin.bulk_refund",
-            "actor": str(request.user),
-            "refunded": len(done),
-            "refused": len(refused),
-            "totals": amounts,
-        },
+    log_event(
+        logger,
+        "admin.bulk_refund",
+        "Bulk refund by {actor}: {refunded} orders refunded ({shown}), {refused} refused.",
+        actor=str(request.user),
+        refunded=len(done),
+        refused=len(refused),
+        totals=amounts,
+        shown=", ".join(f"{total} {currency}" for currency, total in amounts.items()) or "nothing",
     )
 
 

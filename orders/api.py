@@ -8,7 +8,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Collection
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import wraps
 from typing import Any
 
@@ -20,6 +20,7 @@ from django.views.decorators.csrf import csrf_exempt
 from orders import services
 from orders.conf import get_settings
 from orders.gateways import GatewayError
+from orders.idempotency import Answer, answer_once
 from orders.logging import one_line
 from orders.models import CancelReason, Order
 from orders.services import InvalidInput, InvalidTransition, OrderError, OrderNotFound, brief
@@ -28,6 +29,7 @@ logger = logging.getLogger("orders.http")
 
 #: Who the API's transitions are recorded as.
 API_ACTOR = "customer (api)"
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 
 JsonObject = dict[str, Any]
 View = Callable[..., HttpResponse]
@@ -248,17 +250,36 @@ def api_endpoint(*methods: str) -> Callable[[View], View]:
 
 @api_endpoint("POST")
 def create_order(request: HttpRequest) -> HttpResponse:
-    data = json_object(request, fields=("amount", "currency", "timeout_seconds"))
-    order = services.place_order(
-        amount=required(data, "amount"),
-        currency=data.get("currency"),
-        timeout=optional_number(data, "timeout_seconds"),
-    )
-    return JsonResponse(
-        order_json(order),
-        status=201,
-        headers={"Location": reverse("orders:api-order", args=[order.pk])},
-    )
+    """Place an order. With an ``Idempotency-Key`` header the request is safe to retry:
+    the same key and body answer with the first answer (the order as it was placed),
+    the same key with another body is a 409."""
+
+    def place() -> Answer:
+        data = json_object(request, fields=("amount", "currency", "timeout_seconds"))
+        order = services.place_order(
+            amount=required(data, "amount"),
+            currency=data.get("currency"),
+            timeout=optional_number(data, "timeout_seconds"),
+        )
+        return Answer(201, order_json(order))
+
+    key = request.headers.get(IDEMPOTENCY_KEY_HEADER)
+    if key is None:
+        answer = place()
+    else:
+        answer = answer_once(
+            # One API token, so one scope; a shop with one token per client would add it here.
+            scope="api:create_order",
+            key=key,
+            key_name=IDEMPOTENCY_KEY_HEADER,
+            request_body=request.body,
+            keep_for=timedelta(seconds=get_settings().IDEMPOTENCY_KEY_TTL),
+            act=place,
+        )
+    headers = {"Location": reverse("orders:api-order", args=[answer.body["id"]])}
+    if answer.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JsonResponse(answer.body, status=answer.status, headers=headers)
 
 
 @api_endpoint("GET")

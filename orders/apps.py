@@ -1,3 +1,5 @@
+from typing import Any
+
 from django.apps import AppConfig
 
 
@@ -7,4 +9,15 @@ class OrdersConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from celery.signals import worker_init
+
         from orders import checks  # noqa: F401  (registers the system checks)
+
+        # In every Celery worker of whichever project installs the app, not in web processes.
+        worker_init.connect(_fix_broker_bugs, dispatch_uid="orders.compat", weak=False)
+
+
+def _fix_broker_bugs(**kwargs: Any) -> None:
+    from orders.compat import finish_redis_channel_close_after_failed_drain
+
+    finish_redis_channel_close_after_failed_drain()

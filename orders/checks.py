@@ -3,6 +3,8 @@ with an id and a hint, not at three in the morning by a task."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Any
 
@@ -25,6 +27,7 @@ INTEGER_SETTINGS = (
     "PARCEL_CHECK_INTERVAL",
     "PARCEL_MAX_BACKOFF",
     "PARCEL_GIVE_UP_AFTER",
+    "IDEMPOTENCY_KEY_TTL",
     "BULK_REFUND_LIMIT",
 )
 TIMER_MODES = ("per_order", "batched")
@@ -126,7 +129,11 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
                 id="orders.E006",
             )
         )
-    for key, what in (("API_TOKEN", "JSON API"), ("WEBHOOK_SECRET", "webhooks")):
+    for key, what in (
+        ("API_TOKEN", "JSON API"),
+        ("PAYMENT_WEBHOOK_SECRET", "payment webhook"),
+        ("LOGISTICS_WEBHOOK_SECRET", "logistics webhook"),
+    ):
         if not merged[key]:
             errors.append(
                 Warning(
@@ -135,7 +142,52 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
                     id="orders.W001",
                 )
             )
+    errors += _check_webhook_secrets(merged)
     return errors
+
+
+WEBHOOK_SECRETS = ("PAYMENT_WEBHOOK_SECRET", "LOGISTICS_WEBHOOK_SECRET")
+MAKE_A_SECRET = (
+    'Make one with: python -c "import base64, secrets; '
+    "print('whsec_' + base64.b64encode(secrets.token_bytes(32)).decode())\""
+)
+
+
+def _check_webhook_secrets(merged: dict[str, Any]) -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+    for key in WEBHOOK_SECRETS:
+        secret = merged[key]
+        if secret and not is_webhook_secret(secret):
+            errors.append(
+                Error(
+                    f"ORDERS[{key!r}] is not a Standard Webhooks secret.",
+                    hint="It must be 'whsec_' followed by the base64 of 24 to 64 random "
+                    f"bytes. {MAKE_A_SECRET}",
+                    id="orders.E009",
+                )
+            )
+    if merged[WEBHOOK_SECRETS[0]] and merged[WEBHOOK_SECRETS[0]] == merged[WEBHOOK_SECRETS[1]]:
+        errors.append(
+            Error(
+                "ORDERS['PAYMENT_WEBHOOK_SECRET'] and ORDERS['LOGISTICS_WEBHOOK_SECRET'] are "
+                "the same secret.",
+                hint="Give each provider its own secret, so that a message signed for one "
+                f"endpoint is refused at the other. {MAKE_A_SECRET}",
+                id="orders.E010",
+            )
+        )
+    return errors
+
+
+def is_webhook_secret(value: Any) -> bool:
+    """Is ``value`` 'whsec_' + base64 of 24 to 64 bytes, as Standard Webhooks asks?"""
+    if not isinstance(value, str) or not value.startswith("whsec_"):
+        return False
+    try:
+        key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return 24 <= len(key) <= 64
 
 
 def _visibility_timeout() -> int:

@@ -48,10 +48,15 @@ DEFAULTS: dict[str, Any] = {
     # Pluggable backends, chosen by dotted path like SESSION_ENGINE.
     "PAYMENT_GATEWAY": "orders.gateways.LocalPaymentGateway",
     "LOGISTICS_PROVIDER": "orders.gateways.LocalLogisticsProvider",
-    # Shared secrets for the JSON API (Bearer token) and the signed webhooks. Empty
-    # means "refuse everything", never "accept everything".
+    # Shared secrets for the JSON API (Bearer token) and the signed webhooks, one per
+    # provider (Standard Webhooks secrets: "whsec_" + base64 of 24 to 64 random bytes).
+    # Empty means "refuse everything", never "accept everything".
     "API_TOKEN": "",
-    "WEBHOOK_SECRET": "",
+    "PAYMENT_WEBHOOK_SECRET": "",
+    "LOGISTICS_WEBHOOK_SECRET": "",
+    # How long the answer to an Idempotency-Key of POST /api/orders/ is kept (seconds):
+    # a client retrying the same key within this gets the first order back.
+    "IDEMPOTENCY_KEY_TTL": 24 * 3600,
 }
 
 
@@ -75,7 +80,9 @@ class OrdersSettings:
     PAYMENT_GATEWAY: str
     LOGISTICS_PROVIDER: str
     API_TOKEN: str
-    WEBHOOK_SECRET: str
+    PAYMENT_WEBHOOK_SECRET: str
+    LOGISTICS_WEBHOOK_SECRET: str
+    IDEMPOTENCY_KEY_TTL: int
 
     @property
     def default_timeout(self) -> timedelta:

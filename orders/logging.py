@@ -72,3 +72,20 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def log_event(
+    logger: logging.Logger,
+    event: str,
+    message: str,
+    *,
+    level: int = logging.INFO,
+    exc_info: bool = False,
+    **fields: Any,
+) -> None:
+    """Log one fact once: ``message`` is a ``str.format`` template over ``fields``, and the
+    same fields (with ``event``) go to the record's ``extra`` for ``JsonFormatter``::
+
+        log_event(logger, "order.placed", "Order {order_id} placed.", order_id=order.pk)
+    """
+    logger.log(level, message.format(**fields), extra={"event": event, **fields}, exc_info=exc_info)

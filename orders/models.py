@@ -116,19 +116,17 @@ class Order(FSMModelMixin, models.Model):
 
     # The lifecycle. Keyword arguments are recorded by the transition log below.
 
-    @transition(field=status, source=Status.CREATED, target=Status.PAID, custom={"admin": False})
+    @transition(field=status, source=Status.CREATED, target=Status.PAID)
     def pay(self, *, by: Actor, reason: str = "", payment_ref: str, at: datetime) -> None:
         self.payment_ref = payment_ref
         self.paid_at = at
 
-    @transition(field=status, source=Status.PAID, target=Status.DELIVERED, custom={"admin": False})
+    @transition(field=status, source=Status.PAID, target=Status.DELIVERED)
     def ship(self, *, by: Actor, reason: str = "", tracking_number: str, at: datetime) -> None:
         self.tracking_number = tracking_number
         self.delivered_at = at
 
-    @transition(
-        field=status, source=Status.CREATED, target=Status.CANCELLED, custom={"admin": False}
-    )
+    @transition(field=status, source=Status.CREATED, target=Status.CANCELLED)
     def expire(self, *, by: Actor, reason: str = "", at: datetime) -> None:
         self.cancel_reason = CancelReason.TIMEOUT
         self.cancelled_at = at
@@ -172,9 +170,7 @@ class Order(FSMModelMixin, models.Model):
         self.refund_ref = refund_ref
         self.refunded_at = at or timezone.now()
 
-    @transition(
-        field=status, source=Status.REFUNDED, target=Status.CANCELLED, custom={"admin": False}
-    )
+    @transition(field=status, source=Status.REFUNDED, target=Status.CANCELLED)
     def close(self, *, by: Actor, reason: str = "", at: datetime) -> None:
         self.cancel_reason = CancelReason.REFUND
         self.cancelled_at = at
@@ -283,6 +279,30 @@ class SweepRun(models.Model):
 
     def __str__(self) -> str:
         return f"sweep at {self.at:%Y-%m-%d %H:%M:%S}: {self.expired} expired"
+
+
+class IdempotencyRecord(models.Model):
+    """The first answer to a request that may be repeated: a webhook's ``webhook-id``, or
+    the ``Idempotency-Key`` of a new order. Written in the transaction of the effect it
+    describes, so that a repeat either waits for it or finds it (``orders.idempotency``)."""
+
+    id = models.BigAutoField(primary_key=True)
+    scope = models.CharField(max_length=32, help_text="The endpoint (and credential) of the key.")
+    key = models.CharField(max_length=255)
+    request_hash = models.CharField(max_length=64, help_text="SHA-256 of the request body.")
+    status = models.PositiveSmallIntegerField(help_text="The HTTP status of the first answer.")
+    body = models.JSONField(help_text="The JSON body of the first answer.")
+    created_at = models.DateTimeField(default=timezone.now)
+    # Kept at least this long; the sweep deletes it afterwards.
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["scope", "key"], name="orders_idempotency_key_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.scope} {self.key} -> {self.status}"
 
 
 #: While set, transitions append their history rows here instead of inserting them.

@@ -10,10 +10,11 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import reverse
 
 from orders import services
-from orders.api import json_endpoint
+from orders.api import IDEMPOTENCY_KEY_HEADER, json_endpoint
 from orders.conf import get_settings
+from orders.idempotency import KEY_PATTERN
 from orders.models import REASON_MAX_LENGTH, CancelReason, ParcelStatus, Payment, Status
-from orders.webhooks import SIGNATURE_HEADER
+from orders.webhooks import ID_HEADER
 
 JsonSchema = dict[str, Any]
 
@@ -151,31 +152,29 @@ def _schemas() -> dict[str, JsonSchema]:
                 }
             }
         ),
-        # The payment gateway's and the logistics provider's events (not strict about
-        # unknown keys yet).
-        "PaymentEvent": {
-            "type": "object",
-            "properties": {
+        # The payment gateway's and the logistics provider's events.
+        "PaymentEvent": _object(
+            {
                 "order_id": {"type": "string", "format": "uuid"},
                 "payment_ref": {
                     "type": "string",
                     "pattern": f"^{services.PAYMENT_REF_PATTERN}$",
-                    "description": "The gateway's reference: the same one again is a retry "
-                    "and changes nothing.",
+                    "description": "The gateway's reference: the same one again changes nothing.",
                 },
                 "amount": amount_in,
-                "currency": currency_in,
-            },
-            "required": ["order_id", "payment_ref", "amount"],
-        },
-        "ParcelEvent": {
-            "type": "object",
-            "properties": {
+                "currency": {**currency_in, "type": "string"},
+            }
+        ),
+        "ParcelEvent": _object(
+            {
                 "order_id": {"type": "string", "format": "uuid"},
+                "tracking_number": {
+                    "type": "string",
+                    "description": "The parcel's: a report about any other is refused (409).",
+                },
                 "status": {"type": "string", "enum": ParcelStatus.values},
-            },
-            "required": ["order_id", "status"],
-        },
+            }
+        ),
     }
 
 
@@ -240,8 +239,37 @@ _ORDER_ID = {
     "required": True,
     "schema": {"type": "string", "format": "uuid"},
 }
+_KEY = {"type": "string", "pattern": f"^{KEY_PATTERN}$"}
+_IDEMPOTENCY_KEY = {
+    "name": IDEMPOTENCY_KEY_HEADER,
+    "in": "header",
+    "required": False,
+    "description": "Makes the request safe to retry: the same key and body answer with the "
+    "first answer (header Idempotent-Replayed: true), the same key with another body is a "
+    "409. Kept ORDERS['IDEMPOTENCY_KEY_TTL'] seconds.",
+    "schema": _KEY,
+}
+# Standard Webhooks: the signature covers "id.timestamp.body".
+_WEBHOOK_HEADERS = [
+    {
+        "name": ID_HEADER,
+        "in": "header",
+        "required": True,
+        "description": "The message id: a delivery with an id already answered (within 10 "
+        "minutes) gets the first answer back and changes nothing.",
+        "schema": _KEY,
+    },
+    {
+        "name": "webhook-timestamp",
+        "in": "header",
+        "required": True,
+        "description": "Unix seconds; more than 5 minutes off is refused (401).",
+        "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"},
+    },
+]
 _API: list[dict[str, list[str]]] = [{"bearerAuth": []}]
-_SIGNED: list[dict[str, list[str]]] = [{"webhookSignature": []}]
+_PAYMENT_SIGNED: list[dict[str, list[str]]] = [{"paymentWebhookSignature": []}]
+_LOGISTICS_SIGNED: list[dict[str, list[str]]] = [{"logisticsWebhookSignature": []}]
 _API_ERRORS = ("Unauthorized", "NotFound", "NotConfigured")
 
 
@@ -253,6 +281,7 @@ def _paths() -> JsonSchema:
                 "tags": ["orders"],
                 "summary": "Place an unpaid order; its expiry timer is armed",
                 "security": _API,
+                "parameters": [_IDEMPOTENCY_KEY],
                 "requestBody": _json_body("NewOrder"),
                 "responses": _responses(
                     {
@@ -264,6 +293,7 @@ def _paths() -> JsonSchema:
                     },
                     "BadRequest",
                     "Unauthorized",
+                    "Conflict",
                     "TooLarge",
                     "NotConfigured",
                 ),
@@ -319,8 +349,9 @@ def _paths() -> JsonSchema:
                 "tags": ["webhooks"],
                 "summary": "The payment gateway reports money received for an order",
                 "description": "Safe to deliver any number of times. A payment that does not "
-                "pay the order (late, surplus, wrong amount) is kept and refunded.",
-                "security": _SIGNED,
+                "pay the order (late, surplus, wrong amount or currency) is kept and refunded.",
+                "security": _PAYMENT_SIGNED,
+                "parameters": _WEBHOOK_HEADERS,
                 "requestBody": _json_body("PaymentEvent"),
                 "responses": _responses(
                     {
@@ -332,6 +363,7 @@ def _paths() -> JsonSchema:
                     "BadRequest",
                     "BadSignature",
                     "NotFound",
+                    "Conflict",
                     "TooLarge",
                     "NotConfigured",
                 ),
@@ -342,8 +374,11 @@ def _paths() -> JsonSchema:
                 "operationId": "logisticsWebhook",
                 "tags": ["webhooks"],
                 "summary": "The logistics provider reports a parcel's status",
-                "description": "`returned` refunds a paid or delivered order, once.",
-                "security": _SIGNED,
+                "description": "Only about a shipped order, under its tracking number; "
+                "nothing moves a parcel back from a final status. `returned` refunds the "
+                "order, once.",
+                "security": _LOGISTICS_SIGNED,
+                "parameters": _WEBHOOK_HEADERS,
                 "requestBody": _json_body("ParcelEvent"),
                 "responses": _responses(
                     _order("The order."),
@@ -401,12 +436,21 @@ def schema(*, mount: str = "/") -> JsonSchema:
                     "description": "ORDERS['API_TOKEN'] (environment: ORDERS_API_TOKEN). "
                     "Never in the query string.",
                 },
-                "webhookSignature": {
-                    "type": "apiKey",
-                    "in": "header",
-                    "name": SIGNATURE_HEADER,
-                    "description": "The hex HMAC-SHA256 of the raw request body, keyed with "
-                    "ORDERS['WEBHOOK_SECRET'].",
+                **{
+                    f"{provider}WebhookSignature": {
+                        "type": "apiKey",
+                        "in": "header",
+                        "name": "webhook-signature",
+                        "description": "Standard Webhooks: `v1,` and the base64 HMAC-SHA256 "
+                        "of `{webhook-id}.{webhook-timestamp}.{body}`, keyed with the base64 "
+                        f"after `whsec_` of {setting} (one secret per provider: a message "
+                        "signed for one endpoint is refused at the other). Several "
+                        "space-separated signatures are accepted, for rotation.",
+                    }
+                    for provider, setting in (
+                        ("payment", "ORDERS['PAYMENT_WEBHOOK_SECRET']"),
+                        ("logistics", "ORDERS['LOGISTICS_WEBHOOK_SECRET']"),
+                    )
                 },
             },
         },

@@ -30,10 +30,12 @@ from django_fsm import can_proceed
 from orders import scheduling, signals
 from orders.conf import get_settings
 from orders.gateways import GatewayError, logistics_provider, payment_gateway
+from orders.logging import log_event
 from orders.models import (
     REASON_MAX_LENGTH,
     Actor,
     CancelReason,
+    IdempotencyRecord,
     Order,
     ParcelEvent,
     ParcelStatus,
@@ -209,20 +211,15 @@ def place_order(
         scheduling.arm_expiry_timer(order, now=now)
         order.save(force_insert=True)
         _send_on_commit(signals.order_placed, order)
-    logger.info(
-        "Order %s placed: %s %s, payment due by %s.",
-        order.pk,
-        order.amount,
-        order.currency,
-        order.expires_at.isoformat(),
-        extra={
-            "event": "order.placed",
-            "order_id": str(order.pk),
-            "amount": str(order.amount),
-            "currency": order.currency,
-            "expires_at": order.expires_at.isoformat(),
-            "timeout_s": delta.total_seconds(),
-        },
+    log_event(
+        logger,
+        "order.placed",
+        "Order {order_id} placed: {amount} {currency}, payment due by {expires_at}.",
+        order_id=str(order.pk),
+        amount=str(order.amount),
+        currency=order.currency,
+        expires_at=order.expires_at.isoformat(),
+        timeout_s=delta.total_seconds(),
     )
     return order
 
@@ -281,24 +278,21 @@ def _record_payment(
         now = now or timezone.now()
         duplicate = _existing_payment(order, payment_ref)
         if duplicate is not None:
-            logger.info(
-                "Payment %s for order %s is a duplicate; nothing to do.",
-                payment_ref,
-                order.pk,
-                extra={
-                    "event": "payment.duplicate",
-                    "order_id": str(order.pk),
-                    "payment_ref": payment_ref,
-                },
+            log_event(
+                logger,
+                "payment.duplicate",
+                "Payment {payment_ref} for order {order_id} is a duplicate; nothing to do.",
+                order_id=str(order.pk),
+                payment_ref=payment_ref,
             )
             return duplicate
         currency = parse_currency(currency) if currency is not None else order.currency
 
-        if order.status == Status.CREATED and now > order.expires_at:
+        if can_proceed(order.expire) and now > order.expires_at:
             # The timer has not fired yet, but the deadline is the deadline.
             _expire(order, now=now, by=by, reason=LATE_PAYMENT_REASON)
 
-        if order.status != Status.CREATED:
+        if not can_proceed(order.pay):
             outcome = (
                 Payment.Outcome.LATE
                 if order.status == Status.CANCELLED
@@ -323,24 +317,20 @@ def _record_payment(
         )
         if payment.needs_refund:
             _enqueue_payment_refund(payment)
-    log = logger.info if outcome == Payment.Outcome.ACCEPTED else logger.warning
-    log(
-        "Payment %s of %s %s for order %s: %s.",
-        payment_ref,
-        amount,
-        currency,
-        order.pk,
-        payment.get_outcome_display().lower()
-        + ("" if outcome == Payment.Outcome.ACCEPTED else "; it will be refunded"),
-        extra={
-            "event": "payment.recorded",
-            "order_id": str(order.pk),
-            "payment_ref": payment_ref,
-            "outcome": str(outcome),
-            "amount": str(amount),
-            "currency": currency,
-            "actor": str(by),
-        },
+    accepted = outcome == Payment.Outcome.ACCEPTED
+    log_event(
+        logger,
+        "payment.recorded",
+        "Payment {payment_ref} of {amount} {currency} for order {order_id}: {outcome_text}.",
+        level=logging.INFO if accepted else logging.WARNING,
+        order_id=str(order.pk),
+        payment_ref=payment_ref,
+        outcome=str(outcome),
+        outcome_text=payment.get_outcome_display().lower()
+        + ("" if accepted else "; it will be refunded"),
+        amount=str(amount),
+        currency=currency,
+        actor=str(by),
     )
     return payment
 
@@ -368,26 +358,21 @@ def expire_order(*, order_id: Any, by: Actor = TIMER, now: datetime | None = Non
         else:
             outcome, detail = _expire_if_due(order, by=by, now=now)
     if outcome is not ExpiryOutcome.EXPIRED:
-        logger.info(
-            "Expiry of order %s by the %s: no-op, %s (%s).",
-            order_id,
-            by,
-            outcome.value,
-            detail,
-            extra={
-                "event": "timer.noop",
-                "order_id": str(order_id),
-                "actor": str(by),
-                "reason": outcome.value,
-                "detail": detail,
-            },
+        log_event(
+            logger,
+            "timer.noop",
+            "Expiry of order {order_id} by the {actor}: no-op, {reason} ({detail}).",
+            order_id=str(order_id),
+            actor=str(by),
+            reason=outcome.value,
+            detail=detail,
         )
     return outcome
 
 
 def _expire_if_due(order: Order, *, by: Actor, now: datetime) -> tuple[ExpiryOutcome, str]:
     """Under the row lock: expire the order, or say why not."""
-    if order.status != Status.CREATED:
+    if not can_proceed(order.expire):
         return ExpiryOutcome.NOT_UNPAID, f"it is {order.status}"
     if order.expires_at > now:
         if not scheduling.arm_expiry_timer(order, now=now):
@@ -407,20 +392,15 @@ def _expire(order: Order, *, now: datetime, by: Actor, reason: str = "not paid i
 def _expired(order: Order, *, now: datetime, by: Actor, reason: str) -> None:
     """What follows an expiry, once saved: the signal after commit, and the log."""
     _send_on_commit(signals.order_expired, order)
-    lateness_s = (now - order.expires_at).total_seconds()
-    logger.info(
-        "Order %s expired by the %s, %.3fs after its deadline.",
-        order.pk,
-        by,
-        lateness_s,
-        extra={
-            "event": "order.expired",
-            "order_id": str(order.pk),
-            "actor": str(by),
-            "reason": reason,
-            "expires_at": order.expires_at.isoformat(),
-            "lateness_s": lateness_s,
-        },
+    log_event(
+        logger,
+        "order.expired",
+        "Order {order_id} expired by the {actor}, {lateness_s:.3f}s after its deadline.",
+        order_id=str(order.pk),
+        actor=str(by),
+        reason=reason,
+        expires_at=order.expires_at.isoformat(),
+        lateness_s=(now - order.expires_at).total_seconds(),
     )
 
 
@@ -466,17 +446,13 @@ def expire_bucket(*, bucket: int, now: datetime | None = None) -> int:
     bucket's end (and any earlier straggler), under the same lock and re-check."""
     due_by = datetime.fromtimestamp(bucket, tz=UTC)
     expired, lateness = expire_due_orders(due_by=due_by, by=TIMER, now=now)
-    logger.info(
-        "Timer bucket %d expired %d orders, up to %.3fs late.",
-        bucket,
-        expired,
-        lateness,
-        extra={
-            "event": "timer.bucket_fired",
-            "bucket": bucket,
-            "expired": expired,
-            "lateness_s": lateness,
-        },
+    log_event(
+        logger,
+        "timer.bucket_fired",
+        "Timer bucket {bucket} expired {expired} orders, up to {lateness_s:.3f}s late.",
+        bucket=bucket,
+        expired=expired,
+        lateness_s=lateness,
     )
     return expired
 
@@ -505,19 +481,14 @@ def extend_order(*, order_id: Any, seconds: Any, by: Actor, now: datetime | None
         # The old timer, when it fires, sees the later deadline and does nothing.
         scheduling.arm_expiry_timer(order, now=now)
         order.save(update_fields=["expires_at", "timer_armed_for", "updated_at"])
-    logger.info(
-        "Order %s extended by %s to %s by %s.",
-        order.pk,
-        delta,
-        new_deadline.isoformat(),
-        by,
-        extra={
-            "event": "order.extended",
-            "order_id": str(order.pk),
-            "actor": str(by),
-            "extended_by_s": delta.total_seconds(),
-            "expires_at": new_deadline.isoformat(),
-        },
+    log_event(
+        logger,
+        "order.extended",
+        "Order {order_id} extended by {extended_by_s:g}s to {expires_at} by {actor}.",
+        order_id=str(order.pk),
+        actor=str(by),
+        extended_by_s=delta.total_seconds(),
+        expires_at=new_deadline.isoformat(),
     )
     return order
 
@@ -541,17 +512,13 @@ def cancel_order(
         order.cancel(by=by, reason=reason, cancel_reason=cancel_reason, at=now or timezone.now())
         order.save()
         _send_on_commit(signals.order_cancelled, order)
-    logger.info(
-        "Order %s cancelled by %s (%s).",
-        order.pk,
-        by,
-        cancel_reason,
-        extra={
-            "event": "order.cancelled",
-            "order_id": str(order.pk),
-            "actor": str(by),
-            "cancel_reason": str(cancel_reason),
-        },
+    log_event(
+        logger,
+        "order.cancelled",
+        "Order {order_id} cancelled by {actor} ({cancel_reason}).",
+        order_id=str(order.pk),
+        actor=str(by),
+        cancel_reason=str(cancel_reason),
     )
     return order
 
@@ -571,47 +538,40 @@ def ship_order(*, order_id: Any, now: datetime | None = None) -> Order:
     The provider is called outside the lock, with the order as idempotency key, so a
     repeated call books nothing new."""
     order = _get(order_id)
-    if order.status != Status.PAID:
-        logger.info(
-            "Shipping of order %s: no-op, it is %s.",
-            order.pk,
-            order.status,
-            extra={"event": "shipping.noop", "order_id": str(order.pk), "status": order.status},
-        )
+    if not can_proceed(order.ship):
+        _shipping_noop(order)
         return order
     tracking_number = logistics_provider().create_shipment(
         order_id=str(order.pk), idempotency_key=f"ship:{order.pk}"
     )
     with transaction.atomic():
         order = _locked(order_id)
-        if order.status != Status.PAID:
-            logger.info(
-                "Shipping of order %s: no-op, it became %s.",
-                order.pk,
-                order.status,
-                extra={
-                    "event": "shipping.noop",
-                    "order_id": str(order.pk),
-                    "status": order.status,
-                },
-            )
+        if not can_proceed(order.ship):  # it moved on while the provider answered
+            _shipping_noop(order)
             return order
         now = now or timezone.now()
         order.ship(by="shipping", tracking_number=tracking_number, at=now)
         order.parcel_next_check_at = now + timedelta(seconds=get_settings().PARCEL_CHECK_INTERVAL)
         order.save()
         _send_on_commit(signals.order_delivered, order)
-    logger.info(
-        "Order %s shipped, tracking number %s.",
-        order.pk,
-        tracking_number,
-        extra={
-            "event": "order.shipped",
-            "order_id": str(order.pk),
-            "tracking_number": tracking_number,
-        },
+    log_event(
+        logger,
+        "order.shipped",
+        "Order {order_id} shipped, tracking number {tracking_number}.",
+        order_id=str(order.pk),
+        tracking_number=tracking_number,
     )
     return order
+
+
+def _shipping_noop(order: Order) -> None:
+    log_event(
+        logger,
+        "shipping.noop",
+        "Shipping of order {order_id}: no-op, it is {status}.",
+        order_id=str(order.pk),
+        status=str(order.status),
+    )
 
 
 # Refunds ------------------------------------------------------------------------------
@@ -644,12 +604,13 @@ def refund_order(*, order_id: Any, by: Actor, reason: str, now: datetime | None 
     now = now or timezone.now()
     with transaction.atomic():
         order = _locked(order_id)
-        if order.status not in (Status.PAID, Status.DELIVERED):
-            logger.info(
-                "Refund of order %s: no-op, it is already %s.",
-                order.pk,
-                order.status,
-                extra={"event": "refund.noop", "order_id": str(order.pk), "status": order.status},
+        if not can_proceed(order.refund):  # a twin refund was quicker
+            log_event(
+                logger,
+                "refund.noop",
+                "Refund of order {order_id}: no-op, it is already {status}.",
+                order_id=str(order.pk),
+                status=str(order.status),
             )
             return order
         order.refund(by=by, reason=reason, refund_ref=refund_ref, at=now)
@@ -660,19 +621,14 @@ def refund_order(*, order_id: Any, by: Actor, reason: str, now: datetime | None 
         order.close(by=SYSTEM, reason="closed after refund", at=now)
         order.save()
         _send_on_commit(signals.order_cancelled, order)
-    logger.info(
-        "Order %s refunded (%s) by %s: %s.",
-        order.pk,
-        refund_ref,
-        by,
-        reason,
-        extra={
-            "event": "order.refunded",
-            "order_id": str(order.pk),
-            "refund_ref": refund_ref,
-            "actor": str(by),
-            "reason": reason,
-        },
+    log_event(
+        logger,
+        "order.refunded",
+        "Order {order_id} refunded ({refund_ref}) by {actor}: {reason}.",
+        order_id=str(order.pk),
+        refund_ref=refund_ref,
+        actor=str(by),
+        reason=reason,
     )
     return order
 
@@ -687,16 +643,13 @@ def refund_payment(*, payment_id: Any, now: datetime | None = None) -> Payment:
     """Refund a payment that did not pay its order (late, surplus or mismatched), once."""
     payment = Payment.objects.get(pk=payment_id)
     if not payment.needs_refund:
-        logger.info(
-            "Refund of payment %s: no-op (%s).",
-            payment.reference,
-            payment.outcome,
-            extra={
-                "event": "payment.refund_noop",
-                "order_id": str(payment.order_id),
-                "payment_ref": payment.reference,
-                "outcome": payment.outcome,
-            },
+        log_event(
+            logger,
+            "payment.refund_noop",
+            "Refund of payment {payment_ref}: no-op ({outcome}).",
+            order_id=str(payment.order_id),
+            payment_ref=payment.reference,
+            outcome=payment.outcome,
         )
         return payment
     refund_ref = _refund_at_gateway(payment)
@@ -711,19 +664,14 @@ def refund_payment(*, payment_id: Any, now: datetime | None = None) -> Payment:
                 sender=Order, order=payment.order, payment=payment
             )
         )
-    logger.info(
-        "Payment %s (%s) of order %s refunded: %s.",
-        payment.reference,
-        payment.outcome,
-        payment.order_id,
-        refund_ref,
-        extra={
-            "event": "payment.refunded",
-            "order_id": str(payment.order_id),
-            "payment_ref": payment.reference,
-            "outcome": payment.outcome,
-            "refund_ref": refund_ref,
-        },
+    log_event(
+        logger,
+        "payment.refunded",
+        "Payment {payment_ref} ({outcome}) of order {order_id} refunded: {refund_ref}.",
+        order_id=str(payment.order_id),
+        payment_ref=payment.reference,
+        outcome=payment.outcome,
+        refund_ref=refund_ref,
     )
     return payment
 
@@ -731,11 +679,23 @@ def refund_payment(*, payment_id: Any, now: datetime | None = None) -> Payment:
 # Logistics ----------------------------------------------------------------------------
 
 
+#: Once a parcel is delivered or back with the sender its journey is over: a late or
+#: replayed report of an earlier status changes nothing.
+TERMINAL_PARCEL_STATUSES = (ParcelStatus.DELIVERED, ParcelStatus.RETURNED)
+
+
 def record_parcel_status(
-    *, order_id: Any, status: str, by: Actor = "logistics", now: datetime | None = None
+    *,
+    order_id: Any,
+    tracking_number: str,
+    status: str,
+    by: Actor = "logistics",
+    now: datetime | None = None,
 ) -> Order:
-    """Take a parcel status from the logistics provider (webhook or poll). A change is
-    kept as a ``ParcelEvent``; a returned parcel refunds the order, once."""
+    """Take a parcel status from the logistics provider (webhook or poll). Only an order
+    shipped under ``tracking_number`` has a parcel; for any other the report is refused
+    (``InvalidTransition``) and nothing is stored. A change is kept as a ``ParcelEvent``,
+    none after a terminal status, and a returned parcel refunds the order, once."""
     if status not in ParcelStatus.values:
         raise InvalidInput(
             f"status must be one of {', '.join(ParcelStatus.values)}, got {brief(status)}."
@@ -743,25 +703,47 @@ def record_parcel_status(
     now = now or timezone.now()
     with transaction.atomic():
         order = _locked(order_id)
-        if status != order.parcel_status:
+        if not order.tracking_number:
+            raise InvalidTransition(
+                f"Order {order.pk} was never shipped (it is {order.status}), so it has no "
+                "parcel to report on."
+            )
+        if tracking_number != order.tracking_number:
+            raise InvalidTransition(
+                f"Tracking number {brief(tracking_number)} is not the parcel of order {order.pk}."
+            )
+        if order.parcel_status in TERMINAL_PARCEL_STATUSES:
+            if status != order.parcel_status:
+                log_event(
+                    logger,
+                    "parcel.ignored",
+                    "Parcel of order {order_id} reported {parcel_status} by {actor} after it "
+                    "was {final_status}; ignored.",
+                    order_id=str(order.pk),
+                    parcel_status=status,
+                    final_status=order.parcel_status,
+                    actor=str(by),
+                )
+            if order.parcel_next_check_at is not None:  # left by a poll whose refund failed
+                order.parcel_next_check_at = None
+                order.save(update_fields=["parcel_next_check_at", "updated_at"])
+        elif status != order.parcel_status:
             ParcelEvent.objects.create(order=order, status=status, source=str(by), at=now)
             order.parcel_status = status
             if status != ParcelStatus.IN_TRANSIT:
                 order.parcel_next_check_at = None  # the parcel's journey is over
             order.save(update_fields=["parcel_status", "parcel_next_check_at", "updated_at"])
-            logger.info(
-                "Parcel of order %s is now %s (reported by %s).",
-                order.pk,
-                status,
-                by,
-                extra={
-                    "event": "parcel.status",
-                    "order_id": str(order.pk),
-                    "parcel_status": status,
-                    "actor": str(by),
-                },
+            log_event(
+                logger,
+                "parcel.status",
+                "Parcel of order {order_id} is now {parcel_status} (reported by {actor}).",
+                order_id=str(order.pk),
+                parcel_status=status,
+                actor=str(by),
             )
-    if status == ParcelStatus.RETURNED and order.status in (Status.PAID, Status.DELIVERED):
+    # Whatever this report says: a parcel that came back earlier and whose refund failed
+    # then (gateway down) is still owed its refund.
+    if order.parcel_status == ParcelStatus.RETURNED and can_proceed(order.refund):
         try:
             return refund_order(order_id=order.pk, by=by, reason="parcel returned to sender")
         except InvalidTransition:
@@ -826,7 +808,29 @@ def poll_parcels(*, now: datetime | None = None) -> ParcelPollReport:
         )
         if not failures:
             report.changed += status != order.parcel_status
-            record_parcel_status(order_id=order.pk, status=status, by="logistics poll", now=now)
+            try:
+                record_parcel_status(
+                    order_id=order.pk,
+                    tracking_number=order.tracking_number,
+                    status=status,
+                    by="logistics poll",
+                    now=now,
+                )
+            except GatewayError as exc:
+                # The parcel came back but the refund failed. The order is still shipped:
+                # the next poll finds it returned again, and that retries the refund.
+                report.failed += 1
+                retry_at = now + timedelta(seconds=conf.PARCEL_CHECK_INTERVAL)
+                Order.objects.filter(pk=order.pk).update(parcel_next_check_at=retry_at)
+                log_event(
+                    logger,
+                    "parcel.refund_failed",
+                    "Refund of order {order_id}, whose parcel came back, failed ({error}); "
+                    "retried at the next poll.",
+                    level=logging.WARNING,
+                    order_id=str(order.pk),
+                    error=str(exc),
+                )
     if report.checked:
         logger.info("Parcel poll: %s.", report, extra={"event": "parcel.poll", **vars(report)})
     return report
@@ -852,7 +856,8 @@ def sweep(
     *, now: datetime | None = None, on_step: Callable[[int, str], object] | None = None
 ) -> SweepReport:
     """Expire unpaid orders whose timer did not (deadline + grace passed), arm timers
-    that came within the horizon, and retry shipments and refunds that never ran.
+    that came within the horizon, retry shipments and refunds that never ran, and forget
+    webhook ids and idempotency keys kept long enough.
     Each transaction holds at most ``SWEEP_BATCH_SIZE`` orders; the expiry step goes on
     batch after batch until no overdue order is left. ``on_step(done, name)`` is called
     after each of the ``SWEEP_STEPS`` (for a progress bar)."""
@@ -896,16 +901,15 @@ def sweep(
     step(4, SWEEP_STEPS[3])
 
     if report.expired:
-        logger.warning(
-            "Sweep expired %d overdue orders, up to %.1fs late: their timers were lost "
-            "(worker crash, flushed or unreachable Redis). Check the broker and workers.",
-            report.expired,
-            report.max_lateness,
-            extra={
-                "event": "sweep.expired_overdue",
-                "expired": report.expired,
-                "max_lateness_s": report.max_lateness,
-            },
+        log_event(
+            logger,
+            "sweep.expired_overdue",
+            "Sweep expired {expired} overdue orders, up to {max_lateness_s:.1f}s late: their "
+            "timers were lost (worker crash, flushed or unreachable Redis). Check the broker "
+            "and workers.",
+            level=logging.WARNING,
+            expired=report.expired,
+            max_lateness_s=report.max_lateness,
         )
     SweepRun.objects.create(
         at=now,
@@ -917,18 +921,20 @@ def sweep(
         errors=len(report.errors),
     )
     SweepRun.objects.filter(at__lt=now - timedelta(days=7)).delete()
-    logger.info(
-        "Sweep done: %s.",
-        report,
-        extra={
-            "event": "sweep.done",
-            "expired": report.expired,
-            "max_lateness_s": report.max_lateness,
-            "timers_armed": report.timers_armed,
-            "shipments_retried": report.shipments_retried,
-            "refunds_retried": report.refunds_retried,
-            "errors": len(report.errors),
-        },
+    # Webhook ids and idempotency keys whose time is up (orders.idempotency).
+    IdempotencyRecord.objects.filter(expires_at__lt=now).delete()
+    log_event(
+        logger,
+        "sweep.done",
+        "Sweep done: {expired} expired (up to {max_lateness_s:.1f}s late), {timers_armed} "
+        "timers armed, {shipments_retried} shipments and {refunds_retried} refunds retried, "
+        "{errors} errors.",
+        expired=report.expired,
+        max_lateness_s=report.max_lateness,
+        timers_armed=report.timers_armed,
+        shipments_retried=report.shipments_retried,
+        refunds_retried=report.refunds_retried,
+        errors=len(report.errors),
     )
     return report
 

@@ -1,16 +1,28 @@
-"""Webhooks from the payment gateway and the logistics provider: signed JSON, thin
-callers of ``orders.services``. Both may be delivered any number of times."""
+"""Webhooks from the payment gateway and the logistics provider: JSON signed per Standard
+Webhooks, thin callers of ``orders.services``. Both may be delivered any number of times.
+
+Each provider has its own secret, so a message signed for one endpoint is refused at the
+other. The signature covers the message id and a timestamp with the body; a timestamp
+more than 5 minutes off is refused, and an id seen within that window is a retry: it
+gets the first answer back and changes nothing.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections.abc import Callable
+from datetime import timedelta
+from functools import wraps
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from standardwebhooks.webhooks import (
+    EmptyWebhookSecretError,
+    Webhook,
+    WebhookVerificationError,
+)
 
 from orders import services
 from orders.api import (
+    Authenticator,
     JsonObject,
     Refused,
     View,
@@ -22,40 +34,77 @@ from orders.api import (
     required_string,
 )
 from orders.conf import get_settings
+from orders.idempotency import Answer, answer_once
 from orders.models import Payment
 
-SIGNATURE_HEADER = "X-Orders-Signature"
+ID_HEADER = "webhook-id"
 
 PAYMENT_ACTOR = "payment webhook"
 LOGISTICS_ACTOR = "logistics webhook"
 
+#: The standardwebhooks package refuses timestamps more than 5 minutes off, either way.
+#: A message stamped 5 minutes ahead is accepted for 10 minutes, so its id is kept
+#: that long; a later copy is refused by its timestamp already.
+SIGNATURE_TOLERANCE = timedelta(minutes=5)
+KEEP_IDS_FOR = 2 * SIGNATURE_TOLERANCE
 
-def signature(body: bytes, secret: str) -> str:
-    """Hex HMAC-SHA256 of the raw body: what the sender puts in ``X-Orders-Signature``."""
-    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
+def require_signature(setting: str) -> Authenticator:
+    """Check the Standard Webhooks signature with the secret ``ORDERS[setting]``."""
 
-def require_signature(request: HttpRequest) -> None:
-    secret = get_settings().WEBHOOK_SECRET
-    if not secret:
-        # 503 rather than 401: the sender retries, and succeeds once the secret is set.
-        raise Refused(
-            503, "Webhooks are not configured: the server has no ORDERS['WEBHOOK_SECRET']."
-        )
-    given = request.headers.get(SIGNATURE_HEADER, "").strip()
-    if not given:
+    def authenticate(request: HttpRequest) -> None:
+        secret = getattr(get_settings(), setting)
+        if not secret:
+            # 503 rather than 401: the sender retries, and succeeds once the secret is set.
+            raise Refused(
+                503, f"Webhooks are not configured: the server has no ORDERS[{setting!r}]."
+            )
+        try:
+            webhook = Webhook(secret)
+        except (ValueError, EmptyWebhookSecretError):
+            raise Refused(
+                503, f"ORDERS[{setting!r}] is not a Standard Webhooks secret (whsec_...)."
+            ) from None
+        try:
+            webhook.verify(request.body, dict(request.headers), json_parse=False)
+        except WebhookVerificationError as exc:
+            reason = str(exc)
+        # The package raises these for a signature without "v1,", bad base64, or a body
+        # that is not UTF-8.
+        except ValueError:
+            reason = "malformed webhook-signature, or a body that is not UTF-8"
+        else:
+            return
         raise Refused(
             401,
-            f"The {SIGNATURE_HEADER} header is missing: send the hex HMAC-SHA256 "
-            "of the raw body, keyed with the webhook secret.",
+            f"The webhook signature was refused ({reason}). Sign per Standard Webhooks: "
+            "headers webhook-id, webhook-timestamp (Unix seconds, within 5 minutes) and "
+            "webhook-signature (v1,<base64 HMAC-SHA256 of 'id.timestamp.body'>), keyed "
+            "with this endpoint's own secret.",
         )
-    # Bytes, because compare_digest refuses str with non-ASCII characters.
-    if not hmac.compare_digest(given.encode(), signature(request.body, secret).encode()):
-        raise Refused(401, f"The {SIGNATURE_HEADER} header does not match the body.")
+
+    return authenticate
 
 
-def webhook(*methods: str) -> Callable[[View], View]:
-    return json_endpoint(*methods, authenticate=require_signature)
+def webhook(setting: str, scope: str) -> Callable[[Callable[[HttpRequest], JsonObject]], View]:
+    """A signed POST endpoint whose view answers once per ``webhook-id``."""
+
+    def decorate(view: Callable[[HttpRequest], JsonObject]) -> View:
+        @wraps(view)
+        def once(request: HttpRequest) -> HttpResponse:
+            answer = answer_once(
+                scope=scope,
+                key=request.headers[ID_HEADER],
+                key_name=ID_HEADER,
+                request_body=request.body,
+                keep_for=KEEP_IDS_FOR,
+                act=lambda: Answer(200, view(request)),
+            )
+            return JsonResponse(answer.body, status=answer.status)
+
+        return json_endpoint("POST", authenticate=require_signature(setting))(once)
+
+    return decorate
 
 
 def payment_json(payment: Payment) -> JsonObject:
@@ -68,25 +117,26 @@ def payment_json(payment: Payment) -> JsonObject:
     }
 
 
-@webhook("POST")
-def payment(request: HttpRequest) -> HttpResponse:
-    data = json_object(request)
+@webhook("PAYMENT_WEBHOOK_SECRET", scope="webhook:payment")
+def payment(request: HttpRequest) -> JsonObject:
+    data = json_object(request, fields=("order_id", "payment_ref", "amount", "currency"))
     recorded = services.record_payment(
         order_id=order_id_of(required_string(data, "order_id")),
         payment_ref=required(data, "payment_ref"),
         amount=required(data, "amount"),
-        currency=data.get("currency"),
+        currency=required_string(data, "currency"),
         by=PAYMENT_ACTOR,
     )
-    return JsonResponse({"payment": payment_json(recorded), "order": order_json(recorded.order)})
+    return {"payment": payment_json(recorded), "order": order_json(recorded.order)}
 
 
-@webhook("POST")
-def logistics(request: HttpRequest) -> HttpResponse:
-    data = json_object(request)
+@webhook("LOGISTICS_WEBHOOK_SECRET", scope="webhook:logistics")
+def logistics(request: HttpRequest) -> JsonObject:
+    data = json_object(request, fields=("order_id", "tracking_number", "status"))
     order = services.record_parcel_status(
         order_id=order_id_of(required_string(data, "order_id")),
+        tracking_number=required_string(data, "tracking_number"),
         status=required_string(data, "status"),
         by=LOGISTICS_ACTOR,
     )
-    return JsonResponse(order_json(order))
+    return order_json(order)

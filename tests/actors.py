@@ -12,10 +12,15 @@ actions ``pay`` (a payment webhook: ``order_id``, ``payment_ref``, ``amount``) a
 step waits for its moment, calls the service as the webhook view would, and retries a
 ``GatewayError`` as the sender of a webhook retries on an error response. The results
 file gets one ``[planned, started, action, order id, outcome, attempts]`` per step.
+
+A carrier reports only parcels it was given: ``return`` waits (without holding up the
+steps after it) until the order is shipped and sends its tracking number; for an order
+that ends without being shipped it sends nothing and says so.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import sys
@@ -47,13 +52,20 @@ def run_script(plan_path: str, results_path: str) -> None:
     django.setup()
     from orders import services
     from orders.gateways import GatewayError
+    from orders.models import Order, Status
 
     with open(plan_path) as f:
         plan: list[tuple[float, str, dict[str, Any]]] = json.load(f)
+    # (when, planned, seq, action, arguments, first taken): a return whose parcel is not
+    # shipped yet goes back in the queue, half a second later; its lag behind the plan
+    # counts from when it was first taken.
+    queue = [(at, at, seq, action, kwargs, 0.0) for seq, (at, action, kwargs) in enumerate(plan)]
+    heapq.heapify(queue)
     results = []
-    for at, action, kwargs in plan:
-        time.sleep(max(0.0, at - time.time()))
-        started = time.time()
+    while queue:
+        when, at, seq, action, kwargs, first = heapq.heappop(queue)
+        time.sleep(max(0.0, when - time.time()))
+        started = first or time.time()
         outcome, attempts = "", 0
         while not outcome:
             attempts += 1
@@ -62,10 +74,21 @@ def run_script(plan_path: str, results_path: str) -> None:
                     payment = services.record_payment(by="payment webhook", **kwargs)
                     outcome = payment.outcome
                 elif action == "return":
-                    order = services.record_parcel_status(
-                        status="returned", by="logistics webhook", **kwargs
-                    )
-                    outcome = order.status
+                    order = Order.objects.get(pk=kwargs["order_id"])
+                    if order.tracking_number:
+                        order = services.record_parcel_status(
+                            tracking_number=order.tracking_number,
+                            status="returned",
+                            by="logistics webhook",
+                            **kwargs,
+                        )
+                        outcome = order.status
+                    elif order.status in (Status.CREATED, Status.PAID) and time.time() < at + 120:
+                        retry = (time.time() + 0.5, at, seq, action, kwargs, started)
+                        heapq.heappush(queue, retry)
+                        break
+                    else:
+                        outcome = f"never shipped: {order.status}"
                 else:
                     raise ValueError(f"unknown action {action!r}")
             except GatewayError:
@@ -75,7 +98,8 @@ def run_script(plan_path: str, results_path: str) -> None:
             except services.OrderError as exc:
                 # The webhook view answers with an error; the result says which.
                 outcome = f"error: {type(exc).__name__}: {exc}"
-        results.append([at, started, action, kwargs["order_id"], outcome, attempts])
+        if outcome:
+            results.append([at, started, action, kwargs["order_id"], outcome, attempts])
     with open(results_path, "w") as f:
         json.dump(results, f)
 

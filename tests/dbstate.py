@@ -7,16 +7,23 @@ from typing import Any
 
 from django.db.models import Model
 
-from orders.models import Order, OrderTransition, ParcelEvent, Payment
+from orders.models import IdempotencyRecord, Order, OrderTransition, ParcelEvent, Payment
 
-TABLES: tuple[type[Model], ...] = (Order, Payment, OrderTransition, ParcelEvent)
+TABLES: tuple[type[Model], ...] = (
+    Order,
+    Payment,
+    OrderTransition,
+    ParcelEvent,
+    IdempotencyRecord,
+)
 
 Snapshot = dict[str, list[dict[str, Any]]]
 
 
 def snapshot() -> Snapshot:
-    """Every row of orders, payments, transitions and parcel events, so that a refused
-    request is seen to have changed nothing: no row added, none updated."""
+    """Every row of orders, payments, transitions, parcel events and stored answers to
+    repeatable requests, so that a refused request is seen to have changed nothing: no
+    row added, none updated."""
     return {
         model._meta.label: [dict(row) for row in model._default_manager.order_by("pk").values()]
         for model in TABLES

@@ -12,7 +12,12 @@ os.environ.setdefault("CELERY_KEY_PREFIX", f"orders-test-{uuid.uuid4().hex[:10]}
 from config.settings import *  # noqa: F403
 from config.settings import CELERY_BROKER_TRANSPORT_OPTIONS, ORDERS
 
-ORDERS = ORDERS | {"API_TOKEN": "test-api-token", "WEBHOOK_SECRET": "test-webhook-secret"}
+ORDERS = ORDERS | {
+    "API_TOKEN": "test-api-token",
+    # Standard Webhooks secrets: "whsec_" + base64 of 32 bytes, one per provider.
+    "PAYMENT_WEBHOOK_SECRET": "whsec_dGVzdC1wYXltZW50LXdlYmhvb2stc2VjcmV0LXh4eHg=",
+    "LOGISTICS_WEBHOOK_SECRET": "whsec_dGVzdC1sb2dpc3RpY3Mtd2ViaG9vay1zZWNyZXQteHg=",
+}
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 # Test-only knobs, read from the environment so that the worker and actor processes a

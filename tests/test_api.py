@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 import uuid
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from django.db import connection
 from django.test import Client
 from pytest_django import DjangoAssertNumQueries, Settings
 
 from orders import services
-from orders.models import Order, Payment, Status
+from orders.models import IdempotencyRecord, Order, OrderTransition, Payment, Status
 
 if TYPE_CHECKING:
     from django.test.client import _MonkeyPatchedWSGIResponse as Response
@@ -213,6 +216,140 @@ def test_create_order_refuses_a_body_over_the_upload_limit_with_413(
     assert response.status_code == 413
     assert "too large" in response.json()["error"]
     assert not Order.objects.exists()
+
+
+# Safe to retry: the Idempotency-Key header --------------------------------------------
+
+
+def keyed(key: str) -> dict[str, str]:
+    return AUTH | {"Idempotency-Key": key}
+
+
+def stored() -> dict[str, Any]:
+    """What a replayed or refused create must leave as it was."""
+    return {
+        "orders": list(Order.objects.order_by("pk").values()),
+        "history": OrderTransition.objects.count(),
+        "keys": list(IdempotencyRecord.objects.order_by("pk").values()),
+    }
+
+
+def test_the_same_key_and_body_answer_with_the_first_order(client: Client) -> None:
+    body = {"amount": "12.50", "timeout_seconds": 600}
+    first = post(client, ORDERS_URL, body, headers=keyed("k-1"))
+    # The order moves on; the retry still gets the answer the first request had.
+    services.cancel_order(order_id=first.json()["id"], by="customer")
+    before = stored()
+
+    again = post(client, ORDERS_URL, body, headers=keyed("k-1"))
+
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert again.json() == first.json()
+    assert again["Location"] == first["Location"]
+    assert again["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first
+    assert stored() == before
+    assert Order.objects.count() == 1
+
+
+def test_the_same_key_with_another_body_is_409_and_creates_nothing(client: Client) -> None:
+    post(client, ORDERS_URL, {"amount": "12.50"}, headers=keyed("k-1"))
+    before = stored()
+
+    response = post(client, ORDERS_URL, {"amount": "99.00"}, headers=keyed("k-1"))
+
+    assert response.status_code == 409
+    assert "k-1" in response.json()["error"]
+    assert stored() == before
+
+
+def test_other_keys_and_no_key_place_new_orders(client: Client) -> None:
+    body = {"amount": "12.50"}
+
+    answers = [
+        post(client, ORDERS_URL, body, headers=keyed("k-1")),
+        post(client, ORDERS_URL, body, headers=keyed("k-2")),
+        post(client, ORDERS_URL, body),
+        post(client, ORDERS_URL, body),
+    ]
+
+    assert [a.status_code for a in answers] == [201] * 4
+    assert len({a.json()["id"] for a in answers}) == 4
+    assert IdempotencyRecord.objects.count() == 2
+
+
+def test_a_refused_create_keeps_no_key_so_the_fixed_request_may_use_it(client: Client) -> None:
+    refused = post(client, ORDERS_URL, {"amount": "-1"}, headers=keyed("k-1"))
+    assert refused.status_code == 400
+    assert not IdempotencyRecord.objects.exists()
+
+    placed = post(client, ORDERS_URL, {"amount": "1.00"}, headers=keyed("k-1"))
+
+    assert placed.status_code == 201
+    assert Order.objects.get().amount == Decimal("1.00")
+
+
+@pytest.mark.parametrize(
+    "key", ["", "k" * 256, "tab\there"], ids=["empty", "too-long", "control-character"]
+)
+def test_a_malformed_key_is_400_and_creates_nothing(client: Client, key: str) -> None:
+    before = stored()
+
+    response = post(client, ORDERS_URL, {"amount": "1.00"}, headers=keyed(key))
+
+    assert response.status_code == 400
+    assert "Idempotency-Key" in response.json()["error"]
+    assert stored() == before
+
+
+def test_keys_are_forgotten_by_the_sweep_after_the_ttl(client: Client, settings: Settings) -> None:
+    settings.ORDERS = settings.ORDERS | {"IDEMPOTENCY_KEY_TTL": 3600}
+    post(client, ORDERS_URL, {"amount": "1.00"}, headers=keyed("k-1"))
+    created = IdempotencyRecord.objects.get().created_at
+
+    services.sweep(now=created + timedelta(minutes=59))
+    assert IdempotencyRecord.objects.exists()
+    services.sweep(now=created + timedelta(minutes=61))
+    assert not IdempotencyRecord.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_same_key_sent_concurrently_places_one_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client timed out and retried while the first request was still running: eight
+    requests with one key at once. The first holds the key while it places the order
+    (slowed down here so that the others surely arrive meanwhile); the others wait for
+    it and answer with its order."""
+    place_order = services.place_order
+
+    def slow_place_order(**kwargs: Any) -> Order:
+        order = place_order(**kwargs)
+        time.sleep(0.5)
+        return order
+
+    monkeypatch.setattr(services, "place_order", slow_place_order)
+    answers: list[Response] = []
+    start = threading.Barrier(8)
+
+    def send() -> None:
+        start.wait()
+        try:
+            answers.append(post(Client(), ORDERS_URL, {"amount": "5.00"}, headers=keyed("k-1")))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert [a.status_code for a in answers] == [201] * 8
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert sum(a.has_header("Idempotent-Replayed") for a in answers) == 7
+    assert Order.objects.count() == 1
+    assert IdempotencyRecord.objects.count() == 1
 
 
 # Authentication -----------------------------------------------------------------------

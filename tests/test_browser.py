@@ -130,8 +130,13 @@ def test_staff_finds_an_order_by_its_payment_reference_and_refunds_it(
     services.place_order(amount="8.00", timeout=3 * 60)
     paid_order("pay-5310", "120.00")
     order = paid_order("pay-7781", "35.00")
-    services.ship_order(order_id=order.pk)
-    services.record_parcel_status(order_id=order.pk, status="in_transit", by="logistics webhook")
+    order = services.ship_order(order_id=order.pk)
+    services.record_parcel_status(
+        order_id=order.pk,
+        tracking_number=order.tracking_number,
+        status="in_transit",
+        by="logistics webhook",
+    )
     services.place_order(amount="15.00", timeout=45)
 
     log_in(page, "alice")

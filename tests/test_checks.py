@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 from typing import Any
 
@@ -52,7 +53,7 @@ def test_empty_orders_setting_only_warns_about_the_missing_secrets(settings: Set
 
     messages = check_orders_settings()
 
-    assert [m.id for m in messages] == ["orders.W001", "orders.W001"]
+    assert [m.id for m in messages] == ["orders.W001"] * 3
 
 
 def test_unknown_key_is_reported_by_name(settings: Settings) -> None:
@@ -178,7 +179,7 @@ def test_known_timer_modes_are_allowed(settings: Settings, mode: str) -> None:
     assert ids_with(settings, TIMER_MODE=mode) == []
 
 
-@pytest.mark.parametrize("key", ["API_TOKEN", "WEBHOOK_SECRET"])
+@pytest.mark.parametrize("key", ["API_TOKEN", "PAYMENT_WEBHOOK_SECRET", "LOGISTICS_WEBHOOK_SECRET"])
 def test_empty_secret_is_a_warning(settings: Settings, key: str) -> None:
     [message] = messages_with(settings, **{key: ""})
 
@@ -186,6 +187,40 @@ def test_empty_secret_is_a_warning(settings: Settings, key: str) -> None:
     assert message.level == checks.WARNING
     assert not message.is_serious()
     assert key in message.msg
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "test-webhook-secret",  # the old scheme's kind of secret
+        "whsec_",
+        "whsec_not base64!",
+        "whsec_" + base64.b64encode(b"short").decode(),
+        "whsec_" + base64.b64encode(b"x" * 65).decode(),
+        base64.b64encode(b"x" * 32).decode(),  # without the prefix
+    ],
+    ids=["plain", "empty-key", "not-base64", "too-short", "too-long", "no-prefix"],
+)
+@pytest.mark.parametrize("key", ["PAYMENT_WEBHOOK_SECRET", "LOGISTICS_WEBHOOK_SECRET"])
+def test_a_webhook_secret_that_is_not_a_standard_webhooks_secret_is_an_error(
+    settings: Settings, key: str, secret: str
+) -> None:
+    [message] = messages_with(settings, **{key: secret})
+
+    assert message.id == "orders.E009"
+    assert key in message.msg
+    assert "whsec_" in (message.hint or "")
+
+
+def test_one_secret_for_both_providers_is_an_error(settings: Settings) -> None:
+    """A message signed for one endpoint would be accepted at the other."""
+    secret = settings.ORDERS["PAYMENT_WEBHOOK_SECRET"]
+
+    assert ids_with(settings, LOGISTICS_WEBHOOK_SECRET=secret) == ["orders.E010"]
+
+
+def test_the_old_single_webhook_secret_is_an_unknown_setting(settings: Settings) -> None:
+    assert ids_with(settings, WEBHOOK_SECRET="whatever") == ["orders.E001"]
 
 
 def test_several_problems_are_reported_together(settings: Settings) -> None:

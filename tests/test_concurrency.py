@@ -425,16 +425,20 @@ def test_returned_parcel_reported_twice_at_once_refunds_once_and_answers_both(
     with RedisServer() as server, publishing_to(server.url):
         order = services.place_order(amount=AMOUNT, timeout=60)
         services.record_payment(order_id=order.pk, payment_ref=f"p-{order.pk}", amount=AMOUNT)
-        services.ship_order(order_id=order.pk)
+        tracking = services.ship_order(order_id=order.pk).tracking_number
         refund_order = services.refund_order
 
         def duplicate_lands_first(**kwargs: Any) -> Order:
             monkeypatch.setattr(services, "refund_order", refund_order)
-            services.record_parcel_status(order_id=order.pk, status="returned", by="webhook 2")
+            services.record_parcel_status(
+                order_id=order.pk, tracking_number=tracking, status="returned", by="webhook 2"
+            )
             return refund_order(**kwargs)
 
         monkeypatch.setattr(services, "refund_order", duplicate_lands_first)
-        answer = services.record_parcel_status(order_id=order.pk, status="returned", by="webhook 1")
+        answer = services.record_parcel_status(
+            order_id=order.pk, tracking_number=tracking, status="returned", by="webhook 1"
+        )
 
     assert answer.status == Status.CANCELLED
     assert [h.transition for h in answer.history.all()] == ["pay", "ship", "refund", "close"]

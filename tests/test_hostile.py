@@ -8,6 +8,9 @@ methods, NUL bytes, line breaks in paths, unknown and malformed ids.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import logging
 import sys
@@ -15,18 +18,24 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from django.contrib.auth.models import Permission
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 from pytest_django import Settings
 
-from orders import services, webhooks
+from orders import services
 from orders.logging import PlainFormatter
 from orders.models import Order
 from tests.dbstate import row_counts, snapshot
+
+# The suite's own Standard Webhooks signer (from the specification, not the package the
+# server uses): the bad signatures below are each bad for one reason.
+from tests.test_webhooks import sign, signed
 
 if TYPE_CHECKING:
     from django.test.client import _MonkeyPatchedWSGIResponse as Response
@@ -34,7 +43,6 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.django_db
 
 TOKEN = "test-api-token"
-SECRET = "test-webhook-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 JSON = "application/json"
 
@@ -48,13 +56,14 @@ class World:
     shipped: Order
 
     def path(self, template: str) -> str:
-        """``template`` with ``{unpaid}``, ``{paid}``, ``{shipped}`` and ``{missing}``
-        (an id no order has) filled in."""
+        """``template`` with ``{unpaid}``, ``{paid}``, ``{shipped}``, ``{missing}`` (an id
+        no order has) and ``{tracking}`` (the shipped order's tracking number) filled in."""
         for name, value in (
             ("unpaid", self.unpaid.pk),
             ("paid", self.paid.pk),
             ("shipped", self.shipped.pk),
             ("missing", uuid.uuid4()),
+            ("tracking", self.shipped.tracking_number),
         ):
             template = template.replace(f"{{{name}}}", str(value))
         return template
@@ -88,14 +97,6 @@ def nothing_changes() -> Iterator[None]:
     assert after == before
 
 
-def signed(body: bytes) -> dict[str, str]:
-    """The headers of a webhook delivery correctly signed for ``body``.
-
-    The one place that knows the signing scheme (orders.webhooks'), so that the bad
-    signatures below are bad for one reason each."""
-    return {webhooks.SIGNATURE_HEADER: webhooks.signature(body, SECRET)}
-
-
 def send(
     client: Client,
     method: str,
@@ -120,11 +121,16 @@ API_ENDPOINTS = [
     ("POST", "/api/orders/{unpaid}/cancel/", {"reason": "bypass"}),
     ("POST", "/api/orders/{unpaid}/extend/", {"seconds": 600}),
 ]
+PAY = {"order_id": "{unpaid}", "payment_ref": "p-9", "amount": "12.50", "currency": "CNY"}
+PARCEL = {"order_id": "{shipped}", "tracking_number": "{tracking}", "status": "returned"}
 WEBHOOKS = [
-    ("/webhooks/payment/", {"order_id": "{unpaid}", "payment_ref": "p-9", "amount": "12.50"}),
-    ("/webhooks/payment/", {"order_id": "{unpaid}", "payment_ref": "p-9", "amount": "1.00"}),
-    ("/webhooks/logistics/", {"order_id": "{shipped}", "status": "returned"}),
+    ("/webhooks/payment/", PAY),
+    ("/webhooks/payment/", PAY | {"amount": "1.00"}),
+    ("/webhooks/logistics/", PARCEL),
 ]
+OTHER_PROVIDER = {"/webhooks/payment/": "/webhooks/logistics/"} | {
+    "/webhooks/logistics/": "/webhooks/payment/"
+}
 
 
 # Authentication ----------------------------------------------------------------------
@@ -181,32 +187,77 @@ def test_the_api_refuses_everything_when_no_token_is_configured(
     assert_refused(empty, 503)
 
 
+def _without(name: str) -> Any:
+    return lambda path, body: {k: v for k, v in signed(path, body).items() if k != name}
+
+
+def _stamped(offset: timedelta) -> Any:
+    # The time is read when the request is sent, not when the tests are collected.
+    return lambda path, body: signed(path, body, at=timezone.now() + offset)
+
+
+def _with_secret(secret: str) -> Any:
+    def headers(path: str, body: bytes) -> dict[str, str]:
+        good = signed(path, body)
+        msg_id, stamp = good["webhook-id"], int(good["webhook-timestamp"])
+        return good | {"webhook-signature": sign(body, secret, msg_id, stamp)}
+
+    return headers
+
+
+def _signature(edit: Any) -> Any:
+    def headers(path: str, body: bytes) -> dict[str, str]:
+        good = signed(path, body)
+        return good | {"webhook-signature": edit(good["webhook-signature"])}
+
+    return headers
+
+
+SIX_MINUTES = timedelta(minutes=6)
+
+
 @pytest.mark.parametrize(
-    "signature",
+    "headers",
     [
-        pytest.param(None, id="missing"),
-        pytest.param("", id="empty"),
-        pytest.param("garbage", id="garbage"),
-        pytest.param("0" * 64, id="zeros"),
-        pytest.param(lambda body: webhooks.signature(body, "wrong-secret"), id="other-secret"),
-        pytest.param(lambda body: webhooks.signature(body + b" ", SECRET), id="other-body"),
-        pytest.param(lambda body: webhooks.signature(body, SECRET)[:-1], id="truncated"),
-        pytest.param(lambda body: webhooks.signature(body, SECRET).upper(), id="upper-case"),
-        pytest.param(lambda body: webhooks.signature(body, TOKEN), id="api-token-as-secret"),
-        pytest.param(lambda body: "sha256=" + webhooks.signature(body, SECRET), id="prefixed"),
+        pytest.param(lambda path, body: {}, id="unsigned"),
+        pytest.param(_without("webhook-signature"), id="no-signature"),
+        pytest.param(_without("webhook-id"), id="no-id"),
+        pytest.param(_without("webhook-timestamp"), id="no-timestamp"),
+        pytest.param(_signature(lambda sig: ""), id="empty-signature"),
+        pytest.param(_signature(lambda sig: "v1,garbage"), id="garbage"),
+        pytest.param(_signature(lambda sig: sig.removeprefix("v1,")), id="no-version"),
+        pytest.param(_signature(lambda sig: "v2," + sig[3:]), id="other-version"),
+        pytest.param(_signature(lambda sig: sig[:-4] + "AAA="), id="altered"),
+        pytest.param(_signature(lambda sig: sig.lower()), id="lower-case"),
+        pytest.param(lambda path, body: signed(path, body + b" "), id="other-body"),
+        pytest.param(
+            lambda path, body: signed(path, body, secret_for=OTHER_PROVIDER[path]),
+            id="other-providers-secret",
+        ),
+        pytest.param(
+            _with_secret("whsec_" + base64.b64encode(TOKEN.encode()).decode()),
+            id="api-token-as-secret",
+        ),
+        pytest.param(_stamped(-SIX_MINUTES), id="six-minutes-old"),
+        pytest.param(_stamped(SIX_MINUTES), id="six-minutes-ahead"),
+        pytest.param(
+            lambda path, body: signed(path, body) | {"webhook-id": "msg_other"}, id="other-id"
+        ),
+        pytest.param(
+            lambda path, body: {
+                "X-Orders-Signature": hmac.new(b"x", body, hashlib.sha256).hexdigest()
+            },
+            id="old-scheme",
+        ),
     ],
 )
 @pytest.mark.parametrize(("path", "payload"), WEBHOOKS)
 def test_webhooks_refuse_a_bad_signature(
-    client: Client, world: World, signature: Any, path: str, payload: Any
+    client: Client, world: World, headers: Any, path: str, payload: Any
 ) -> None:
     body = world.body(payload)
-    headers = {}
-    if signature is not None:
-        value = signature(body) if callable(signature) else signature
-        headers = {webhooks.SIGNATURE_HEADER: value}
     with nothing_changes():
-        response = send(client, "POST", path, body, headers=headers)
+        response = send(client, "POST", path, body, headers=headers(path, body))
 
     assert_refused(response, 401)
 
@@ -217,7 +268,7 @@ def test_a_correctly_signed_webhook_is_accepted_so_the_refusals_above_are_the_si
     path, payload = WEBHOOKS[0]
     body = world.body(payload)
 
-    response = send(client, "POST", path, body, headers=signed(body))
+    response = send(client, "POST", path, body, headers=signed(path, body))
 
     assert response.status_code == 200
     assert response.json()["payment"]["outcome"] == "accepted"
@@ -273,9 +324,14 @@ def test_hostile_numbers_in_the_api_are_400(
 def test_hostile_amounts_in_the_payment_webhook_are_400(
     client: Client, world: World, number: str
 ) -> None:
-    body = world.body('{"order_id": "{unpaid}", "payment_ref": "p-9", "amount": ' + number + "}")
+    path = "/webhooks/payment/"
+    body = world.body(
+        '{"order_id": "{unpaid}", "payment_ref": "p-9", "currency": "CNY", "amount": '
+        + number
+        + "}"
+    )
     with nothing_changes():
-        response = send(client, "POST", "/webhooks/payment/", body, headers=signed(body))
+        response = send(client, "POST", path, body, headers=signed(path, body))
 
     assert_refused(response, 400)
 
@@ -323,9 +379,12 @@ def test_a_body_that_is_not_a_json_object_is_400_in_the_webhooks(
     client: Client, world: World, body: bytes, content_type: str, path: str
 ) -> None:
     with nothing_changes():
-        response = send(client, "POST", path, body, headers=signed(body), content_type=content_type)
+        response = send(
+            client, "POST", path, body, headers=signed(path, body), content_type=content_type
+        )
 
-    assert_refused(response, 400)
+    # Standard Webhooks signs text: a body that is not UTF-8 fails the signature check.
+    assert_refused(response, 401 if body.startswith(b"\xff") else 400)
 
 
 @pytest.mark.parametrize(
@@ -343,7 +402,9 @@ def test_a_body_over_the_upload_limit_is_413(
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     body = b'{"reason": "' + b"x" * limit + b'"}'
     with nothing_changes():
-        response = send(client, "POST", world.path(path), body, headers=headers or signed(body))
+        response = send(
+            client, "POST", world.path(path), body, headers=headers or signed(path, body)
+        )
 
     assert_refused(response, 413)
 
@@ -414,25 +475,22 @@ def test_an_unknown_or_malformed_order_id_is_404_in_the_api(
 @pytest.mark.parametrize(
     ("path", "payload"),
     [
-        ("/webhooks/payment/", {"payment_ref": "p-9", "amount": "12.50"}),
-        ("/webhooks/logistics/", {"status": "returned"}),
+        ("/webhooks/payment/", {"payment_ref": "p-9", "amount": "12.50", "currency": "CNY"}),
+        ("/webhooks/logistics/", {"tracking_number": "{tracking}", "status": "returned"}),
     ],
 )
 def test_an_unknown_or_malformed_order_id_is_404_or_400_in_the_webhooks(
     client: Client, world: World, order_id: Any, path: str, payload: dict[str, str]
 ) -> None:
     value = world.path(order_id) if isinstance(order_id, str) else order_id
-    body = world.body({"order_id": value, **payload})
+    body = world.body({**payload, "order_id": value})
     with nothing_changes():
-        response = send(client, "POST", path, body, headers=signed(body))
+        response = send(client, "POST", path, body, headers=signed(path, body))
 
     assert_refused(response, 400 if isinstance(order_id, int) else 404)
 
 
 # NUL bytes and line breaks ------------------------------------------------------------
-
-
-PAY = {"order_id": "{unpaid}", "payment_ref": "p-9", "amount": "12.50"}
 
 
 @pytest.mark.parametrize(
@@ -444,7 +502,7 @@ PAY = {"order_id": "{unpaid}", "payment_ref": "p-9", "amount": "12.50"}
         ("/webhooks/payment/", PAY | {"payment_ref": "p\x00"}),
         ("/webhooks/payment/", PAY | {"payment_ref": "p\n9"}),
         ("/webhooks/payment/", PAY | {"currency": "\x00"}),
-        ("/webhooks/logistics/", {"order_id": "{shipped}", "status": "returned\x00"}),
+        ("/webhooks/logistics/", PARCEL | {"status": "returned\x00"}),
     ],
     ids=[
         "cancel-reason",
@@ -460,11 +518,21 @@ def test_a_nul_byte_is_400_not_a_database_error(
     client: Client, world: World, path: str, payload: dict[str, Any]
 ) -> None:
     body = world.body(payload)
-    headers = signed(body) if path.startswith("/webhooks/") else AUTH
+    headers = signed(path, body) if path.startswith("/webhooks/") else AUTH
     with nothing_changes():
         response = send(client, "POST", world.path(path), body, headers=headers)
 
     assert_refused(response, 400)
+
+
+def test_a_nul_in_a_tracking_number_names_no_parcel_409(client: Client, world: World) -> None:
+    # Compared with the order's, never stored: another parcel's number, a conflict.
+    path = "/webhooks/logistics/"
+    body = world.body(PARCEL | {"tracking_number": "{tracking}\x00"})
+    with nothing_changes():
+        response = send(client, "POST", path, body, headers=signed(path, body))
+
+    assert_refused(response, 409)
 
 
 def test_a_cancel_reason_over_1000_characters_is_400(client: Client, world: World) -> None:
@@ -683,7 +751,8 @@ def test_xss_in_a_reason_and_a_payment_reference_is_escaped_in_the_admin(
 ) -> None:
     # Both are accepted (they are text like any other) and stored as sent.
     paid = world.body(PAY | {"order_id": "{paid}", "payment_ref": XSS})
-    assert send(client, "POST", "/webhooks/payment/", paid, headers=signed(paid)).status_code == 200
+    payment = "/webhooks/payment/"
+    assert send(client, "POST", payment, paid, headers=signed(payment, paid)).status_code == 200
     cancel = world.path("/api/orders/{unpaid}/cancel/")
     assert (
         send(client, "POST", cancel, world.body({"reason": XSS}), headers=AUTH).status_code == 200

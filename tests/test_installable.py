@@ -197,7 +197,8 @@ def test_a_new_project_following_the_readme_places_orders_that_expire(
         "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
         "REDIS_URL": settings.CELERY_BROKER_URL,
         "ORDERS_API_TOKEN": "install-test-token",
-        "ORDERS_WEBHOOK_SECRET": "install-test-secret",
+        "ORDERS_PAYMENT_WEBHOOK_SECRET": "whsec_aW5zdGFsbC10ZXN0LXBheW1lbnQtc2VjcmV0LXgK",
+        "ORDERS_LOGISTICS_WEBHOOK_SECRET": "whsec_aW5zdGFsbC10ZXN0LWxvZ2lzdGljcy1zZWNyZXQK",
         "PYTHONUNBUFFERED": "1",
     }
 

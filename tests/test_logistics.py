@@ -77,7 +77,12 @@ def test_each_status_change_is_recorded_once() -> None:
     order = shipped_order()
     for hours in (1, 2, 3):
         services.poll_parcels(now=T0 + timedelta(seconds=hours * HOUR))
-    services.record_parcel_status(order_id=order.pk, status="in_transit", by="logistics webhook")
+    services.record_parcel_status(
+        order_id=order.pk,
+        tracking_number=order.tracking_number,
+        status="in_transit",
+        by="logistics webhook",
+    )
 
     events = list(ParcelEvent.objects.filter(order=order).values_list("status", "source"))
     assert events == [("in_transit", "logistics poll")]
@@ -90,7 +95,12 @@ def test_returned_parcel_found_by_the_poller_is_refunded_once(
     scripted.answers[order.tracking_number] = "returned"
 
     report = services.poll_parcels(now=T0 + timedelta(seconds=HOUR))
-    services.record_parcel_status(order_id=order.pk, status="returned", by="logistics webhook")
+    services.record_parcel_status(
+        order_id=order.pk,
+        tracking_number=order.tracking_number,
+        status="returned",
+        by="logistics webhook",
+    )
 
     order.refresh_from_db()
     assert report.changed == 1
@@ -171,7 +181,9 @@ def test_bad_parcel_status_is_refused_and_nothing_is_recorded() -> None:
     order = shipped_order()
 
     with pytest.raises(services.InvalidInput, match="status must be one of"):
-        services.record_parcel_status(order_id=order.pk, status="lost")
+        services.record_parcel_status(
+            order_id=order.pk, tracking_number=order.tracking_number, status="lost"
+        )
 
     assert not ParcelEvent.objects.exists()
 
@@ -192,3 +204,62 @@ def test_sweep_records_older_than_a_week_are_pruned() -> None:
     services.sweep(now=T0 + timedelta(days=8))
 
     assert list(SweepRun.objects.values_list("at", flat=True)) == [T0 + timedelta(days=8)]
+
+
+def test_returned_parcel_whose_refund_failed_is_refunded_at_the_next_poll(
+    scripted: type[ScriptedProvider], settings: Settings
+) -> None:
+    order = shipped_order()
+    scripted.answers[order.tracking_number] = "returned"
+    working = settings.ORDERS
+    settings.ORDERS = settings.ORDERS | {"PAYMENT_GATEWAY": "tests.test_webhooks.FailingGateway"}
+
+    report = services.poll_parcels(now=T0 + timedelta(seconds=HOUR))
+
+    order.refresh_from_db()
+    assert report.failed == 1
+    assert (order.status, order.parcel_status) == (Status.DELIVERED, ParcelStatus.RETURNED)
+    assert order.parcel_next_check_at == T0 + timedelta(seconds=2 * HOUR), "asked again"
+
+    settings.ORDERS = working
+    # Even if the carrier now says something else: the parcel came back, the refund is owed.
+    scripted.answers[order.tracking_number] = "in_transit"
+    services.poll_parcels(now=T0 + timedelta(seconds=2 * HOUR))
+
+    order.refresh_from_db()
+    assert (order.status, order.cancel_reason) == (Status.CANCELLED, CancelReason.REFUND)
+    assert order.parcel_status == ParcelStatus.RETURNED
+    assert order.parcel_next_check_at is None
+    assert list(ParcelEvent.objects.values_list("status", flat=True)) == ["returned"]
+
+
+def test_the_poller_moves_no_parcel_back_after_a_terminal_status(
+    scripted: type[ScriptedProvider],
+) -> None:
+    """A webhook said delivered; a poll that was already running reads the carrier's
+    older answer. Delivered is the end of the journey: nothing changes."""
+    order = shipped_order()
+    services.record_parcel_status(
+        order_id=order.pk, tracking_number=order.tracking_number, status="delivered"
+    )
+    Order.objects.filter(pk=order.pk).update(parcel_next_check_at=T0 + timedelta(seconds=HOUR))
+
+    report = services.poll_parcels(now=T0 + timedelta(seconds=HOUR))
+
+    order.refresh_from_db()
+    assert report.checked == 1
+    assert order.parcel_status == ParcelStatus.DELIVERED
+    assert order.parcel_next_check_at is None
+    assert list(ParcelEvent.objects.values_list("status", flat=True)) == ["delivered"]
+
+
+def test_a_parcel_report_for_an_order_never_shipped_stores_nothing() -> None:
+    order = services.place_order(amount="10.00", timeout=600, now=T0)
+    services.record_payment(order_id=order.pk, payment_ref="pay-1", amount="10.00", now=T0)
+
+    with pytest.raises(services.InvalidTransition, match="never shipped"):
+        services.record_parcel_status(order_id=order.pk, tracking_number="", status="returned")
+
+    order.refresh_from_db()
+    assert (order.status, order.parcel_status) == (Status.PAID, "")
+    assert not ParcelEvent.objects.exists()

@@ -341,9 +341,9 @@ def test_redis_down_orders_are_still_placed_and_recovered_when_it_is_back(
     overdue ones, including those whose timers the worker held when the connection
     broke, and arms the timers of those still due, which a worker fires.
 
-    The worker holding timers does not survive the outage with celery/kombu 5.7.0 (see
-    ``test_worker_holding_timers_reconnects_by_itself_after_a_redis_restart``): it is
-    started again here as a supervisor would, and the test says so."""
+    The worker holding timers lives through the outage (orders/compat.py, see
+    ``test_worker_holding_timers_survives_a_redis_restart_and_fires_the_timers_armed_after_it``);
+    were it to die, it is started again here as a supervisor would, and the test says so."""
     server, prefix = broker
     n = scaled(100, 50)
     with workers("outage", 1, env_for(server, prefix)) as [worker]:
@@ -397,21 +397,19 @@ def test_redis_down_orders_are_still_placed_and_recovered_when_it_is_back(
     assert expired_by(of(overdue)) == {"sweep": n}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="celery 5.7.0 / kombu 5.7.0: a worker that holds unacknowledged (countdown) "
-    "messages when its Redis connection breaks dies with 'Unrecoverable error: "
-    "AttributeError: NoneType object has no attribute hostname' (Consumer."
-    "on_connection_error_after_connected closes the half-closed channel again, whose "
-    "restore_unacked needs the transport that collect() already dropped). Needs a "
-    "supervisor restarting workers, or a fix in config/ or upstream.",
-)
-def test_worker_holding_timers_reconnects_by_itself_after_a_redis_restart(
+def test_worker_holding_timers_survives_a_redis_restart_and_fires_the_timers_armed_after_it(
     broker: tuple[RedisServer, str],
 ) -> None:
+    """Redis stops for a second and comes back empty while the only worker holds timers.
+    With celery/kombu 5.7.0 this worker used to exit ("Unrecoverable error:
+    AttributeError: 'NoneType' object has no attribute 'hostname'", docs/RELIABILITY.md);
+    orders/compat.py finishes the channel close that kills it. The same process (same
+    pid) reconnects and fires a timer armed after the restart; the timers it held are gone
+    with Redis's data, and ``orders_rearm`` arms them again, for the same worker to fire."""
     server, prefix = broker
     with workers("reconnect", 1, env_for(server, prefix)) as [worker]:
-        place(5, 30, 30)
+        pid = worker.pid
+        held = place(5, 8, 8)
         wait_for(lambda: unacked(server.client(), prefix) == 5, 30, "the worker to hold the timers")
         server.stop()
         time.sleep(1)  # an outage of a second: a restart, a failover
@@ -419,6 +417,35 @@ def test_worker_holding_timers_reconnects_by_itself_after_a_redis_restart(
         wait_for(lambda: reconnected_or_died(worker), 60, "the worker to reconnect or exit")
         assert worker.proc is not None
         assert worker.proc.poll() is None, "the worker died: " + restart_if_dead(worker)
+        assert "finishing the close" in worker.log(), "the fix in orders/compat.py did not run"
+        assert unacked(server.client(), prefix) == queued(server.client(), prefix) == 0
+
+        after = place(1, 2, 2)
+        assert of(after).exclude(timer_armed_for=None).count() == 1, "armed after the restart"
+        wait_for(
+            lambda: of(after).filter(status=Status.CANCELLED).exists(), 30, "its timer to fire"
+        )
+        assert of(held).filter(status=Status.CREATED).count() == len(held)
+        out = io.StringIO()
+        call_command("orders_rearm", stdout=out, stderr=io.StringIO())
+        wait_for(
+            lambda: not of(held).filter(status=Status.CREATED).exists(),
+            30,
+            "the rearmed timers to fire",
+        )
+        wait_for(lambda: drained(server, prefix), 30, "every timer to run")
+        assert worker.proc.poll() is None
+        assert worker.pid == pid, "the timers fired in the worker that lived through the restart"
+        assert "Unrecoverable error" not in worker.log()
+
+    found = report(
+        "Redis restarted under a worker holding timers",
+        held + after,
+        timers_held_and_lost=len(held),
+        rearmed=re.findall(r"Re-armed (\d+)", out.getvalue()),
+    )
+    assert found == []
+    assert expired_by(of(held + after)) == {"expiry timer": len(held) + len(after)}
 
 
 # d. Paid while Redis is down ---------------------------------------------------------

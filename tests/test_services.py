@@ -625,7 +625,9 @@ def test_payment_for_an_unknown_order_is_not_found(order_id: Any) -> None:
         lambda oid: services.extend_order(order_id=oid, seconds=60, by="customer"),
         lambda oid: services.ship_order(order_id=oid),
         lambda oid: services.refund_order(order_id=oid, by="staff", reason="r"),
-        lambda oid: services.record_parcel_status(order_id=oid, status="returned"),
+        lambda oid: services.record_parcel_status(
+            order_id=oid, tracking_number="TRK-1", status="returned"
+        ),
     ],
     ids=["record_payment", "cancel_order", "extend_order", "ship_order", "refund", "parcel"],
 )
@@ -1135,7 +1137,9 @@ def delivered_order() -> Order:
 def test_returned_parcel_refunds_and_closes_the_order() -> None:
     order = delivered_order()
 
-    services.record_parcel_status(order_id=order.pk, status="returned")
+    services.record_parcel_status(
+        order_id=order.pk, tracking_number=order.tracking_number, status="returned"
+    )
 
     order = reloaded(order)
     assert (order.status, order.cancel_reason) == (Status.CANCELLED, CancelReason.REFUND)
@@ -1149,8 +1153,12 @@ def test_returned_parcel_refunds_and_closes_the_order() -> None:
 def test_returned_parcel_reported_twice_is_refunded_once() -> None:
     order = delivered_order()
 
-    services.record_parcel_status(order_id=order.pk, status="returned")
-    services.record_parcel_status(order_id=order.pk, status="returned")
+    services.record_parcel_status(
+        order_id=order.pk, tracking_number=order.tracking_number, status="returned"
+    )
+    services.record_parcel_status(
+        order_id=order.pk, tracking_number=order.tracking_number, status="returned"
+    )
 
     assert transitions(order) == ["pay", "ship", "refund", "close"]
 
@@ -1159,7 +1167,9 @@ def test_returned_parcel_reported_twice_is_refunded_once() -> None:
 def test_parcel_on_its_way_changes_nothing(status: str) -> None:
     order = delivered_order()
 
-    services.record_parcel_status(order_id=order.pk, status=status)
+    services.record_parcel_status(
+        order_id=order.pk, tracking_number=order.tracking_number, status=status
+    )
 
     assert reloaded(order).status == Status.DELIVERED
     assert transitions(order) == ["pay", "ship"]
@@ -1170,7 +1180,9 @@ def test_unknown_parcel_status_is_refused(status: Any) -> None:
     order = delivered_order()
 
     with pytest.raises(InvalidInput, match="status"):
-        services.record_parcel_status(order_id=order.pk, status=status)
+        services.record_parcel_status(
+            order_id=order.pk, tracking_number=order.tracking_number, status=status
+        )
 
     assert reloaded(order).status == Status.DELIVERED
 
@@ -1400,7 +1412,7 @@ def test_order_refunded_is_sent_once_after_commit(
     receipts: Callable[[Signal], list[dict[str, Any]]],
     django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
-    order = paid_order()
+    order = services.ship_order(order_id=paid_order().pk, now=at(30))
     refunded = receipts(signals.order_refunded)
     cancelled = receipts(signals.order_cancelled)
 
@@ -1408,7 +1420,9 @@ def test_order_refunded_is_sent_once_after_commit(
         services.refund_order(order_id=order.pk, by="staff", reason="damaged", now=at(60))
         with pytest.raises(InvalidTransition):
             services.refund_order(order_id=order.pk, by="staff", reason="damaged", now=at(70))
-        services.record_parcel_status(order_id=order.pk, status="returned")
+        services.record_parcel_status(
+            order_id=order.pk, tracking_number=order.tracking_number, status="returned"
+        )
         assert refunded == []
 
     assert [(r["sender"], r["order"].pk) for r in refunded] == [(Order, order.pk)]

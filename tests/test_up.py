@@ -1,6 +1,8 @@
 """The run command, as a new user runs it: ``manage.py up`` (what ``.ci/up`` calls after
 installing) starts web, worker and beat; the printed login works and a short order
-placed through the printed API token is cancelled by the worker it started."""
+placed through the printed API token is cancelled by the worker it started. A worker
+killed under it is started again (config/supervise.py), without stopping web and beat,
+and the new worker cancels the next order."""
 
 from __future__ import annotations
 
@@ -47,7 +49,9 @@ def request(
         return exc.code, exc.read()
 
 
-def test_up_runs_web_worker_and_beat_and_its_login_and_token_work(tmp_path: Path) -> None:
+def test_up_runs_web_worker_and_beat_its_login_and_token_work_and_a_killed_worker_comes_back(
+    tmp_path: Path,
+) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")} | {
         "DJANGO_SETTINGS_MODULE": "config.settings",
@@ -68,7 +72,10 @@ def test_up_runs_web_worker_and_beat_and_its_login_and_token_work(tmp_path: Path
     try:
         base = f"http://127.0.0.1:{port}"
         output = wait_for_output(
-            log_path, proc, r"webhooks +X-Orders-Signature secret \S+\n", timeout=90
+            log_path,
+            proc,
+            r"webhooks +payment secret whsec_\S+\n +logistics secret whsec_\S+\n",
+            timeout=90,
         )
         login = re.search(r"login (\S+) / (\S+)", output)
         token = re.search(r"Bearer (\S+)", output)
@@ -93,6 +100,25 @@ def test_up_runs_web_worker_and_beat_and_its_login_and_token_work(tmp_path: Path
             30,
             "the worker started by `up` to expire the order",
         )
+
+        [worker] = re.findall(r"worker started \(pid=(\d+)\)", log_path.read_text())
+        os.killpg(int(worker), signal.SIGKILL)  # the worker and its pool, as a crash would
+        wait_for_output(log_path, proc, r"(?s)worker started .*worker started ", timeout=30)
+        wait_for_output(log_path, proc, r"(?s)celery@\S+ ready.*celery@\S+ ready", timeout=60)
+        status, body = request(
+            f"{base}/api/orders/",
+            headers=auth,
+            data=json.dumps({"amount": "9.99", "timeout_seconds": 2}).encode(),
+        )
+        assert status == 201, body
+        order_url = f"{base}/api/orders/{json.loads(body)['id']}/"
+        wait_until(
+            lambda: json.loads(request(order_url, headers=auth)[1])["status"] == "cancelled",
+            30,
+            "the restarted worker to expire the next order",
+        )
+        output = log_path.read_text()
+        assert len(re.findall(r"(web|beat) started", output)) == 2, "web and beat kept running"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

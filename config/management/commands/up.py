@@ -1,10 +1,11 @@
-"""``manage.py up``: set everything up and run web, worker and beat together (honcho)."""
+"""``manage.py up``: set everything up and run web, worker and beat together, each
+started again if it exits (config/supervise.py)."""
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
-import shutil
 import sys
 from typing import Any
 
@@ -17,10 +18,16 @@ from django.core.management.base import BaseCommand, CommandParser
 from config.settings import BASE_DIR
 
 
+def webhook_secret() -> str:
+    """A fresh Standard Webhooks secret: "whsec_" + base64 of 32 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
 class Command(BaseCommand):
     help = (
         "Apply migrations, create a staff login with a fresh random password, and run the "
-        "web server, a Celery worker and Celery beat together (config/Procfile, via honcho). "
+        "web server, a Celery worker and Celery beat together (config/Procfile), starting again "
+        "any that exits (config/supervise.py). "
         "Uses DATABASE_URL and REDIS_URL when set, else SQLite and an embedded Redis."
     )
 
@@ -45,7 +52,10 @@ class Command(BaseCommand):
             "PORT": str(port),
             "DEBUG": os.environ.get("DEBUG", "1"),  # runserver serves the admin's static files
             "ORDERS_API_TOKEN": settings.ORDERS["API_TOKEN"] or secrets.token_urlsafe(24),
-            "ORDERS_WEBHOOK_SECRET": settings.ORDERS["WEBHOOK_SECRET"] or secrets.token_urlsafe(24),
+            "ORDERS_PAYMENT_WEBHOOK_SECRET": settings.ORDERS["PAYMENT_WEBHOOK_SECRET"]
+            or webhook_secret(),
+            "ORDERS_LOGISTICS_WEBHOOK_SECRET": settings.ORDERS["LOGISTICS_WEBHOOK_SECRET"]
+            or webhook_secret(),
             "PYTHONUNBUFFERED": "1",
         }
         db = settings.DATABASES["default"]
@@ -56,7 +66,8 @@ class Command(BaseCommand):
         )
         settings.ORDERS |= {
             "API_TOKEN": env["ORDERS_API_TOKEN"],
-            "WEBHOOK_SECRET": env["ORDERS_WEBHOOK_SECRET"],
+            "PAYMENT_WEBHOOK_SECRET": env["ORDERS_PAYMENT_WEBHOOK_SECRET"],
+            "LOGISTICS_WEBHOOK_SECRET": env["ORDERS_LOGISTICS_WEBHOOK_SECRET"],
         }
         call_command("check")
         self.stdout.write(
@@ -65,11 +76,11 @@ class Command(BaseCommand):
             f"  admin      http://127.0.0.1:{port}/admin/   login {username} / {password}\n"
             f"  api        http://127.0.0.1:{port}/api/orders/   "
             f"Authorization: Bearer {env['ORDERS_API_TOKEN']}\n"
-            f"  webhooks   X-Orders-Signature secret {env['ORDERS_WEBHOOK_SECRET']}\n\n"
+            f"  webhooks   payment secret {env['ORDERS_PAYMENT_WEBHOOK_SECRET']}\n"
+            f"             logistics secret {env['ORDERS_LOGISTICS_WEBHOOK_SECRET']}\n\n"
         )
         self.stdout.flush()
-        honcho = shutil.which("honcho", path=os.path.dirname(sys.executable)) or "honcho"
         # The children run with this interpreter, so that they find the same packages.
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         os.chdir(BASE_DIR)
-        os.execvpe(honcho, [honcho, "-f", "config/Procfile", "-d", ".", "start"], env)
+        os.execve(sys.executable, [sys.executable, "-m", "config.supervise"], env)
