@@ -89,7 +89,8 @@ def world() -> World:
 
 @contextmanager
 def nothing_changes() -> Iterator[None]:
-    """Every row of orders, payments, transitions and parcel events is the same after."""
+    """Every row of orders, payments, transitions, parcel events and stored answers
+    (tests/dbstate.py) is the same after."""
     before = snapshot()
     yield
     after = snapshot()
@@ -128,8 +129,9 @@ WEBHOOKS = [
     ("/webhooks/payment/", PAY | {"amount": "1.00"}),
     ("/webhooks/logistics/", PARCEL),
 ]
-OTHER_PROVIDER = {"/webhooks/payment/": "/webhooks/logistics/"} | {
-    "/webhooks/logistics/": "/webhooks/payment/"
+OTHER_PROVIDER = {
+    "/webhooks/payment/": "/webhooks/logistics/",
+    "/webhooks/logistics/": "/webhooks/payment/",
 }
 
 
