@@ -94,6 +94,7 @@ ORDERS = {
     # Standard Webhooks secrets ("whsec_" + base64), one per provider.
     "PAYMENT_WEBHOOK_SECRET": env("ORDERS_PAYMENT_WEBHOOK_SECRET", default=""),
     "LOGISTICS_WEBHOOK_SECRET": env("ORDERS_LOGISTICS_WEBHOOK_SECRET", default=""),
+    "METRICS_TOKEN": env("ORDERS_METRICS_TOKEN", default=""),
 }
 
 # Celery, on Redis. An unset REDIS_URL means the embedded server (started on demand).

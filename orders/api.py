@@ -221,24 +221,46 @@ def order_id_of(value: str) -> uuid.UUID:
 # Authentication -----------------------------------------------------------------------
 
 
-def require_api_token(request: HttpRequest) -> None:
-    expected = get_settings().API_TOKEN
+def require_token(request: HttpRequest, *, setting: str, what: str) -> None:
+    """``Authorization: Bearer <ORDERS[setting]>``; ``what`` names the token in errors."""
+    expected = getattr(get_settings(), setting)
     if not expected:
-        raise Refused(
-            503, "The orders API is not configured: the server has no ORDERS['API_TOKEN']."
-        )
+        raise Refused(503, f"The {what} is not configured: the server has no ORDERS[{setting!r}].")
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Refused(
             401,
-            "Authentication required: send the header 'Authorization: Bearer <API token>'.",
+            f"Authentication required: send the header 'Authorization: Bearer <{what}>'.",
             {"WWW-Authenticate": "Bearer"},
         )
     # Bytes, because compare_digest refuses str with non-ASCII characters.
     if not hmac.compare_digest(token.strip().encode(), expected.encode()):
         raise Refused(
-            401, "The API token is not valid.", {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+            401, f"The {what} is not valid.", {"WWW-Authenticate": 'Bearer error="invalid_token"'}
         )
+
+
+def require_api_token(request: HttpRequest) -> None:
+    """The storefront's token: it places and cancels orders."""
+    require_token(request, setting="API_TOKEN", what="API token")
+
+
+def is_operator(request: HttpRequest) -> bool:
+    """A staff login allowed to view orders (a look from the browser)."""
+    user = getattr(request, "user", None)
+    return bool(
+        user is not None
+        and user.is_authenticated
+        and user.is_staff
+        and user.has_perm("orders.view_order")
+    )
+
+
+def require_operator(request: HttpRequest) -> None:
+    """The operators' reads (``/metrics``, the details of ``/health/``): an operator's
+    login, or the read-only metrics token (a scraper), never the API's write token."""
+    if not is_operator(request):
+        require_token(request, setting="METRICS_TOKEN", what="metrics token")
 
 
 def api_endpoint(*methods: str) -> Callable[[View], View]:

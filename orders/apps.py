@@ -12,9 +12,13 @@ class OrdersConfig(AppConfig):
         from celery.signals import worker_init
 
         from orders import checks  # noqa: F401  (registers the system checks)
+        from orders.heartbeat import add_to_worker
 
-        # In every Celery worker of whichever project installs the app, not in web processes.
+        # In every Celery worker of whichever project installs the app, not in web
+        # processes. Celery sets Django up (and so calls this) before it sends worker_init.
         worker_init.connect(_fix_broker_bugs, dispatch_uid="orders.compat", weak=False)
+        # The heartbeat that /health/ reads.
+        worker_init.connect(add_to_worker, dispatch_uid="orders.heartbeat", weak=False)
 
 
 def _fix_broker_bugs(**kwargs: Any) -> None:

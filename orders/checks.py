@@ -143,6 +143,16 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
                 )
             )
     errors += _check_webhook_secrets(merged)
+    if merged["METRICS_TOKEN"] and merged["METRICS_TOKEN"] == merged["API_TOKEN"]:
+        errors.append(
+            Error(
+                "ORDERS['METRICS_TOKEN'] is the same as ORDERS['API_TOKEN'].",
+                hint="The metrics token is read-only and sits in the scraper's configuration; "
+                "the API token places and cancels orders. Give the metrics token its own "
+                "random value (e.g. python -c 'import secrets; print(secrets.token_urlsafe())').",
+                id="orders.E011",
+            )
+        )
     return errors
 
 

@@ -57,6 +57,10 @@ DEFAULTS: dict[str, Any] = {
     # How long the answer to an Idempotency-Key of POST /api/orders/ is kept (seconds):
     # a client retrying the same key within this gets the first order back.
     "IDEMPOTENCY_KEY_TTL": 24 * 3600,
+    # The operators' read-only token: /metrics and the details of /health/. Empty means
+    # "no Bearer access" (staff with the permission orders.view_order still get in). Keep
+    # it apart from API_TOKEN, which places and cancels orders.
+    "METRICS_TOKEN": "",
 }
 
 
@@ -83,6 +87,7 @@ class OrdersSettings:
     PAYMENT_WEBHOOK_SECRET: str
     LOGISTICS_WEBHOOK_SECRET: str
     IDEMPOTENCY_KEY_TTL: int
+    METRICS_TOKEN: str
 
     @property
     def default_timeout(self) -> timedelta:

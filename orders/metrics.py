@@ -8,7 +8,7 @@ scrape runs a handful of aggregate queries (no rows are loaded), so scraping eve
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -36,7 +36,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from orders.api import json_endpoint, require_api_token
+from orders.api import json_endpoint, require_operator
 from orders.conf import get_settings
 from orders.models import CancelReason, Order, OrderTransition, Payment, Status, SweepRun
 from orders.services import LATE_PAYMENT_REASON, SWEEP, TIMER
@@ -274,18 +274,19 @@ class OrdersCollector(Collector):
 # The view -------------------------------------------------------------------------------
 
 
-def require_staff_or_api_token(request: HttpRequest) -> None:
-    """A logged-in staff member (a look from the browser), or the API's Bearer token (the
-    scraper)."""
-    user = getattr(request, "user", None)
-    if user is not None and user.is_authenticated and user.is_staff:
-        return
-    require_api_token(request)
-
-
-@json_endpoint("GET", authenticate=require_staff_or_api_token)
+@json_endpoint("GET", authenticate=require_operator)
 def metrics_view(request: HttpRequest) -> HttpResponse:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(OrdersCollector())
-    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    encoder, content_type = exposition_format(request.headers.get("Accept", ""))
     return HttpResponse(encoder(registry), content_type=content_type)
+
+
+def exposition_format(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
+    """The format the scraper asks for, or Prometheus's text format when its ``Accept``
+    header cannot be read (``version=abc`` makes ``choose_encoder`` raise): content
+    negotiation falls back to what the server has rather than failing the scrape."""
+    try:
+        return choose_encoder(accept)
+    except (TypeError, ValueError):
+        return choose_encoder("")

@@ -31,6 +31,35 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: How long a publish waits for a free connection in the process's broker pool when the
+#: Celery app sets no ``broker_pool_acquire_timeout`` (seconds).
+POOL_WAIT = 2.0
+
+
+def publish(task: Any, **options: Any) -> None:
+    """``task.apply_async(**options)`` on a connection from the Celery app's broker pool,
+    waiting a bounded time for one (``broker_pool_acquire_timeout``, else POOL_WAIT).
+
+    Celery's own publish takes a producer from a pool and then, for it, a connection
+    from the connection pool with no time limit: once something holds all
+    ``broker_pool_limit`` connections, every request that publishes hangs for good. An
+    empty pool here is "the broker is unreachable" (OperationalError): the order is
+    saved and the sweep arms its timer later."""
+    app = task.app
+    timeout = app.conf.get("broker_pool_acquire_timeout") or POOL_WAIT
+    try:
+        connection = app.pool.acquire(block=True, timeout=timeout)
+    except kombu.exceptions.LimitExceeded:
+        raise kombu.exceptions.OperationalError(
+            f"all {app.pool.limit} broker connections of this process stayed in use for "
+            f"{timeout:g}s (broker_pool_limit)"
+        ) from None
+    with connection:
+        # ``connection=`` (public, documented): the producer is made on this connection
+        # instead of being taken from the producer pool.
+        task.apply_async(connection=connection, **options)
+
+
 def within_horizon(deadline: datetime, now: datetime | None = None) -> bool:
     horizon = timedelta(seconds=get_settings().TIMER_HORIZON)
     return deadline - (now or timezone.now()) <= horizon
@@ -61,7 +90,7 @@ def _publish_expiry_timer(order_id: str, deadline: datetime) -> None:
 
     countdown = max(0.0, (deadline - timezone.now()).total_seconds())
     try:
-        expire_order_task.apply_async(args=(order_id,), countdown=countdown)
+        publish(expire_order_task, args=(order_id,), countdown=countdown)
     except BROKER_ERRORS as exc:
         _forget_timer(order_id, deadline, exc)
     else:
@@ -98,7 +127,7 @@ def _publish_bucket_timer(order_id: str, deadline: datetime) -> None:
         if not client.set(key, order_id, nx=True, ex=int(countdown) + 3600):
             return
         try:
-            expire_bucket_task.apply_async(args=(bucket,), countdown=countdown)
+            publish(expire_bucket_task, args=(bucket,), countdown=countdown)
         except BROKER_ERRORS:
             client.delete(key)  # let the next order of this bucket try again
             raise
@@ -150,9 +179,9 @@ def enqueue_on_commit(task: Any, *args: str, what: str) -> None:
 
 
 def _publisher(task: Any, args: tuple[str, ...], what: str) -> Callable[[], None]:
-    def publish() -> None:
+    def send() -> None:
         try:
-            task.apply_async(args=args)
+            publish(task, args=args)
         except BROKER_ERRORS as exc:
             logger.error(
                 "Could not queue %s for %s, the broker is unreachable (%s); "
@@ -168,4 +197,4 @@ def _publisher(task: Any, args: tuple[str, ...], what: str) -> Callable[[], None
                 },
             )
 
-    return publish
+    return send

@@ -17,6 +17,7 @@ ORDERS = ORDERS | {
     # Standard Webhooks secrets: "whsec_" + base64 of 32 bytes, one per provider.
     "PAYMENT_WEBHOOK_SECRET": "whsec_dGVzdC1wYXltZW50LXdlYmhvb2stc2VjcmV0LXh4eHg=",
     "LOGISTICS_WEBHOOK_SECRET": "whsec_dGVzdC1sb2dpc3RpY3Mtd2ViaG9vay1zZWNyZXQteHg=",
+    "METRICS_TOKEN": "test-metrics-token",
 }
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 

@@ -239,3 +239,16 @@ def test_several_problems_are_reported_together(settings: Settings) -> None:
 @pytest.mark.parametrize("currency", ["cny", "EURO", ""])
 def test_currency_that_is_not_an_iso_code_is_reported(settings: Settings, currency: str) -> None:
     assert ids_with(settings, CURRENCY=currency) == ["orders.E008"]
+
+
+def test_metrics_token_equal_to_the_api_token_is_reported(settings: Settings) -> None:
+    [message] = messages_with(settings, API_TOKEN="one-token", METRICS_TOKEN="one-token")
+
+    assert message.id == "orders.E011"
+    assert message.is_serious()
+    assert "METRICS_TOKEN" in message.msg
+
+
+def test_empty_metrics_token_is_allowed(settings: Settings) -> None:
+    """Without it, only staff logins read /metrics: a choice, not a mistake."""
+    assert ids_with(settings, METRICS_TOKEN="") == []

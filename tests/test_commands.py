@@ -8,13 +8,13 @@ import time
 from datetime import timedelta
 
 import pytest
+from celery import current_app
 from django.core.management import call_command, load_command_class
 from django.core.management.base import CommandError
 from django.utils import timezone
 from pytest_django import Settings
 
-from config.management.commands import orders_demo
-from orders import services
+from orders import broker, heartbeat, services
 from orders.models import Order, Status, SweepRun
 from tests.conftest import WorkerProcess
 
@@ -91,6 +91,27 @@ def test_orders_status_shows_what_the_last_sweep_found() -> None:
 
 
 @pytest.mark.django_db
+def test_orders_status_names_the_workers_whose_heartbeat_is_fresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Keys of a deployment of this test's own: only the worker it makes up beats there.
+    options = current_app.conf.broker_transport_options | {"global_keyprefix": "orders-st-1:"}
+    monkeypatch.setitem(current_app.conf, "broker_transport_options", options)
+    client = broker.redis_client()
+    client.delete(heartbeat.heartbeat_key())
+
+    assert "Workers: none has written a heartbeat within 30s" in run("orders_status")
+
+    heartbeat.beat(client, "w1@shop")
+    try:
+        line = re.search(r"Workers: .*", run("orders_status"))
+        assert line, "no Workers line"
+        assert re.fullmatch(r"Workers: 1 alive, last heartbeat: w1@shop \(\d\.\ds ago\)\.", line[0])
+    finally:
+        client.delete(heartbeat.heartbeat_key())
+
+
+@pytest.mark.django_db
 def test_orders_sweep_expires_overdue_orders_and_says_how_many() -> None:
     now = timezone.now()
     overdue = services.place_order(amount="10.00", timeout=10, now=now - timedelta(minutes=1))
@@ -155,9 +176,11 @@ def test_orders_demo_shows_the_lifecycle_land_live_against_a_real_worker(
 def test_orders_demo_without_a_worker_explains_how_to_start_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(orders_demo, "ping_workers", lambda timeout: 0)
+    # Keys of a deployment that no worker serves: no heartbeat there.
+    options = current_app.conf.broker_transport_options | {"global_keyprefix": "orders-nobody:"}
+    monkeypatch.setitem(current_app.conf, "broker_transport_options", options)
 
-    with pytest.raises(CommandError, match=r"No Celery worker answered.*`\.ci/up`"):
+    with pytest.raises(CommandError, match=r"No Celery worker has written a heartbeat.*`\.ci/up`"):
         run("orders_demo")
     assert not Order.objects.exists()
 

@@ -17,21 +17,31 @@ from typing import Any
 import kombu.exceptions
 import kombu.pools
 import pytest
+import redis
 from celery import current_app
 from django.conf import settings
-from django.contrib.auth.models import User
+from django.contrib.auth.models import Permission, User
 from django.test import Client
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_django import DjangoCaptureOnCommitCallbacks
 
-from orders import services
+from orders import broker, heartbeat, services
 from orders.logging import JsonFormatter
 from orders.models import SweepRun
 from orders.tasks import expire_order_task
 from tests.conftest import BASE_DIR, WorkerProcess
 
-TOKEN = {"HTTP_AUTHORIZATION": "Bearer test-api-token"}
+#: The operators' read-only token (/metrics, /health/ details), and the API's.
+TOKEN = {"HTTP_AUTHORIZATION": "Bearer test-metrics-token"}
+API_TOKEN = {"HTTP_AUTHORIZATION": "Bearer test-api-token"}
+
+
+def operator(username: str = "operator") -> User:
+    """A staff member allowed to view orders."""
+    user = User.objects.create_user(username, is_staff=True)
+    user.user_permissions.add(Permission.objects.get(codename="view_order"))
+    return user
 
 
 def scrape(client: Client) -> dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
@@ -163,17 +173,52 @@ def test_metrics_speak_openmetrics_to_a_scraper_that_asks(client: Client) -> Non
 
 
 @pytest.mark.django_db
-def test_metrics_need_the_api_token_or_a_staff_login(client: Client) -> None:
+def test_metrics_fall_back_to_the_text_format_on_an_unreadable_accept_header(
+    client: Client,
+) -> None:
+    for accept in (
+        "application/openmetrics-text; version=abc",
+        "text/plain; version=1.x.0",
+        "application/openmetrics-text; version=1e400",
+    ):
+        response = client.get("/metrics", HTTP_ACCEPT=accept, **TOKEN)  # type: ignore[arg-type]
+
+        assert response.status_code == 200, accept
+        assert response["Content-Type"].startswith("text/plain; version=0.0.4"), accept
+        assert b"orders_by_status" in response.content
+
+
+@pytest.mark.django_db
+def test_metrics_need_the_metrics_token_or_a_staff_login_allowed_to_view_orders(
+    client: Client,
+) -> None:
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 401
+    # The API's token places and cancels orders: a scraper does not get it.
+    assert client.get("/metrics", **API_TOKEN).status_code == 401  # type: ignore[arg-type]
 
     client.force_login(User.objects.create_user("customer"))
     assert client.get("/metrics").status_code == 401, "a login alone is not enough"
+    client.force_login(User.objects.create_user("clerk", is_staff=True))
+    assert client.get("/metrics").status_code == 401, "staff without orders.view_order"
 
-    client.force_login(User.objects.create_user("operator", is_staff=True))
+    client.force_login(operator())
     response = client.get("/metrics")
     assert response.status_code == 200
     assert b"orders_by_status" in response.content
+
+
+@pytest.mark.django_db
+def test_metrics_refuse_bearer_access_without_a_metrics_token(
+    client: Client, settings: Any
+) -> None:
+    settings.ORDERS = settings.ORDERS | {"METRICS_TOKEN": ""}
+
+    response = client.get("/metrics", HTTP_AUTHORIZATION="Bearer ")
+    assert response.status_code == 503
+    assert "METRICS_TOKEN" in response.json()["error"]
+    client.force_login(operator())
+    assert client.get("/metrics").status_code == 200, "operators still get in"
 
 
 @pytest.mark.django_db
@@ -187,26 +232,36 @@ def test_metrics_refuse_anything_but_get(client: Client) -> None:
 # /health/ --------------------------------------------------------------------------------
 
 
-def health(client: Client) -> tuple[int, dict[str, Any]]:
-    response = client.get("/health/")
+def health(client: Client, **headers: str) -> tuple[int, dict[str, Any]]:
+    response = client.get("/health/", **headers)  # type: ignore[arg-type]
     assert response["Content-Type"] == "application/json"
     return response.status_code, response.json()
 
 
+def use_own_heartbeats(monkeypatch: pytest.MonkeyPatch) -> redis.Redis:
+    """Keys of a deployment of this test's own, so that the suite's worker's heartbeat
+    is not seen; a client on the broker's Redis."""
+    options = current_app.conf.broker_transport_options | {
+        "global_keyprefix": f"orders-hb-{uuid.uuid4().hex[:8]}:"
+    }
+    monkeypatch.setitem(current_app.conf, "broker_transport_options", options)
+    return broker.redis_client()
+
+
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
-def test_health_is_ok_with_the_database_redis_a_worker_and_a_recent_sweep(
+def test_health_is_ok_with_the_database_redis_a_worker_heartbeat_and_a_recent_sweep(
     client: Client, celery_worker_process: WorkerProcess
 ) -> None:
     services.sweep()  # as beat does
 
-    status, body = health(client)
+    status, body = health(client, **TOKEN)
 
     assert status == 200, body
     assert body["status"] == "ok"
     assert set(body["checks"]) == {"database", "redis", "workers", "beat"}
     assert all(check["ok"] for check in body["checks"].values()), body
-    assert "a worker answered" in body["checks"]["workers"]["detail"]
+    assert "alive, last heartbeat: suite@" in body["checks"]["workers"]["detail"]
 
 
 @pytest.mark.integration
@@ -214,7 +269,7 @@ def test_health_is_ok_with_the_database_redis_a_worker_and_a_recent_sweep(
 def test_health_is_503_when_beat_has_not_swept_for_two_intervals(
     client: Client, celery_worker_process: WorkerProcess
 ) -> None:
-    status, body = health(client)
+    status, body = health(client, **TOKEN)
     assert status == 503
     assert body["status"] == "failing"
     assert body["checks"]["beat"] == {
@@ -225,19 +280,19 @@ def test_health_is_503_when_beat_has_not_swept_for_two_intervals(
 
     interval = settings.ORDERS["SWEEP_INTERVAL"]
     SweepRun.objects.create(at=timezone.now() - timedelta(seconds=2 * interval + 5))
-    status, body = health(client)
+    status, body = health(client, **TOKEN)
     assert status == 503
     assert "more than twice SWEEP_INTERVAL" in body["checks"]["beat"]["detail"]
 
 
 @pytest.mark.django_db
-def test_health_is_503_without_asking_workers_when_redis_is_unreachable(
+def test_health_is_503_without_reading_heartbeats_when_redis_is_unreachable(
     client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     SweepRun.objects.create()
     monkeypatch.setattr(current_app.conf, "broker_url", "redis://:s3cret@127.0.0.1:1/0")
 
-    status, body = health(client)
+    status, body = health(client, **TOKEN)
 
     assert status == 503
     assert body["checks"]["database"]["ok"]
@@ -250,6 +305,67 @@ def test_health_is_503_without_asking_workers_when_redis_is_unreachable(
     text = json.dumps(body)
     assert "s3cret" not in text, "the health check must not reveal the broker's URL"
     assert "127.0.0.1" not in text
+
+
+@pytest.mark.django_db
+def test_workers_count_as_alive_only_while_their_heartbeat_is_fresh(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    SweepRun.objects.create()
+    redis_client = use_own_heartbeats(monkeypatch)
+    status, body = health(client, **TOKEN)
+    assert status == 503
+    assert body["checks"]["workers"] == {
+        "ok": False,
+        "detail": "no worker heartbeat within 30s; is a celery worker running?",
+    }
+
+    heartbeat.beat(redis_client, "w1@shop")
+    # A worker whose last beat is older than the TTL is gone, even if still listed.
+    seconds, _ = redis_client.time()
+    redis_client.zadd(heartbeat.heartbeat_key(), {"w2@shop": seconds - heartbeat.TTL - 1})
+    status, body = health(client, **TOKEN)
+    assert status == 200, body
+    detail = body["checks"]["workers"]["detail"]
+    assert detail.startswith("1 alive, last heartbeat: w1@shop (0s ago)"), detail
+    assert "w2@shop" not in detail
+
+    # A worker that stops says so at once.
+    heartbeat.forget(redis_client, "w1@shop")
+    assert health(client, **TOKEN)[0] == 503
+    assert redis_client.ttl(heartbeat.heartbeat_key()) <= heartbeat.TTL
+
+
+@pytest.mark.django_db
+def test_health_tells_anyone_only_ok_or_failing(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    SweepRun.objects.create()
+    heartbeat.beat(use_own_heartbeats(monkeypatch), "w1@shop")
+
+    response = client.get("/health/")
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+    assert response["Cache-Control"] == "no-store"
+    assert client.head("/health/").status_code == 200
+
+    SweepRun.objects.all().delete()
+    response = client.get("/health/")
+    assert (response.status_code, response.json()) == (503, {"status": "failing"})
+
+
+@pytest.mark.django_db
+def test_health_details_need_the_metrics_token_or_an_operator_login(client: Client) -> None:
+    status, body = health(client, HTTP_AUTHORIZATION="Bearer wrong")
+    assert status == 401
+    assert body == {"error": "The metrics token is not valid."}
+    # The API's write token is not an operator's credential.
+    assert health(client, **API_TOKEN)[0] == 401
+    assert "checks" in health(client, **TOKEN)[1]
+
+    client.force_login(User.objects.create_user("clerk", is_staff=True))
+    assert set(health(client)[1]) == {"status"}, "staff without orders.view_order"
+    client.force_login(operator())
+    assert set(health(client)[1]) == {"status", "checks"}
 
 
 # Logs ------------------------------------------------------------------------------------

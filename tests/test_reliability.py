@@ -27,7 +27,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 from pytest_django import Settings
 
-from orders import services
+from orders import heartbeat, services
 from orders.models import Order, Payment, Status
 from tests.chaos import (
     EXPIRED,
@@ -419,6 +419,12 @@ def test_worker_holding_timers_survives_a_redis_restart_and_fires_the_timers_arm
         assert worker.proc.poll() is None, "the worker died: " + restart_if_dead(worker)
         assert "finishing the close" in worker.log(), "the fix in orders/compat.py did not run"
         assert unacked(server.client(), prefix) == queued(server.client(), prefix) == 0
+        # The restarted consumer writes its heartbeat into the emptied Redis again.
+        wait_for(
+            lambda: len(heartbeat.live_workers(server.client())) == 1,
+            15,
+            "the worker's heartbeat to come back",
+        )
 
         after = place(1, 2, 2)
         assert of(after).exclude(timer_armed_for=None).count() == 1, "armed after the restart"

@@ -56,6 +56,7 @@ class Command(BaseCommand):
             or webhook_secret(),
             "ORDERS_LOGISTICS_WEBHOOK_SECRET": settings.ORDERS["LOGISTICS_WEBHOOK_SECRET"]
             or webhook_secret(),
+            "ORDERS_METRICS_TOKEN": settings.ORDERS["METRICS_TOKEN"] or secrets.token_urlsafe(24),
             "PYTHONUNBUFFERED": "1",
         }
         db = settings.DATABASES["default"]
@@ -68,6 +69,7 @@ class Command(BaseCommand):
             "API_TOKEN": env["ORDERS_API_TOKEN"],
             "PAYMENT_WEBHOOK_SECRET": env["ORDERS_PAYMENT_WEBHOOK_SECRET"],
             "LOGISTICS_WEBHOOK_SECRET": env["ORDERS_LOGISTICS_WEBHOOK_SECRET"],
+            "METRICS_TOKEN": env["ORDERS_METRICS_TOKEN"],
         }
         call_command("check")
         self.stdout.write(
@@ -76,6 +78,8 @@ class Command(BaseCommand):
             f"  admin      http://127.0.0.1:{port}/admin/   login {username} / {password}\n"
             f"  api        http://127.0.0.1:{port}/api/orders/   "
             f"Authorization: Bearer {env['ORDERS_API_TOKEN']}\n"
+            f"  metrics    http://127.0.0.1:{port}/metrics   "
+            f"Authorization: Bearer {env['ORDERS_METRICS_TOKEN']}\n"
             f"  webhooks   payment secret {env['ORDERS_PAYMENT_WEBHOOK_SECRET']}\n"
             f"             logistics secret {env['ORDERS_LOGISTICS_WEBHOOK_SECRET']}\n\n"
         )

@@ -1,4 +1,5 @@
-"""``manage.py orders_status``: the shop at a glance, from the database."""
+"""``manage.py orders_status``: the shop at a glance, from the database, and which
+workers are alive from their heartbeats."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 from django.utils import timezone
 
+from orders import broker, heartbeat
 from orders.conf import get_settings
 from orders.metrics import Snapshot, read_snapshot
 from orders.models import Order, Status
@@ -19,7 +21,8 @@ class Command(BaseCommand):
         "status, the next payment deadlines and whether their timers are armed, the "
         "oldest unpaid order past its deadline (there should be none: its timer was "
         "lost and the sweep has not caught it yet), what the last sweep found, and the "
-        "shipments and refunds still waiting. Changes nothing."
+        "shipments and refunds still waiting, and which Celery workers are alive (their "
+        "heartbeats in Redis; no worker is asked anything). Changes nothing."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -59,6 +62,7 @@ class Command(BaseCommand):
             f"Refunds of payments that did not pay their order: {snap.refunds_pending} "
             f"waiting, {snap.refunds_failing} of them for more than {stale}."
         )
+        self._workers()
 
     def _next_deadlines(self, now: datetime, limit: int) -> None:
         upcoming = Order.objects.filter(status=Status.CREATED, expires_at__gte=now).order_by(
@@ -134,6 +138,30 @@ class Command(BaseCommand):
                     "crashed, or Redis lost its data)."
                 )
             )
+
+    def _workers(self) -> None:
+        client = broker.redis_client()
+        try:
+            workers = heartbeat.live_workers(client)
+        except heartbeat.REDIS_ERRORS as exc:
+            self.stdout.write(
+                self.style.WARNING(
+                    f"Workers: unknown, the broker is unreachable ({type(exc).__name__})."
+                )
+            )
+            return
+        finally:
+            client.close()
+        if not workers:
+            self.stdout.write(
+                self.style.WARNING(
+                    f"Workers: none has written a heartbeat within {heartbeat.TTL}s. Is a "
+                    "celery worker running (`celery -A <project> worker`)?"
+                )
+            )
+            return
+        alive = ", ".join(f"{worker.name} ({_duration(worker.age)} ago)" for worker in workers)
+        self.stdout.write(f"Workers: {len(workers)} alive, last heartbeat: {alive}.")
 
 
 def _duration(seconds: float) -> str:
