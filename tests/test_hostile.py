@@ -177,6 +177,29 @@ def test_the_api_refuses_anything_but_the_bearer_token(
     assert response["WWW-Authenticate"].startswith("Bearer")
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({}, id="no-header"),
+        pytest.param(AUTH, id="the-api-write-token"),
+        pytest.param({"Authorization": "Bearer garbage"}, id="garbage"),
+        pytest.param({"Authorization": "Basic test-metrics-token"}, id="basic-scheme"),
+    ],
+)
+@pytest.mark.parametrize("path", ["/metrics", "/health/"])
+def test_operator_reads_refuse_anything_but_the_metrics_token(
+    client: Client, world: World, headers: dict[str, str], path: str
+) -> None:
+    with nothing_changes():
+        response = client.get(path, headers=headers)
+
+    if path == "/health/" and not headers:
+        # The summary is open; only the details need the token.
+        assert "checks" not in response.json()
+    else:
+        assert_refused(response, 401)
+
+
 def test_the_api_refuses_everything_when_no_token_is_configured(
     client: Client, world: World, settings: Settings
 ) -> None:
