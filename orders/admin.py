@@ -5,14 +5,20 @@ is expiring and whether the timers are healthy. Every write goes through
 
 from __future__ import annotations
 
+import logging
+from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, cast
 
 import django_fsm as fsm
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.contrib.admin.options import IncorrectLookupParameters
 from django.contrib.admin.utils import quote, unquote
+from django.contrib.admin.views.main import ChangeList
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import PermissionDenied
 from django.db import models
@@ -31,6 +37,7 @@ from orders import selectors, services
 from orders.conf import get_settings
 from orders.forms import ReasonForm
 from orders.gateways import GatewayError
+from orders.logging import log_event
 from orders.models import CancelReason, Order, OrderTransition, ParcelEvent, Payment, Status
 
 if TYPE_CHECKING:
@@ -48,6 +55,8 @@ STATUS_COLOURS = {
     Status.REFUNDED: "#7b1fa2",
     Status.CANCELLED: "#6b6b6b",
 }
+logger = logging.getLogger("orders.admin")
+
 # The transitions the admin may run, each through its service; the past tense is for messages.
 _ADMIN_TRANSITIONS = {"refund": "refunded", "cancel": "cancelled"}
 # A bulk action over hundreds of orders reports this many one by one, then a count.
@@ -124,6 +133,29 @@ class ParcelEventInline(_ReadOnlyInline):
     verbose_name = "logistics event"
     verbose_name_plural = "logistics events"
     fields = readonly_fields = ("status", "source", "at")
+
+
+class OrderChangeList(ChangeList):
+    """The admin's order list, except that two kinds of filter are bad lookups like any
+    other, answered with the list and ``?e=1`` instead of a 500: a date-hierarchy link
+    outside the calendar (``?created_at__year=9999``, whose next year does not exist, or
+    a day past the last one: a ValueError or an OverflowError), and a value with a NUL
+    (``?status__exact=%00``: a DataError on PostgreSQL when the list is read)."""
+
+    def get_filters(self, request: HttpRequest) -> Any:
+        values = self.get_filters_params().values()
+        if any("\x00" in value for given in values for value in given):
+            raise IncorrectLookupParameters("A filter value contains a NUL character.")
+        try:
+            return super().get_filters(request)
+        except (ValueError, OverflowError) as exc:
+            raise IncorrectLookupParameters(exc) from exc
+
+
+def _selected_across(request: HttpRequest) -> bool:
+    """Whether the action was asked for "all N orders" of the list rather than the ticked
+    ones, read as Django's action form reads it."""
+    return bool(forms.BooleanField(required=False).clean(request.POST.get("select_across")))
 
 
 # Filters
@@ -289,6 +321,9 @@ class OrderAdmin(_ModelAdmin):
     def has_refund_permission(self, request: HttpRequest) -> bool:
         return self.has_change_permission(request) and request.user.has_perm("orders.refund_order")
 
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return OrderChangeList
+
     def save_model(
         self, request: HttpRequest, obj: models.Model, form: ModelForm[Any], change: bool
     ) -> None:
@@ -400,12 +435,39 @@ class OrderAdmin(_ModelAdmin):
         self, request: HttpRequest, queryset: QuerySet[Order]
     ) -> TemplateResponse | None:
         """Ask for one reason on a confirmation page (as "delete selected" asks for a
-        confirmation), then refund the orders one by one."""
+        confirmation), then refund the orders one by one.
+
+        Money leaves with each one, so a bulk refund takes at most ``BULK_REFUND_LIMIT``
+        orders, ticked one by one: never "all N orders" of a filter, whose N nobody saw."""
+        limit = get_settings().BULK_REFUND_LIMIT
+        refusal = None
+        if _selected_across(request):
+            refusal = (
+                "Refunds cannot be made for all the orders of the list at once. "
+                f"Tick the orders to refund (at most {limit}). Nothing was refunded."
+            )
+        elif (count := queryset.count()) > limit:
+            refusal = (
+                f"{count} orders were selected, but a bulk refund takes at most {limit} "
+                "(ORDERS['BULK_REFUND_LIMIT']). Select fewer. Nothing was refunded."
+            )
+        if refusal is not None:
+            log_event(
+                logger,
+                "admin.bulk_refund_refused",
+                "Bulk refund by {actor} refused: {refusal}",
+                level=logging.WARNING,
+                actor=str(request.user),
+                refusal=refusal,
+            )
+            self.message_user(request, refusal, level=messages.ERROR)
+            return None
         form = ReasonForm(request.POST if "post" in request.POST else None)
         if form.is_valid():
             done, refused = self._run_each(
                 request, queryset, "refund", reason=form.cleaned_data["reason"]
             )
+            _log_bulk_refund(request, done, refused)
             self._report(request, done, refused, "Refunded and closed")
             return None
         orders = [
@@ -576,6 +638,24 @@ class OrderAdmin(_ModelAdmin):
                 f"The payment gateway did not refund order {order.pk}: "
                 f"{exc}. The order is unchanged; try again later."
             ) from exc
+
+
+def _log_bulk_refund(request: HttpRequest, done: Sequence[Order], refused: Sequence[str]) -> None:
+    """One line per bulk refund: who refunded how many orders, and how much per currency."""
+    totals: defaultdict[str, Decimal] = defaultdict(Decimal)
+    for order in done:
+        totals[order.currency] += order.amount
+    amounts = {currency: str(total) for currency, total in sorted(totals.items())}
+    log_event(
+        logger,
+        "admin.bulk_refund",
+        "Bulk refund by {actor}: {refunded} orders refunded ({shown}), {refused} refused.",
+        actor=str(request.user),
+        refunded=len(done),
+        refused=len(refused),
+        totals=amounts,
+        shown=", ".join(f"{total} {currency}" for currency, total in amounts.items()) or "nothing",
+    )
 
 
 def _time_cell(at: datetime, *, seconds: bool = True) -> SafeString:

@@ -21,8 +21,9 @@ from orders import services
 from orders.conf import get_settings
 from orders.gateways import GatewayError
 from orders.idempotency import Answer, answer_once
+from orders.logging import one_line
 from orders.models import CancelReason, Order
-from orders.services import InvalidInput, InvalidTransition, OrderError, OrderNotFound
+from orders.services import InvalidInput, InvalidTransition, OrderError, OrderNotFound, brief
 
 logger = logging.getLogger("orders.http")
 
@@ -91,7 +92,15 @@ def order_json(order: Order) -> JsonObject:
 def error_response(
     request: HttpRequest, status: int, message: str, headers: dict[str, str] | None = None
 ) -> JsonResponse:
-    logger.warning("Refused %s %s with %d: %s", request.method, request.path, status, message)
+    # Escaped here as well as by orders.logging.PlainFormatter: a host project may log
+    # with a formatter of its own, and the path and message come from the request.
+    logger.warning(
+        "Refused %s %s with %d: %s",
+        one_line(str(request.method)),
+        one_line(request.path),
+        status,
+        one_line(message),
+    )
     return JsonResponse({"error": message}, status=status, headers=headers)
 
 
@@ -143,7 +152,7 @@ def json_object(
     if optional and not request.body.strip():
         return {}
     try:
-        data = json.loads(request.body)
+        data = json.loads(request.body, parse_float=_json_number)
     except (ValueError, RecursionError):
         # ValueError also covers bad UTF-8 and integers too long to convert;
         # RecursionError is what deeply nested arrays raise.
@@ -153,8 +162,17 @@ def json_object(
             f"The request body must be a JSON object, got a JSON {_json_type(data)}."
         )
     if fields is not None and (unknown := sorted(set(data) - set(fields))):
-        raise InvalidInput(f"Unknown field(s) {', '.join(unknown)}; expected {', '.join(fields)}.")
+        shown = ", ".join(brief(name) for name in unknown[:5])
+        raise InvalidInput(f"Unknown field(s) {shown}; expected {', '.join(fields)}.")
     return data
+
+
+def _json_number(text: str) -> int | float:
+    """JSON has one kind of number: ``12.0`` is the whole number 12 (as JSON Schema says),
+    so it is read as an int and taken wherever a whole number is. Only below 2**53, where
+    a float is exact; beyond, it stays a float (``1e400`` is infinity, and refused)."""
+    value = float(text)
+    return int(value) if value.is_integer() and abs(value) < 2**53 else value
 
 
 def _json_type(value: Any) -> str:
@@ -188,7 +206,7 @@ def required_string(data: JsonObject, name: str) -> str:
 def optional_number(data: JsonObject, name: str) -> int | float | None:
     value = data.get(name)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-        raise InvalidInput(f"{name} must be a number of seconds, got {value!r}.")
+        raise InvalidInput(f"{name} must be a number of seconds, got {brief(value)}.")
     return value
 
 
@@ -197,7 +215,7 @@ def order_id_of(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise OrderNotFound(f"No order with id {value!r}.") from None
+        raise OrderNotFound(f"No order with id {brief(value)}.") from None
 
 
 # Authentication -----------------------------------------------------------------------
@@ -290,22 +308,17 @@ def create_order(request: HttpRequest) -> HttpResponse:
 def order_detail(request: HttpRequest, order_id: str) -> HttpResponse:
     order = Order.objects.prefetch_related("history").filter(pk=order_id_of(order_id)).first()
     if order is None:
-        raise OrderNotFound(f"No order with id {order_id!r}.")
+        raise OrderNotFound(f"No order with id {brief(order_id)}.")
     return JsonResponse(order_json(order))
 
 
 @api_endpoint("POST")
 def cancel_order(request: HttpRequest, order_id: str) -> HttpResponse:
     data = json_object(request, fields=("reason",), optional=True)
-    reason = data.get("reason")
-    if reason is None:
-        reason = ""
-    elif not isinstance(reason, str):
-        raise InvalidInput(f"reason must be a string, got a JSON {_json_type(reason)}.")
     order = services.cancel_order(
         order_id=order_id_of(order_id),
         by=API_ACTOR,
-        reason=reason,
+        reason=data.get("reason"),
         cancel_reason=CancelReason.CUSTOMER,
     )
     return JsonResponse(order_json(order))

@@ -28,6 +28,7 @@ INTEGER_SETTINGS = (
     "PARCEL_MAX_BACKOFF",
     "PARCEL_GIVE_UP_AFTER",
     "IDEMPOTENCY_KEY_TTL",
+    "BULK_REFUND_LIMIT",
 )
 TIMER_MODES = ("per_order", "batched")
 # Time kept between the horizon and the visibility timeout, so that a timer is always
@@ -50,7 +51,7 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
     merged = DEFAULTS | given
     for key in INTEGER_SETTINGS:
         value = merged[key]
-        unit = "orders" if "BATCH" in key else "seconds"
+        unit = "orders" if "BATCH" in key or "LIMIT" in key else "seconds"
         if (
             isinstance(value, bool)
             or not isinstance(value, int)

@@ -42,6 +42,9 @@ DEFAULTS: dict[str, Any] = {
     "PARCEL_MAX_BACKOFF": 24 * 3600,
     "PARCEL_GIVE_UP_AFTER": 60 * 24 * 3600,
     "CURRENCY": "CNY",
+    # The most orders one bulk refund in the admin may take: money leaves with each, so a
+    # mistaken selection must stay small. "All N orders" of a list is never refunded.
+    "BULK_REFUND_LIMIT": 50,
     # Pluggable backends, chosen by dotted path like SESSION_ENGINE.
     "PAYMENT_GATEWAY": "orders.gateways.LocalPaymentGateway",
     "LOGISTICS_PROVIDER": "orders.gateways.LocalLogisticsProvider",
@@ -77,6 +80,7 @@ class OrdersSettings:
     PARCEL_MAX_BACKOFF: int
     PARCEL_GIVE_UP_AFTER: int
     CURRENCY: str
+    BULK_REFUND_LIMIT: int
     PAYMENT_GATEWAY: str
     LOGISTICS_PROVIDER: str
     API_TOKEN: str

@@ -10,6 +10,7 @@ answer) or rolls back (then acts itself), so that two deliveries never both act.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,6 +24,10 @@ from orders.services import InvalidInput, InvalidTransition
 
 #: Longer keys are refused; the column is this wide.
 MAX_KEY_LENGTH = 255
+#: A key is visible ASCII, as a header value arrives intact (no spaces to strip, no
+#: encoding to guess); the OpenAPI description says the same with this pattern.
+KEY_PATTERN = f"[!-~]{{1,{MAX_KEY_LENGTH}}}"
+_KEY = re.compile(KEY_PATTERN)
 
 
 class KeyReused(InvalidTransition):
@@ -51,9 +56,9 @@ def answer_once(
     A repeat with the same body gets the first answer back and changes nothing; with
     another body it is refused (``KeyReused``). An exception from ``act`` rolls back its
     effect and the claim together, so that the request may be sent again."""
-    if not 0 < len(key) <= MAX_KEY_LENGTH or not key.isprintable():
+    if not _KEY.fullmatch(key):
         raise InvalidInput(
-            f"The {key_name} header must be 1 to {MAX_KEY_LENGTH} printable characters."
+            f"The {key_name} header must be 1 to {MAX_KEY_LENGTH} visible ASCII characters."
         )
     request_hash = hashlib.sha256(request_body).hexdigest()
     now = now or timezone.now()

@@ -1,9 +1,13 @@
-"""A log formatter that writes one JSON object per line, with the structured fields that
-the app's log calls pass as ``extra`` (``event``, ``order_id``, ``lateness_s``, ...).
+"""Log formatters whose every record is one line, whatever a request put in it: JSON with
+the structured fields that the app's log calls pass as ``extra`` (``event``, ``order_id``,
+``lateness_s``, ...), or plain text with line breaks escaped.
 
-Turn it on in the host project's ``LOGGING``::
+Turn them on in the host project's ``LOGGING``::
 
-    "formatters": {"json": {"()": "orders.logging.JsonFormatter"}}
+    "formatters": {
+        "json": {"()": "orders.logging.JsonFormatter"},
+        "plain": {"()": "orders.logging.PlainFormatter", "fmt": "%(asctime)s %(message)s"},
+    }
 """
 
 from __future__ import annotations
@@ -12,6 +16,31 @@ import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
+
+# A path, a reason or a JSON key can carry CR, LF or other control characters; written
+# as they are, they would start a forged line in a plain log. C1 controls (NEL) and the
+# Unicode line and paragraph separators break lines in some readers too.
+_LINE_BREAKERS = (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _LINE_BREAKERS} | {
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\r``, ``\\x00``), as one line."""
+    return text.translate(_CONTROL_ESCAPES)
+
+
+class PlainFormatter(logging.Formatter):
+    """The standard formatter, except that the record's line cannot be split: control
+    characters in the message and its fields are escaped. A traceback, appended after
+    the line, keeps its own line breaks."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return one_line(super().formatMessage(record))
+
 
 # Attributes every LogRecord has: whatever else a record carries came from ``extra``.
 _STANDARD_ATTRIBUTES = frozenset(

@@ -210,6 +210,11 @@ class Payment(models.Model):
         return self.outcome != self.Outcome.ACCEPTED and self.refunded_at is None
 
 
+#: The longest reason a staff member or a customer may give for a transition. The column
+#: is a TEXT, but a history is read by people: 2 MB of reason is an attack, not a reason.
+REASON_MAX_LENGTH = 1000
+
+
 class OrderTransition(models.Model):
     """One line of an order's history. Our own small model rather than django-fsm-log,
     whose ``object_id`` is a positive integer (our orders have UUID keys) and whose

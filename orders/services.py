@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from functools import partial
 from typing import Any
 
@@ -32,6 +32,7 @@ from orders.conf import get_settings
 from orders.gateways import GatewayError, logistics_provider, payment_gateway
 from orders.logging import log_event
 from orders.models import (
+    REASON_MAX_LENGTH,
     Actor,
     CancelReason,
     IdempotencyRecord,
@@ -86,34 +87,85 @@ def _get(order_id: Any, *, lock: bool = False) -> Order:
 
 
 # Input checks -------------------------------------------------------------------------
+# Every value from outside (API, webhooks, admin forms, tasks) is checked here, once, so
+# that whichever door it came through, a bad value is a clear InvalidInput (a 400), never
+# a database error (a 500) or a surprise stored.
 
-_CURRENCY = re.compile(r"[A-Z]{3}")
+# ASCII letters before upper(), which turns "ß" into "SS" and "ﬀ" into "FF".
+CURRENCY_PATTERN = "[A-Za-z]{3}"
+_CURRENCY = re.compile(CURRENCY_PATTERN)
+#: What a reason may not contain: NUL, which PostgreSQL cannot store in text.
+REASON_PATTERN = "[^\\x00]*"
+_REASON = re.compile(REASON_PATTERN)
+#: A payment reference: no C0/C1 control characters nor Unicode line separators.
+PAYMENT_REF_PATTERN = "[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]{1,128}"
+_PAYMENT_REF = re.compile(PAYMENT_REF_PATTERN)
+# ASCII digits only: Decimal() alone also reads full-width digits, "1_000", "1e3", " 12 "
+# and "NaN".
+_AMOUNT = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+# Longer than any amount that could pass (10 digits, 2 decimals): refused before parsing.
+_AMOUNT_MAX_CHARS = 32
+_QUANTUM = Decimal("0.01")
+
+
+def brief(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message quotes what it refused
+    without echoing (and logging) a megabyte of it back."""
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 def parse_amount(value: Any) -> Decimal:
-    if isinstance(value, bool | float):
+    """A positive amount of money with at most 2 decimals and 10 digits, from a decimal
+    string of ASCII digits, an int or (from Python callers) a Decimal."""
+    is_text = isinstance(value, str) and len(value) <= _AMOUNT_MAX_CHARS
+    is_number = isinstance(value, int | Decimal) and not isinstance(value, bool)
+    if not (is_number or (is_text and _AMOUNT.fullmatch(value))):
         # Floats carry binary rounding errors into money; ask for a string.
-        raise InvalidInput(f'amount must be a decimal string such as "12.50", got {value!r}.')
-    try:
-        amount = Decimal(str(value))
-    except (InvalidOperation, ValueError) as exc:
-        raise InvalidInput(f"amount must be a decimal number, got {value!r}.") from exc
+        raise InvalidInput(f'amount must be a decimal string such as "12.50", got {brief(value)}.')
+    amount = Decimal(value)
     if not amount.is_finite() or amount <= 0:
-        raise InvalidInput(f"amount must be greater than zero, got {value!r}.")
+        raise InvalidInput(f"amount must be greater than zero, got {brief(value)}.")
     # The magnitude first: quantize() itself fails on numbers of more than 28 digits.
-    if amount >= Decimal("1e10") or amount != amount.quantize(Decimal("0.01")):
+    if amount >= Decimal("1e10") or amount != amount.quantize(_QUANTUM):
         raise InvalidInput(
-            f"amount must have at most 2 decimal places and 10 digits, got {value!r}."
+            f"amount must have at most 2 decimal places and 10 digits, got {brief(value)}."
         )
-    return amount.quantize(Decimal("0.01"))
+    return amount.quantize(_QUANTUM)
+
+
+def parse_reason(value: Any, *, required: bool = False) -> str:
+    """A transition's reason: text of at most ``REASON_MAX_LENGTH`` characters, without
+    NUL (which PostgreSQL cannot store). Line breaks are fine: logs escape them."""
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise InvalidInput(f"reason must be a string, got {brief(value)}.")
+    if not _REASON.fullmatch(value):
+        raise InvalidInput("reason must not contain NUL characters (\\u0000).")
+    if len(value) > REASON_MAX_LENGTH:
+        raise InvalidInput(
+            f"reason must be at most {REASON_MAX_LENGTH} characters, got {len(value)}."
+        )
+    if required and not value.strip():
+        raise InvalidInput("A reason is required.")
+    return value
+
+
+def parse_payment_ref(value: Any) -> str:
+    # A reference names a payment at the gateway: no control characters, so that it
+    # cannot carry a NUL to the database or a line break into a log line.
+    if not isinstance(value, str) or not _PAYMENT_REF.fullmatch(value):
+        raise InvalidInput("payment_ref must be 1 to 128 characters, without control characters.")
+    return value
 
 
 def parse_currency(value: Any) -> str:
     if value is None:
         return get_settings().CURRENCY
-    if not isinstance(value, str) or not _CURRENCY.fullmatch(value.upper()):
+    if not isinstance(value, str) or not _CURRENCY.fullmatch(value):
         raise InvalidInput(
-            f'currency must be a 3-letter ISO 4217 code such as "CNY", got {value!r}.'
+            f'currency must be a 3-letter ISO 4217 code such as "CNY", got {brief(value)}.'
         )
     return value.upper()
 
@@ -122,11 +174,11 @@ def parse_seconds(value: Any, *, name: str, minimum: float, maximum: float) -> t
     if isinstance(value, timedelta):
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidInput(f"{name} must be a number of seconds, got {value!r}.")
+        raise InvalidInput(f"{name} must be a number of seconds, got {brief(value)}.")
     # Compared as given: a 400-digit int overflows float(), so no isfinite() on it.
     if (isinstance(value, float) and not math.isfinite(value)) or not minimum <= value <= maximum:
         raise InvalidInput(
-            f"{name} must be between {minimum:g} and {maximum:g} seconds, got {value!r:.30}."
+            f"{name} must be between {minimum:g} and {maximum:g} seconds, got {brief(value)}."
         )
     return timedelta(seconds=value)
 
@@ -184,8 +236,7 @@ def record_payment(
     """Record money received for an order. It pays the order only if the order is still
     unpaid, the deadline has not passed and the amount matches; any other payment is
     kept and refunded. The same ``payment_ref`` again changes nothing."""
-    if not isinstance(payment_ref, str) or not 0 < len(payment_ref) <= 128:
-        raise InvalidInput("payment_ref must be a non-empty string of at most 128 characters.")
+    payment_ref = parse_payment_ref(payment_ref)
     paid_amount = parse_amount(amount)
     try:
         return _record_payment(
@@ -421,7 +472,9 @@ def extend_order(*, order_id: Any, seconds: Any, by: Actor, now: datetime | None
             raise InvalidTransition("The deadline has already passed; the order is expiring.")
         new_deadline = order.expires_at + delta
         if new_deadline - now > timedelta(seconds=conf.MAX_TIMEOUT):
-            raise InvalidInput(
+            # A conflict with the order's present deadline, not a malformed request: the
+            # same extension of a younger deadline would be fine.
+            raise InvalidTransition(
                 f"The new deadline would be more than MAX_TIMEOUT ({conf.MAX_TIMEOUT}s) away."
             )
         order.expires_at = new_deadline
@@ -444,11 +497,12 @@ def cancel_order(
     *,
     order_id: Any,
     by: Actor,
-    reason: str = "",
+    reason: str | None = "",
     cancel_reason: CancelReason = CancelReason.CUSTOMER,
     now: datetime | None = None,
 ) -> Order:
     """Cancel an unpaid order at the customer's or staff's request."""
+    reason = parse_reason(reason)
     with transaction.atomic():
         order = _locked(order_id)
         if not can_proceed(order.cancel):
@@ -542,8 +596,7 @@ def refund_order(*, order_id: Any, by: Actor, reason: str, now: datetime | None 
         raise InvalidTransition(
             f"Only a paid or delivered order can be refunded; this one is {order.status}."
         )
-    if not reason.strip():
-        raise InvalidInput("A refund needs a reason.")
+    reason = parse_reason(reason, required=True)
     payment = order.payments.filter(outcome=Payment.Outcome.ACCEPTED).first()
     if payment is None:
         raise InvalidTransition(f"Order {order.pk} has no accepted payment to refund.")
@@ -645,7 +698,7 @@ def record_parcel_status(
     none after a terminal status, and a returned parcel refunds the order, once."""
     if status not in ParcelStatus.values:
         raise InvalidInput(
-            f"status must be one of {', '.join(ParcelStatus.values)}, got {status!r}."
+            f"status must be one of {', '.join(ParcelStatus.values)}, got {brief(status)}."
         )
     now = now or timezone.now()
     with transaction.atomic():
@@ -657,7 +710,7 @@ def record_parcel_status(
             )
         if tracking_number != order.tracking_number:
             raise InvalidTransition(
-                f"Tracking number {tracking_number!r} is not the parcel of order {order.pk}."
+                f"Tracking number {brief(tracking_number)} is not the parcel of order {order.pk}."
             )
         if order.parcel_status in TERMINAL_PARCEL_STATUSES:
             if status != order.parcel_status:

@@ -3,11 +3,13 @@ project includes these at its root."""
 
 from django.urls import URLPattern, path
 
-from orders import api, health, metrics, webhooks
+from orders import api, health, metrics, openapi, webhooks
 
 app_name = "orders"
 
 urlpatterns: list[URLPattern] = [
+    # The OpenAPI description of the API and the webhooks (open, like docs/openapi.json).
+    path("api/schema/", openapi.schema_view, name="api-schema"),
     path("api/orders/", api.create_order, name="api-orders"),
     # str, not uuid: a malformed id gets the API's JSON 404, not the host's HTML one.
     path("api/orders/<str:order_id>/", api.order_detail, name="api-order"),

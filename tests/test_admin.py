@@ -25,6 +25,7 @@ from pytest_django.fixtures import Settings
 from orders import services
 from orders.gateways import GatewayError
 from orders.models import CancelReason, Order, ParcelStatus, Payment, Status, SweepRun
+from tests.dbstate import snapshot
 
 pytestmark = pytest.mark.django_db
 
@@ -288,6 +289,25 @@ def test_staff_with_cancel_permission_cancels_an_unpaid_order(
     assert history(order) == [("cancel", "alice", "duplicate order")]
 
 
+@pytest.mark.parametrize(
+    "reason",
+    ["x" * 1001, "nul \x00 byte"],
+    ids=["longer than 1000 characters", "NUL"],
+)
+def test_a_reason_too_long_or_with_a_nul_is_refused_by_the_form(
+    client: Client, make_staff: MakeStaff, reason: str
+) -> None:
+    make_staff("view_order", "change_order", "cancel_order")
+    order = services.place_order(amount="12.50")
+    before = snapshot()
+
+    response = client.post(transition_url(order, "cancel"), {"reason": reason})
+
+    assert response.status_code == 200, "the form again, with its error"
+    assert response.context["transition_form"].errors["reason"]
+    assert snapshot() == before
+
+
 # Nothing else is written from the admin
 
 
@@ -355,6 +375,42 @@ def late_payment(payment_ref: str, *, now: datetime | None = None) -> Payment:
     return services.record_payment(
         order_id=order.pk, payment_ref=payment_ref, amount="12.50", now=now
     )
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"created_at__year": "9999"},
+        {"created_at__year": "9999", "created_at__month": "12"},
+        {"created_at__year": "9999", "created_at__month": "12", "created_at__day": "31"},
+        {"created_at__year": "2026", "created_at__month": "13"},
+        {"created_at__year": "0"},
+        {"created_at__year": "1" + "0" * 30},
+    ],
+    ids=["year 9999", "December 9999", "31 Dec 9999", "month 13", "year 0", "huge year"],
+)
+def test_a_date_outside_the_calendar_is_a_bad_lookup_not_a_server_error(
+    client: Client, make_staff: MakeStaff, params: dict[str, str]
+) -> None:
+    make_staff("view_order")
+    paid_order()
+    before = snapshot()
+
+    response = client.get(changelist_url(), params)
+
+    # As the admin answers any other bad lookup: back to the list, with ?e=1.
+    assert response.status_code == 302
+    assert response["Location"] == f"{changelist_url()}?e=1"
+    assert snapshot() == before
+
+
+def test_the_last_valid_year_of_the_calendar_lists_no_order(
+    client: Client, make_staff: MakeStaff
+) -> None:
+    make_staff("view_order")
+    paid_order()
+
+    assert listed(client, created_at__year="9998", created_at__month="12") == set()
 
 
 def test_time_left_counts_down_in_the_page_from_the_deadline(
@@ -572,6 +628,97 @@ def test_bulk_refund_reports_each_order_the_gateway_did_not_refund(
         "unreachable. The order is unchanged; try again later."
     ]
     assert Order.objects.get(pk=order.pk).status == Status.PAID
+
+
+def test_bulk_refund_of_more_orders_than_the_limit_refunds_none(
+    client: Client,
+    make_staff: MakeStaff,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings.ORDERS = settings.ORDERS | {"BULK_REFUND_LIMIT": 2}
+    make_staff("view_order", "change_order", "refund_order")
+    orders = [paid_order(f"pay-{i}") for i in range(3)]
+    before = snapshot()
+    selection = {"action": "refund_selected", "_selected_action": [o.pk for o in orders]}
+
+    # Neither the confirmation page nor a forged final POST gets past the limit.
+    for extra in ({"index": "0"}, {"post": "yes", "reason": "warehouse fire"}):
+        response = client.post(changelist_url(), {**selection, **extra}, follow=True)
+
+        assert response.status_code == 200
+        assert messages_in(response) == [
+            "error: 3 orders were selected, but a bulk refund takes at most 2 "
+            "(ORDERS['BULK_REFUND_LIMIT']). Select fewer. Nothing was refunded."
+        ]
+    assert snapshot() == before
+    assert [r.getMessage() for r in caplog.records if r.name == "orders.admin"] == [
+        "Bulk refund by alice refused: 3 orders were selected, but a bulk refund takes at "
+        "most 2 (ORDERS['BULK_REFUND_LIMIT']). Select fewer. Nothing was refunded."
+    ] * 2
+
+
+def test_bulk_refund_of_all_the_orders_of_the_list_is_refused(
+    client: Client, make_staff: MakeStaff
+) -> None:
+    make_staff("view_order", "change_order", "refund_order")
+    orders = [paid_order(f"pay-{i}") for i in range(2)]
+    before = snapshot()
+
+    # "Select all 2 orders" sends select_across=1 (with the page's ticked ids).
+    for extra in ({"index": "0"}, {"post": "yes", "reason": "warehouse fire"}):
+        response = client.post(
+            changelist_url(),
+            {
+                "action": "refund_selected",
+                "_selected_action": [orders[0].pk],
+                "select_across": "1",
+                **extra,
+            },
+            follow=True,
+        )
+
+        assert response.status_code == 200
+        assert messages_in(response) == [
+            "error: Refunds cannot be made for all the orders of the list at once. "
+            "Tick the orders to refund (at most 50). Nothing was refunded."
+        ]
+    assert snapshot() == before
+
+
+def test_bulk_refund_within_the_limit_logs_who_refunded_how_much_per_currency(
+    client: Client,
+    make_staff: MakeStaff,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings.ORDERS = settings.ORDERS | {"BULK_REFUND_LIMIT": 3}
+    make_staff("view_order", "change_order", "refund_order")
+    cny = [paid_order(f"pay-{i}") for i in range(2)]
+    usd = services.place_order(amount="7.25", currency="USD")
+    services.record_payment(order_id=usd.pk, payment_ref="pay-usd", amount="7.25")
+
+    client.post(
+        changelist_url(),
+        {
+            "action": "refund_selected",
+            "_selected_action": [o.pk for o in (*cny, usd)],
+            "post": "yes",
+            "reason": "warehouse fire",
+        },
+    )
+
+    assert Order.objects.filter(cancel_reason=CancelReason.REFUND).count() == 3
+    (line,) = [r for r in caplog.records if getattr(r, "event", "") == "admin.bulk_refund"]
+    assert line.getMessage() == (
+        "Bulk refund by alice: 3 orders refunded (25.00 CNY, 7.25 USD), 0 refused."
+    )
+    assert (line.actor, line.refunded, line.refused, line.totals) == (  # type: ignore[attr-defined]
+        "alice",
+        3,
+        0,
+        {"CNY": "25.00", "USD": "7.25"},
+    )
 
 
 def test_refund_confirmation_with_nothing_refundable_offers_no_refund_button(

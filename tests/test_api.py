@@ -114,6 +114,28 @@ def test_create_order_accepts_a_whole_amount_as_a_json_number(client: Client) ->
     assert (response.json()["amount"], response.json()["currency"]) == ("12.00", "EUR")
 
 
+def test_a_json_number_with_a_zero_fraction_is_a_whole_number(client: Client) -> None:
+    # JSON (and JSON Schema) has one number type: 12.0 is the integer 12, and 600.0 seconds
+    # are 600. A fraction is still refused for an amount (test below).
+    response = post(client, ORDERS_URL, b'{"amount": 12.0, "timeout_seconds": 600.0}')
+
+    assert response.status_code == 201
+    assert response.json()["amount"] == "12.00"
+
+
+@pytest.mark.parametrize(
+    "currency", ["\u00dfab", "\ufb00a", "\u0131sk"], ids=["sharp-s", "ligature", "dotless-i"]
+)
+def test_a_currency_that_only_upper_cases_to_three_letters_is_400(
+    client: Client, currency: str
+) -> None:
+    # "ßab".upper() is "SSAB" and "ﬀa".upper() "FFA": letters are checked before upper().
+    response = post(client, ORDERS_URL, {"amount": "1.00", "currency": currency})
+
+    assert response.status_code == 400
+    assert not Order.objects.exists()
+
+
 @pytest.mark.parametrize(
     ("body", "mentions"),
     [

@@ -78,6 +78,8 @@ def test_unknown_key_is_reported_by_name(settings: Settings) -> None:
         ("SWEEP_GRACE", -1),
         ("SWEEP_BATCH_SIZE", 0),
         ("SHIPPING_RETRY_AFTER", "60"),
+        ("BULK_REFUND_LIMIT", 0),
+        ("BULK_REFUND_LIMIT", "50"),
     ],
 )
 def test_value_that_is_not_a_positive_whole_number_is_reported(

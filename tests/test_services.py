@@ -287,6 +287,58 @@ def test_place_order_rejects_an_amount_that_is_not_money(amount: Any) -> None:
     assert Order.objects.count() == 0
 
 
+@pytest.mark.parametrize(
+    "amount",
+    [
+        "\uff11\uff12.\uff15\uff10",  # full-width digits
+        "\u0661\u0662",  # Arabic-Indic digits
+        "1_000",
+        "1e3",
+        " 12.50",
+        "12.50\n",
+        "+5",
+        ".5",
+        "5.",
+        "1" * 10_000,
+        Decimal("NaN"),
+        Decimal("-Infinity"),
+        ["12.50"],
+    ],
+    ids=[
+        "full-width",
+        "arabic-indic",
+        "underscore",
+        "exponent",
+        "leading space",
+        "trailing newline",
+        "plus sign",
+        "no integer part",
+        "no decimals",
+        "huge string",
+        "Decimal NaN",
+        "Decimal -Infinity",
+        "list",
+    ],
+)
+def test_an_amount_must_be_plain_ascii_decimal_digits(amount: Any) -> None:
+    # Decimal() alone reads all of these strings as numbers.
+    with pytest.raises(InvalidInput, match="amount") as refused:
+        services.place_order(amount=amount, now=T0)
+
+    assert len(str(refused.value)) < 200, "the refusal does not echo a huge value back"
+    assert Order.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("amount", "stored"),
+    [("12.50", "12.50"), ("7", "7.00"), (7, "7.00"), (Decimal("9.9"), "9.90"), ("012.5", "12.50")],
+)
+def test_an_amount_of_ascii_digits_an_int_or_a_decimal_is_accepted(
+    amount: Any, stored: str
+) -> None:
+    assert services.place_order(amount=amount, now=T0).amount == Decimal(stored)
+
+
 @pytest.mark.parametrize("amount", ["1e30", "99999999999999999999999999999"])
 def test_place_order_rejects_an_amount_beyond_decimal_precision_as_invalid_input(
     amount: str,
@@ -463,7 +515,7 @@ def test_payment_reference_already_used_for_another_order_is_refused() -> None:
     assert second.history.count() == 0
 
 
-@pytest.mark.parametrize("ref", ["", "x" * 129, None, 42])
+@pytest.mark.parametrize("ref", ["", "x" * 129, None, 42, "pay\x00-1", "pay-1\nforged", "\u2028"])
 def test_payment_without_a_usable_reference_is_refused(ref: Any) -> None:
     order = place()
 
@@ -757,9 +809,11 @@ def test_extension_by_a_bad_number_of_seconds_is_refused(seconds: Any) -> None:
 
 
 def test_extension_past_the_max_timeout_from_now_is_refused() -> None:
+    # A conflict with the order's deadline (409 over HTTP), not a malformed request: the
+    # same number of seconds is a valid extension of a younger order.
     order = place(timeout=600)
 
-    with pytest.raises(InvalidInput, match="MAX_TIMEOUT"):
+    with pytest.raises(InvalidTransition, match="MAX_TIMEOUT"):
         services.extend_order(order_id=order.pk, seconds=MAX_TIMEOUT, by="customer", now=T0)
 
     assert reloaded(order).expires_at == at(600)
@@ -831,6 +885,35 @@ def cancelled_order() -> Order:
     order = place()
     services.cancel_order(order_id=order.pk, by="customer", now=at(5))
     return order
+
+
+@pytest.mark.parametrize(
+    "reason",
+    ["nul \x00 byte", "x" * 1001, 5, ["x"]],
+    ids=["NUL", "longer than 1000 characters", "int", "list"],
+)
+def test_cancel_or_refund_with_an_unstorable_reason_is_refused(reason: Any) -> None:
+    # A NUL is a DataError on PostgreSQL; a megabyte of reason is not a reason.
+    unpaid, paid = place(), paid_order()
+
+    with pytest.raises(InvalidInput, match="reason"):
+        services.cancel_order(order_id=unpaid.pk, by="customer", reason=reason, now=at(20))
+    with pytest.raises(InvalidInput, match="reason"):
+        services.refund_order(order_id=paid.pk, by="staff", reason=reason, now=at(20))
+
+    assert (reloaded(unpaid).status, reloaded(paid).status) == (Status.CREATED, Status.PAID)
+    assert OrderTransition.objects.filter(transition__in=["cancel", "refund"]).count() == 0
+    assert Payment.objects.get().refunded_at is None
+
+
+def test_a_reason_of_exactly_the_limit_with_line_breaks_is_kept() -> None:
+    order = place()
+    reason = "line one\nline two " + "x" * 982
+
+    services.cancel_order(order_id=order.pk, by="customer", reason=reason, now=at(20))
+
+    assert len(reason) == 1000
+    assert history(reloaded(order))[-1][-1] == reason
 
 
 def test_cancelling_an_unknown_order_is_not_found() -> None:
