@@ -109,6 +109,14 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "socket_timeout": 5,
     "global_keyprefix": env("CELERY_KEY_PREFIX", default=""),
 }
+# Under Sentinel, REDIS_URL is sentinel://host1:26379;sentinel://host2:26379 and this
+# names the master the sentinels monitor (kombu and orders/broker.py both need it).
+if env("REDIS_SENTINEL_MASTER", default=""):
+    CELERY_BROKER_TRANSPORT_OPTIONS["master_name"] = env("REDIS_SENTINEL_MASTER")
+if env("REDIS_SENTINEL_PASSWORD", default=""):  # the sentinels' own, if they have one
+    CELERY_BROKER_TRANSPORT_OPTIONS["sentinel_kwargs"] = {
+        "password": env("REDIS_SENTINEL_PASSWORD")
+    }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Publishing gives up quickly when Redis is down: the order is saved regardless and the
 # sweep arms its timer later, so a customer never waits on a dead broker.

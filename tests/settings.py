@@ -26,8 +26,9 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 for _key in ("PAYMENT_GATEWAY", "LOGISTICS_PROVIDER"):
     if os.environ.get(f"ORDERS_{_key}"):
         ORDERS = ORDERS | {_key: os.environ[f"ORDERS_{_key}"]}
-if os.environ.get("ORDERS_SHIPPING_RETRY_AFTER"):
-    ORDERS = ORDERS | {"SHIPPING_RETRY_AFTER": int(os.environ["ORDERS_SHIPPING_RETRY_AFTER"])}
+for _key in ("SHIPPING_RETRY_AFTER", "SWEEP_BATCH_SIZE"):
+    if os.environ.get(f"ORDERS_{_key}"):
+        ORDERS = ORDERS | {_key: int(os.environ[f"ORDERS_{_key}"])}
 # How often kombu puts back messages unacknowledged for longer than the visibility
 # timeout (default: a scan every 10 x 10 s), for the redelivery tests.
 for _option in ("unacked_restore_interval", "unacked_restore_throttle"):
