@@ -246,14 +246,14 @@ def _direct_arm(strategy: str, ids: list[Any], deadlines: list[datetime]) -> Non
     bucket not yet armed, since the rest of a bucket's orders only find its SET NX key."""
     if strategy in (PER_ORDER, PER_ORDER_RECONNECT):
         for pk, deadline in zip(ids, deadlines, strict=True):
-            scheduling._publish_expiry_timer(str(pk), deadline)
+            scheduling.publish_expiry_timer(str(pk), deadline)
     elif strategy == BATCHED:
         seen: set[int] = set()
         for pk, deadline in zip(ids, deadlines, strict=True):
             bucket = scheduling.bucket_of(deadline)
             if bucket not in seen:
                 seen.add(bucket)
-                scheduling._publish_bucket_timer(str(pk), deadline)
+                scheduling.publish_bucket_timer(str(pk), deadline)
 
 
 class Bench:
@@ -587,7 +587,7 @@ class Bench:
         if strategy == BATCHED:
             # place_order's real path for every order: one SET NX each, one publish.
             for pk in ids:
-                scheduling._publish_bucket_timer(str(pk), deadline)
+                scheduling.publish_bucket_timer(str(pk), deadline)
         else:
             _direct_arm(strategy, ids, deadlines)
         armed_in = time.monotonic() - started

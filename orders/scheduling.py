@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from orders import broker
 from orders.conf import get_settings
+from orders.logging import log_event
 from orders.models import Order
 
 logger = logging.getLogger("orders.timers")
@@ -65,27 +66,32 @@ def within_horizon(deadline: datetime, now: datetime | None = None) -> bool:
     return deadline - (now or timezone.now()) <= horizon
 
 
-def arm_expiry_timer(order: Order, *, now: datetime | None = None, force: bool = False) -> bool:
+def arm_expiry_timer(
+    order: Order, *, now: datetime | None = None, rearm_run: str | None = None
+) -> bool:
     """Arm the order's expiry timer for its current deadline once the caller's
     transaction commits; the caller saves ``order``. Returns whether a timer will be sent.
 
-    A deadline that already has its timer is left alone unless ``force`` (the broker lost
-    it). A deadline beyond the horizon is left for the sweep to arm later, so that no
+    A deadline that already has its timer is left alone, unless this is part of the
+    re-arm run ``rearm_run`` (the broker lost the timers: see ``publish_bucket_timer``).
+    A deadline beyond the horizon is left for the sweep to arm later, so that no
     countdown outlives the broker's visibility timeout or sits in worker memory for days.
     """
-    already_armed = order.timer_armed_for == order.expires_at and not force
+    already_armed = order.timer_armed_for == order.expires_at and rearm_run is None
     if already_armed or not within_horizon(order.expires_at, now):
         return False
     order.timer_armed_for = order.expires_at
     order_id, deadline = str(order.pk), order.expires_at
     if get_settings().TIMER_MODE == "batched":
-        transaction.on_commit(lambda: _publish_bucket_timer(order_id, deadline))
+        transaction.on_commit(lambda: publish_bucket_timer(order_id, deadline, rearm_run))
     else:
-        transaction.on_commit(lambda: _publish_expiry_timer(order_id, deadline))
+        transaction.on_commit(lambda: publish_expiry_timer(order_id, deadline))
     return True
 
 
-def _publish_expiry_timer(order_id: str, deadline: datetime) -> None:
+def publish_expiry_timer(order_id: str, deadline: datetime) -> None:
+    """Send the order's own countdown task now (per-order mode); a broker error is logged
+    and leaves the order to the sweep."""
     from orders.tasks import expire_order_task  # tasks import services, which import us
 
     countdown = max(0.0, (deadline - timezone.now()).total_seconds())
@@ -94,17 +100,13 @@ def _publish_expiry_timer(order_id: str, deadline: datetime) -> None:
     except BROKER_ERRORS as exc:
         _forget_timer(order_id, deadline, exc)
     else:
-        logger.info(
-            "Expiry timer armed for order %s: fires in %.1fs at %s.",
-            order_id,
-            countdown,
-            deadline.isoformat(),
-            extra={
-                "event": "timer.armed",
-                "order_id": order_id,
-                "countdown_s": countdown,
-                "expires_at": deadline.isoformat(),
-            },
+        log_event(
+            logger,
+            "timer.armed",
+            "Expiry timer armed for order {order_id}: fires in {countdown_s:.1f}s at {expires_at}.",
+            order_id=order_id,
+            countdown_s=countdown,
+            expires_at=deadline.isoformat(),
         )
 
 
@@ -114,18 +116,26 @@ def bucket_of(deadline: datetime) -> int:
     return math.ceil(deadline.timestamp())
 
 
-def _publish_bucket_timer(order_id: str, deadline: datetime) -> None:
+def publish_bucket_timer(order_id: str, deadline: datetime, rearm_run: str | None = None) -> None:
+    """Send the countdown task of the deadline's bucket (batched mode), unless the bucket
+    is armed already: the first order of a bucket arms it, the rest only see its key.
+
+    A re-arm run (``rearm_run``: the broker lost its timers, but perhaps not the keys,
+    as after a failover to a replica) arms each bucket once more, once per run."""
     from orders.tasks import expire_bucket_task
 
     bucket = bucket_of(deadline)
     countdown = max(0.0, bucket - time.time())
     key = f"{broker.key_prefix()}orders:timer-bucket:{bucket}"
     client = _redis()
+    # The key lives until well after the bucket fired, so a late order re-arms nothing.
+    expiry = int(countdown) + 3600
     try:
-        # The first order of a bucket arms it; the rest only see the key. The key lives
-        # until well after the bucket fired, so a late order re-arms nothing twice.
-        if not client.set(key, order_id, nx=True, ex=int(countdown) + 3600):
-            return
+        if rearm_run is None:
+            if not client.set(key, order_id, nx=True, ex=expiry):
+                return
+        elif client.set(key, rearm_run, get=True, ex=expiry) == rearm_run.encode():
+            return  # this run re-armed the bucket already
         try:
             publish(expire_bucket_task, args=(bucket,), countdown=countdown)
         except BROKER_ERRORS:
@@ -134,41 +144,35 @@ def _publish_bucket_timer(order_id: str, deadline: datetime) -> None:
     except BROKER_ERRORS as exc:
         _forget_timer(order_id, deadline, exc)
     else:
-        logger.info(
-            "Timer bucket %d armed by order %s: fires in %.1fs.",
-            bucket,
-            order_id,
-            countdown,
-            extra={
-                "event": "timer.bucket_armed",
-                "bucket": bucket,
-                "order_id": order_id,
-                "countdown_s": countdown,
-                "expires_at": deadline.isoformat(),
-            },
+        log_event(
+            logger,
+            "timer.bucket_armed",
+            "Timer bucket {bucket} armed by order {order_id}: fires in {countdown_s:.1f}s.",
+            bucket=bucket,
+            order_id=order_id,
+            countdown_s=countdown,
+            expires_at=deadline.isoformat(),
         )
 
 
 def _forget_timer(order_id: str, deadline: datetime, exc: BaseException) -> None:
     # Clearing timer_armed_for makes the sweep arm the timer again (or expire the order).
     Order.objects.filter(pk=order_id, timer_armed_for=deadline).update(timer_armed_for=None)
-    logger.error(
-        "Expiry timer for order %s NOT armed, the broker is unreachable (%s); "
+    log_event(
+        logger,
+        "timer.not_armed",
+        "Expiry timer for order {order_id} NOT armed, the broker is unreachable ({error}); "
         "the sweep will arm it or expire the order.",
-        order_id,
-        exc,
-        extra={
-            "event": "timer.not_armed",
-            "order_id": order_id,
-            "expires_at": deadline.isoformat(),
-            "error": str(exc),
-        },
+        level=logging.ERROR,
+        order_id=order_id,
+        expires_at=deadline.isoformat(),
+        error=str(exc),
     )
 
 
 @cache
 def _redis() -> redis.Redis:
-    """A client on the broker's Redis, for the buckets' SET NX."""
+    """A client on the broker's Redis, for the buckets' keys."""
     return broker.redis_client()
 
 
@@ -183,18 +187,15 @@ def _publisher(task: Any, args: tuple[str, ...], what: str) -> Callable[[], None
         try:
             publish(task, args=args)
         except BROKER_ERRORS as exc:
-            logger.error(
-                "Could not queue %s for %s, the broker is unreachable (%s); "
+            log_event(
+                logger,
+                "task.not_queued",
+                "Could not queue {what} for {task_args}, the broker is unreachable ({error}); "
                 "the sweep will retry it.",
-                what,
-                ", ".join(args),
-                exc,
-                extra={
-                    "event": "task.not_queued",
-                    "what": what,
-                    "task_args": list(args),
-                    "error": str(exc),
-                },
+                level=logging.ERROR,
+                what=what,
+                task_args=list(args),
+                error=str(exc),
             )
 
     return send

@@ -13,6 +13,7 @@ import enum
 import logging
 import math
 import re
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -942,9 +943,11 @@ def sweep(
 def rearm_timers(*, now: datetime | None = None) -> Iterator[tuple[int, int]]:
     """Arm again the timer of every unpaid order within the horizon, for when the broker
     lost them (Redis flushed, failed over without persistence). Yields (done, total) after
-    each batch. Safe to repeat and to run beside workers: a timer too many is a no-op."""
+    each batch. Safe to repeat and to run beside workers: a timer too many is a no-op.
+    In batched mode each bucket is armed once per run, even if its key survived."""
     conf = get_settings()
     now = now or timezone.now()
+    run = uuid.uuid4().hex
     unpaid = Order.objects.filter(
         status=Status.CREATED, expires_at__lte=now + timedelta(seconds=conf.TIMER_HORIZON)
     ).order_by("expires_at", "pk")
@@ -954,7 +957,7 @@ def rearm_timers(*, now: datetime | None = None) -> Iterator[tuple[int, int]]:
         with transaction.atomic():
             batch = list(unpaid.filter(after).select_for_update()[: conf.SWEEP_BATCH_SIZE])
             for order in batch:
-                scheduling.arm_expiry_timer(order, now=now, force=True)
+                scheduling.arm_expiry_timer(order, now=now, rearm_run=run)
                 order.save(update_fields=["timer_armed_for", "updated_at"])
         if not batch:
             return

@@ -120,7 +120,7 @@ def published(monkeypatch: pytest.MonkeyPatch) -> Published:
     def enqueue_on_commit(task: Any, *args: str, what: str) -> None:
         transaction.on_commit(lambda: record.tasks.append((task.name, args)))
 
-    monkeypatch.setattr(scheduling, "_publish_expiry_timer", publish_timer)
+    monkeypatch.setattr(scheduling, "publish_expiry_timer", publish_timer)
     monkeypatch.setattr(scheduling, "enqueue_on_commit", enqueue_on_commit)
     return record
 
@@ -1528,3 +1528,31 @@ def test_status_cannot_be_assigned_directly() -> None:
 
     assert reloaded(order).status == Status.CREATED
     assert order.history.count() == 0
+
+
+@pytest.mark.django_db
+def test_rearm_arms_each_bucket_again_once_per_run_even_where_its_key_survived(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
+) -> None:
+    # After a failover to a replica the buckets' keys may survive while the countdown
+    # tasks the worker held are gone: SET NX alone would never arm those buckets again.
+    settings.ORDERS = settings.ORDERS | {"TIMER_MODE": "batched"}
+    sent: list[int] = []
+    monkeypatch.setattr(
+        scheduling, "publish", lambda task, **options: sent.append(*options["args"])
+    )
+    now = datetime.now(UTC).replace(microsecond=0)
+    with django_capture_on_commit_callbacks(execute=True):
+        orders = [
+            services.place_order(amount="10.00", timeout=600 + i % 3, now=now) for i in range(9)
+        ]
+    buckets = sorted({scheduling.bucket_of(order.expires_at) for order in orders})
+    assert sorted(sent) == buckets, "the first order of each bucket arms it"
+
+    for runs in (1, 2):
+        with django_capture_on_commit_callbacks(execute=True):
+            for _ in services.rearm_timers(now=now):
+                pass
+        assert sorted(sent) == sorted(buckets * (1 + runs)), "once per bucket and run"
