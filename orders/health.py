@@ -26,8 +26,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 
 from orders import broker, heartbeat
-from orders.api import is_operator, json_endpoint, require_operator
 from orders.conf import get_settings
+from orders.http import is_operator, json_endpoint, require_operator
 from orders.models import SweepRun
 from orders.selectors import sweep_is_overdue
 

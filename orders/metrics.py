@@ -36,10 +36,19 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from orders.api import json_endpoint, require_operator
 from orders.conf import get_settings
-from orders.models import CancelReason, Order, OrderTransition, Payment, Status, SweepRun
-from orders.services import LATE_PAYMENT_REASON, SWEEP, TIMER
+from orders.http import json_endpoint, require_operator
+from orders.models import (
+    SWEEP,
+    TIMER,
+    CancelReason,
+    Order,
+    OrderTransition,
+    Payment,
+    Status,
+    SweepRun,
+)
+from orders.services import LATE_PAYMENT_REASON
 
 #: Upper bounds (seconds) of the expiry lateness histogram's buckets.
 LATENESS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)

@@ -34,6 +34,10 @@ from orders.conf import get_settings
 #: Who made a transition: a staff user, or a short description of the system part
 #: ("expiry timer", "sweep", "payment webhook", ...).
 Actor = AbstractBaseUser | str
+#: The system parts that make transitions, as the history records them.
+TIMER: Actor = "expiry timer"
+SWEEP: Actor = "sweep"
+SYSTEM: Actor = "system"
 
 
 class Status(models.TextChoices):

@@ -10,8 +10,9 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import reverse
 
 from orders import services
-from orders.api import IDEMPOTENCY_KEY_HEADER, json_endpoint
+from orders.api import IDEMPOTENCY_KEY_HEADER
 from orders.conf import get_settings
+from orders.http import json_endpoint
 from orders.idempotency import KEY_PATTERN
 from orders.models import REASON_MAX_LENGTH, CancelReason, ParcelStatus, Payment, Status
 from orders.webhooks import ID_HEADER

@@ -34,6 +34,9 @@ from orders.gateways import GatewayError, logistics_provider, payment_gateway
 from orders.logging import log_event
 from orders.models import (
     REASON_MAX_LENGTH,
+    SWEEP,
+    SYSTEM,
+    TIMER,
     Actor,
     CancelReason,
     IdempotencyRecord,
@@ -48,9 +51,6 @@ from orders.models import (
 
 logger = logging.getLogger("orders")
 
-TIMER: Actor = "expiry timer"
-SWEEP: Actor = "sweep"
-SYSTEM: Actor = "system"
 #: Why an order that a payment found past its deadline was expired by that payment.
 LATE_PAYMENT_REASON = "payment arrived after the deadline"
 

@@ -21,7 +21,8 @@ from standardwebhooks.webhooks import (
 )
 
 from orders import services
-from orders.api import (
+from orders.conf import get_settings
+from orders.http import (
     Authenticator,
     JsonObject,
     Refused,
@@ -33,7 +34,6 @@ from orders.api import (
     required,
     required_string,
 )
-from orders.conf import get_settings
 from orders.idempotency import Answer, answer_once
 from orders.models import Payment
 
