@@ -72,18 +72,6 @@ def _done_message(order: Order, name: str) -> str:
     return f"Order {order.pk} was cancelled."
 
 
-def format_duration(seconds: float) -> str:
-    """``"1d 3h"``, ``"2h 5m"``, ``"12m 30s"``, ``"45s"``: as precise as a glance needs."""
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
-
-
 class _Refused(Exception):
     """Why the admin did not run a transition on an order, said to the staff member."""
 
@@ -302,7 +290,7 @@ class OrderAdmin(_ModelAdmin):
             '<span class="orders-time-left" data-deadline="{}" data-now="{}">{}</span>',
             obj.expires_at.isoformat(timespec="milliseconds"),
             now.isoformat(timespec="milliseconds"),
-            format_duration(seconds) if seconds > 0 else "overdue",
+            selectors.format_duration(seconds) if seconds > 0 else "overdue",
         )
 
     # Orders are created and changed only by orders.services.

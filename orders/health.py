@@ -28,8 +28,7 @@ from django.utils import timezone
 from orders import broker, heartbeat
 from orders.conf import get_settings
 from orders.http import is_operator, json_endpoint, require_operator
-from orders.models import SweepRun
-from orders.selectors import sweep_is_overdue
+from orders.selectors import format_duration, last_sweep, sweep_is_overdue
 
 #: How long each probe may take (seconds).
 TIMEOUT = 1.0
@@ -75,19 +74,19 @@ def check_beat(now: datetime | None = None) -> Check:
     interval = get_settings().SWEEP_INTERVAL
     try:
         with _time_limited_queries():
-            last = SweepRun.objects.order_by("-at").values_list("at", flat=True).first()
+            last = last_sweep()
     except DatabaseError as exc:
         return Check("beat", False, f"query failed: {type(exc).__name__}")
     if last is None:
         return Check("beat", False, "no sweep has ever run; is celery beat running?")
-    age = ((now or timezone.now()) - last).total_seconds()
+    age = ((now or timezone.now()) - last.at).total_seconds()
     if sweep_is_overdue(timedelta(seconds=age)):
         return Check(
             "beat",
             False,
-            f"last sweep {age:.0f}s ago, more than twice SWEEP_INTERVAL ({interval}s)",
+            f"last sweep {format_duration(age)} ago, more than twice SWEEP_INTERVAL ({interval}s)",
         )
-    return Check("beat", True, f"last sweep {age:.0f}s ago")
+    return Check("beat", True, f"last sweep {format_duration(age)} ago")
 
 
 def check_redis(client: redis.Redis) -> Check:
@@ -110,7 +109,7 @@ def check_workers(client: redis.Redis) -> Check:
             False,
             f"no worker heartbeat within {heartbeat.TTL}s; is a celery worker running?",
         )
-    names = ", ".join(f"{worker.name} ({worker.age:.0f}s ago)" for worker in workers)
+    names = ", ".join(f"{w.name} ({format_duration(w.age)} ago)" for w in workers)
     return Check("workers", True, f"{len(workers)} alive, last heartbeat: {names}")
 
 

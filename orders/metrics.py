@@ -9,23 +9,9 @@ scrape runs a handful of aggregate queries (no rows are loaded), so scraping eve
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from django.db.models import (
-    Case,
-    Count,
-    DurationField,
-    ExpressionWrapper,
-    F,
-    Min,
-    Q,
-    Sum,
-    Value,
-    When,
-)
 from django.http import HttpRequest, HttpResponse
-from django.utils import timezone
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -36,140 +22,8 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from orders.conf import get_settings
 from orders.http import json_endpoint, require_operator
-from orders.models import (
-    SWEEP,
-    TIMER,
-    CancelReason,
-    Order,
-    OrderTransition,
-    Payment,
-    Status,
-    SweepRun,
-)
-from orders.services import LATE_PAYMENT_REASON
-
-#: Upper bounds (seconds) of the expiry lateness histogram's buckets.
-LATENESS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
-
-#: Who expires orders, as the ``actor`` label of ``orders_expiries_total``.
-EXPIRY_ACTORS = ("timer", "sweep", "payment", "other")
-
-
-@dataclass(frozen=True)
-class LatenessHistogram:
-    """Cumulative counts of expired orders per bucket (``le`` in seconds), and the sum."""
-
-    buckets: dict[float, int]
-    count: int
-    sum_seconds: float
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What the shop looks like now, from the database: the numbers behind ``/metrics``
-    and ``manage.py orders_status``."""
-
-    at: datetime
-    by_status: dict[str, int]
-    expiries_by_actor: dict[str, int]
-    lateness: LatenessHistogram
-    timers_pending: int
-    overdue: int
-    oldest_overdue_deadline: datetime | None
-    last_sweep: SweepRun | None
-    refunds_pending: int
-    refunds_failing: int
-    shipments_pending: int
-    shipments_stuck: int
-    stale_after: timedelta
-
-
-# Queries --------------------------------------------------------------------------------
-
-
-def orders_by_status() -> dict[str, int]:
-    counts = dict.fromkeys(Status.values, 0)
-    # order_by(): the model's default ordering would otherwise join the GROUP BY.
-    rows = Order.objects.order_by().values_list("status").annotate(n=Count("pk"))
-    counts.update({status: n for status, n in rows})
-    return counts
-
-
-def expiries_by_actor() -> dict[str, int]:
-    """How many orders each part expired: its own timer (per order or batched), the
-    sweep (the timer was lost), or a payment that found the deadline passed."""
-    kind = Case(
-        When(actor=str(TIMER), then=Value("timer")),
-        When(actor=str(SWEEP), then=Value("sweep")),
-        When(reason=LATE_PAYMENT_REASON, then=Value("payment")),
-        default=Value("other"),
-    )
-    rows = (
-        OrderTransition.objects.filter(transition="expire")
-        .order_by()
-        .values_list(kind)
-        .annotate(n=Count("pk"))
-    )
-    counts = dict.fromkeys(EXPIRY_ACTORS, 0)
-    counts.update({actor: n for actor, n in rows})
-    return counts
-
-
-def expiry_lateness() -> LatenessHistogram:
-    """How long after their deadline expired orders were cancelled, as cumulative bucket
-    counts computed by the database in one aggregate query."""
-    lateness = ExpressionWrapper(F("cancelled_at") - F("expires_at"), output_field=DurationField())
-    aggregates: dict[str, Count | Sum] = {
-        f"le_{i}": Count(
-            "pk", filter=Q(cancelled_at__lte=F("expires_at") + timedelta(seconds=bound))
-        )
-        for i, bound in enumerate(LATENESS_BUCKETS)
-    }
-    aggregates["count"] = Count("pk")
-    aggregates["total"] = Sum(lateness)
-    row = Order.objects.filter(
-        cancel_reason=CancelReason.TIMEOUT, cancelled_at__isnull=False
-    ).aggregate(**aggregates)
-    total: timedelta | None = row["total"]
-    return LatenessHistogram(
-        buckets={bound: row[f"le_{i}"] for i, bound in enumerate(LATENESS_BUCKETS)},
-        count=row["count"],
-        sum_seconds=total.total_seconds() if total is not None else 0.0,
-    )
-
-
-def read_snapshot(now: datetime | None = None) -> Snapshot:
-    now = now or timezone.now()
-    stale_after = timedelta(seconds=get_settings().SHIPPING_RETRY_AFTER)
-    stale = now - stale_after
-    unpaid = Order.objects.filter(status=Status.CREATED)
-    overdue = unpaid.filter(expires_at__lt=now).aggregate(n=Count("pk"), oldest=Min("expires_at"))
-    refunds = (
-        Payment.objects.exclude(outcome=Payment.Outcome.ACCEPTED)
-        .filter(refunded_at__isnull=True)
-        .aggregate(pending=Count("pk"), failing=Count("pk", filter=Q(received_at__lt=stale)))
-    )
-    shipments = Order.objects.filter(status=Status.PAID).aggregate(
-        pending=Count("pk"), stuck=Count("pk", filter=Q(paid_at__lt=stale))
-    )
-    return Snapshot(
-        at=now,
-        by_status=orders_by_status(),
-        expiries_by_actor=expiries_by_actor(),
-        lateness=expiry_lateness(),
-        timers_pending=unpaid.filter(timer_armed_for=F("expires_at")).count(),
-        overdue=overdue["n"],
-        oldest_overdue_deadline=overdue["oldest"],
-        last_sweep=SweepRun.objects.order_by("-at").first(),
-        refunds_pending=refunds["pending"],
-        refunds_failing=refunds["failing"],
-        shipments_pending=shipments["pending"],
-        shipments_stuck=shipments["stuck"],
-        stale_after=stale_after,
-    )
-
+from orders.selectors import read_snapshot
 
 # The Prometheus collector --------------------------------------------------------------
 

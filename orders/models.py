@@ -38,6 +38,8 @@ Actor = AbstractBaseUser | str
 TIMER: Actor = "expiry timer"
 SWEEP: Actor = "sweep"
 SYSTEM: Actor = "system"
+#: Why an order that a payment found past its deadline was expired by that payment.
+LATE_PAYMENT_REASON = "payment arrived after the deadline"
 
 
 class Status(models.TextChoices):

@@ -33,6 +33,7 @@ from orders.conf import get_settings
 from orders.gateways import GatewayError, logistics_provider, payment_gateway
 from orders.logging import log_event
 from orders.models import (
+    LATE_PAYMENT_REASON,
     REASON_MAX_LENGTH,
     SWEEP,
     SYSTEM,
@@ -50,9 +51,6 @@ from orders.models import (
 )
 
 logger = logging.getLogger("orders")
-
-#: Why an order that a payment found past its deadline was expired by that payment.
-LATE_PAYMENT_REASON = "payment arrived after the deadline"
 
 
 class OrderError(Exception):

@@ -843,7 +843,7 @@ def test_overview_counts_orders_charts_expiries_and_late_payments_and_warns_of_l
     assert re.search(r'class="bar expiries" style="height:100%"', content)
     assert "The last sweep expired 1 overdue order, up to" in content
     assert "their timers were lost" in content
-    assert "The last sweep ran 10 min ago" in content
+    assert "The last sweep ran 10m 0s ago" in content
     assert "Is Celery beat running?" in content
     assert re.search(r'id="sweep-expired">1<', content)
 

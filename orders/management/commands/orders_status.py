@@ -11,8 +11,8 @@ from django.utils import timezone
 
 from orders import broker, heartbeat
 from orders.conf import get_settings
-from orders.metrics import Snapshot, read_snapshot
 from orders.models import Order, Status
+from orders.selectors import Snapshot, format_duration, read_snapshot, sweep_is_overdue
 
 
 class Command(BaseCommand):
@@ -82,7 +82,7 @@ class Command(BaseCommand):
             else:
                 timer = "NO TIMER: the sweep will arm it or expire the order"
             self.stdout.write(
-                f"  in {_duration(left):>8}  {order.expires_at:%H:%M:%S}  {order.pk}  "
+                f"  in {format_duration(left):>8}  {order.expires_at:%H:%M:%S}  {order.pk}  "
                 f"{order.amount} {order.currency}  {timer}"
             )
 
@@ -99,7 +99,7 @@ class Command(BaseCommand):
         conf = get_settings()
         self.stdout.write(
             f"Overdue: {snap.overdue} unpaid orders past their deadline; the oldest, "
-            f"{oldest.pk}, by {_duration(late)}."
+            f"{oldest.pk}, by {format_duration(late)}."
         )
         if late > conf.SWEEP_INTERVAL + conf.SWEEP_GRACE:
             self.stdout.write(
@@ -118,14 +118,15 @@ class Command(BaseCommand):
                 )
             )
             return
-        age = (now - sweep.at).total_seconds()
+        age = now - sweep.at
         line = (
-            f"Last sweep: {_duration(age)} ago, expired {sweep.expired} overdue orders "
+            f"Last sweep: {format_duration(age.total_seconds())} ago, expired "
+            f"{sweep.expired} overdue orders "
             f"(up to {sweep.max_lateness:.1f}s late), armed {sweep.timers_armed} timers, "
             f"retried {sweep.shipments_retried} shipments and {sweep.refunds_retried} "
             f"refunds, {sweep.errors} errors."
         )
-        stale = age > 2 * get_settings().SWEEP_INTERVAL
+        stale = sweep_is_overdue(age)
         self.stdout.write(self.style.WARNING(line) if stale or sweep.expired else line)
         if stale:
             self.stdout.write(
@@ -160,16 +161,7 @@ class Command(BaseCommand):
                 )
             )
             return
-        alive = ", ".join(f"{worker.name} ({_duration(worker.age)} ago)" for worker in workers)
+        alive = ", ".join(
+            f"{worker.name} ({format_duration(worker.age)} ago)" for worker in workers
+        )
         self.stdout.write(f"Workers: {len(workers)} alive, last heartbeat: {alive}.")
-
-
-def _duration(seconds: float) -> str:
-    seconds = abs(seconds)
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    if seconds < 3600:
-        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
-    if seconds < 86400:
-        return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
-    return f"{seconds // 86400:.0f}d{seconds % 86400 // 3600:02.0f}h"

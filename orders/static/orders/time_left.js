@@ -4,7 +4,7 @@
 "use strict";
 (function () {
   function formatDuration(total) {
-    // The same as orders.admin.format_duration: as precise as a glance needs.
+    // The same as orders.selectors.format_duration: as precise as a glance needs.
     var seconds = Math.floor(total);
     var minutes = Math.floor(seconds / 60);
     var hours = Math.floor(minutes / 60);
