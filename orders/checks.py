@@ -12,24 +12,8 @@ from celery import current_app
 from django.core.checks import CheckMessage, Error, Warning, register
 from django.utils.module_loading import import_string
 
-from orders.conf import DEFAULTS, user_settings
+from orders.conf import DEFAULTS, INTEGER_SETTINGS, user_settings
 
-INTEGER_SETTINGS = (
-    "DEFAULT_TIMEOUT",
-    "MIN_TIMEOUT",
-    "MAX_TIMEOUT",
-    "TIMER_HORIZON",
-    "SWEEP_INTERVAL",
-    "SWEEP_GRACE",
-    "SWEEP_BATCH_SIZE",
-    "SHIPPING_RETRY_AFTER",
-    "PARCEL_POLL_BATCH",
-    "PARCEL_CHECK_INTERVAL",
-    "PARCEL_MAX_BACKOFF",
-    "PARCEL_GIVE_UP_AFTER",
-    "IDEMPOTENCY_KEY_TTL",
-    "BULK_REFUND_LIMIT",
-)
 TIMER_MODES = ("per_order", "batched")
 # Time kept between the horizon and the visibility timeout, so that a timer is always
 # acknowledged before Redis would hand it to a second worker.

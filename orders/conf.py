@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
 from functools import cache
 from typing import Any
 
@@ -11,87 +10,70 @@ from django.conf import settings
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
-DEFAULTS: dict[str, Any] = {
+
+@dataclasses.dataclass(frozen=True)
+class OrdersSettings:
+    """Every setting the app reads, with its default: the one list of them."""
+
     # How long a customer has to pay, when the order does not say (seconds).
-    "DEFAULT_TIMEOUT": 30 * 60,
+    DEFAULT_TIMEOUT: int = 30 * 60
     # Per-order timeouts outside these bounds are refused as mistakes (seconds).
-    "MIN_TIMEOUT": 1,
-    "MAX_TIMEOUT": 30 * 24 * 3600,
+    MIN_TIMEOUT: int = 1
+    MAX_TIMEOUT: int = 30 * 24 * 3600
     # Deadlines further away than this are not enqueued when the order is placed: the
     # sweep arms them once they come this close. Must stay below the broker's
     # visibility_timeout, or Redis redelivers the pending timer while a worker holds it.
-    "TIMER_HORIZON": 50 * 60,
+    TIMER_HORIZON: int = 50 * 60
     # "per_order": one countdown task per order (precise, ~9 KB of worker memory per
     # pending order). "batched": one countdown task per second-wide bucket of deadlines,
     # armed once with a Redis SET NX; pending tasks are bounded by the timeout in seconds.
-    "TIMER_MODE": "per_order",
+    TIMER_MODE: str = "per_order"
     # How often beat runs the sweep, and how long past its deadline an unpaid order must
     # be before the sweep (rather than its own timer) expires it (seconds).
-    "SWEEP_INTERVAL": 30,
-    "SWEEP_GRACE": 5,
-    "SWEEP_BATCH_SIZE": 500,
+    SWEEP_INTERVAL: int = 30
+    SWEEP_GRACE: int = 5
+    SWEEP_BATCH_SIZE: int = 500
     # A paid order whose shipping task has not shipped it after this long is re-queued
     # by the sweep (seconds).
-    "SHIPPING_RETRY_AFTER": 60,
+    SHIPPING_RETRY_AFTER: int = 60
     # The parcel poller (the task orders.poll_parcels, which beat runs every minute) asks
     # the logistics provider about each shipped parcel every PARCEL_CHECK_INTERVAL
     # seconds, at most PARCEL_POLL_BATCH per run, backing off up to PARCEL_MAX_BACKOFF
     # after errors, for at most PARCEL_GIVE_UP_AFTER.
-    "PARCEL_POLL_BATCH": 100,
-    "PARCEL_CHECK_INTERVAL": 3600,
-    "PARCEL_MAX_BACKOFF": 24 * 3600,
-    "PARCEL_GIVE_UP_AFTER": 60 * 24 * 3600,
-    "CURRENCY": "CNY",
+    PARCEL_POLL_BATCH: int = 100
+    PARCEL_CHECK_INTERVAL: int = 3600
+    PARCEL_MAX_BACKOFF: int = 24 * 3600
+    PARCEL_GIVE_UP_AFTER: int = 60 * 24 * 3600
+    CURRENCY: str = "CNY"
     # The most orders one bulk refund in the admin may take: money leaves with each, so a
     # mistaken selection must stay small. "All N orders" of a list is never refunded.
-    "BULK_REFUND_LIMIT": 50,
+    BULK_REFUND_LIMIT: int = 50
     # Pluggable backends, chosen by dotted path like SESSION_ENGINE.
-    "PAYMENT_GATEWAY": "orders.gateways.LocalPaymentGateway",
-    "LOGISTICS_PROVIDER": "orders.gateways.LocalLogisticsProvider",
+    PAYMENT_GATEWAY: str = "orders.gateways.LocalPaymentGateway"
+    LOGISTICS_PROVIDER: str = "orders.gateways.LocalLogisticsProvider"
     # Shared secrets for the JSON API (Bearer token) and the signed webhooks, one per
     # provider (Standard Webhooks secrets: "whsec_" + base64 of 24 to 64 random bytes).
     # Empty means "refuse everything", never "accept everything".
-    "API_TOKEN": "",
-    "PAYMENT_WEBHOOK_SECRET": "",
-    "LOGISTICS_WEBHOOK_SECRET": "",
+    API_TOKEN: str = ""
+    PAYMENT_WEBHOOK_SECRET: str = ""
+    LOGISTICS_WEBHOOK_SECRET: str = ""
     # How long the answer to an Idempotency-Key of POST /api/orders/ is kept (seconds):
     # a client retrying the same key within this gets the first order back.
-    "IDEMPOTENCY_KEY_TTL": 24 * 3600,
+    IDEMPOTENCY_KEY_TTL: int = 24 * 3600
     # The operators' read-only token: /metrics and the details of /health/. Empty means
     # "no Bearer access" (staff with the permission orders.view_order still get in). Keep
     # it apart from API_TOKEN, which places and cancels orders.
-    "METRICS_TOKEN": "",
+    METRICS_TOKEN: str = ""
+
+
+#: The defaults by name (the system checks and the README read them).
+DEFAULTS: dict[str, Any] = {
+    field.name: field.default for field in dataclasses.fields(OrdersSettings)
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class OrdersSettings:
-    DEFAULT_TIMEOUT: int
-    MIN_TIMEOUT: int
-    MAX_TIMEOUT: int
-    TIMER_HORIZON: int
-    TIMER_MODE: str
-    SWEEP_INTERVAL: int
-    SWEEP_GRACE: int
-    SWEEP_BATCH_SIZE: int
-    SHIPPING_RETRY_AFTER: int
-    PARCEL_POLL_BATCH: int
-    PARCEL_CHECK_INTERVAL: int
-    PARCEL_MAX_BACKOFF: int
-    PARCEL_GIVE_UP_AFTER: int
-    CURRENCY: str
-    BULK_REFUND_LIMIT: int
-    PAYMENT_GATEWAY: str
-    LOGISTICS_PROVIDER: str
-    API_TOKEN: str
-    PAYMENT_WEBHOOK_SECRET: str
-    LOGISTICS_WEBHOOK_SECRET: str
-    IDEMPOTENCY_KEY_TTL: int
-    METRICS_TOKEN: str
-
-    @property
-    def default_timeout(self) -> timedelta:
-        return timedelta(seconds=self.DEFAULT_TIMEOUT)
+#: The settings that are whole numbers (seconds, or counts of orders).
+INTEGER_SETTINGS = tuple(
+    field.name for field in dataclasses.fields(OrdersSettings) if field.type == "int"
+)
 
 
 def user_settings() -> dict[str, Any]:

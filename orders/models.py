@@ -154,10 +154,10 @@ class Order(FSMModelMixin, models.Model):
         by: Actor,
         reason: str = "",
         cancel_reason: str = CancelReason.STAFF,
-        at: datetime | None = None,
+        at: datetime,
     ) -> None:
         self.cancel_reason = cancel_reason
-        self.cancelled_at = at or timezone.now()
+        self.cancelled_at = at
 
     @transition(
         field=status,
@@ -170,11 +170,9 @@ class Order(FSMModelMixin, models.Model):
             "form": "orders.forms.ReasonForm",
         },
     )
-    def refund(
-        self, *, by: Actor, reason: str = "", refund_ref: str = "", at: datetime | None = None
-    ) -> None:
+    def refund(self, *, by: Actor, reason: str = "", refund_ref: str = "", at: datetime) -> None:
         self.refund_ref = refund_ref
-        self.refunded_at = at or timezone.now()
+        self.refunded_at = at
 
     @transition(field=status, source=Status.REFUNDED, target=Status.CANCELLED)
     def close(self, *, by: Actor, reason: str = "", at: datetime) -> None:
