@@ -36,3 +36,7 @@ for _option in ("unacked_restore_interval", "unacked_restore_throttle"):
         CELERY_BROKER_TRANSPORT_OPTIONS = CELERY_BROKER_TRANSPORT_OPTIONS | {
             _option: int(os.environ[f"CELERY_{_option.upper()}"])
         }
+# Each expiry made slow on purpose (tests/slow_expiry), for tests that need a sweep to
+# outlast the sweep interval.
+if os.environ.get("ORDERS_TEST_EXPIRY_DELAY"):
+    INSTALLED_APPS = [*INSTALLED_APPS, "tests.slow_expiry"]  # noqa: F405
