@@ -25,6 +25,7 @@ import redis.exceptions
 from celery import bootsteps
 
 from orders import broker
+from orders.logging import log_event
 
 if TYPE_CHECKING:
     from celery.worker.consumer import Consumer
@@ -125,13 +126,15 @@ class Heartbeat(bootsteps.StartStopStep):
         try:
             beat(self.client, worker)
         except REDIS_ERRORS as exc:
-            logger.warning(
-                "Worker %s could not write its heartbeat (%s); /health/ will report it "
-                "down after %ds.",
-                worker,
-                type(exc).__name__,
-                TTL,
-                extra={"event": "heartbeat.failed", "worker": worker, "error": str(exc)},
+            log_event(
+                logger,
+                "heartbeat.failed",
+                "Worker {worker} could not write its heartbeat ({error}); /health/ will report "
+                "it down after {ttl_s}s.",
+                level=logging.WARNING,
+                worker=worker,
+                error=type(exc).__name__,
+                ttl_s=TTL,
             )
 
 

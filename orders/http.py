@@ -19,7 +19,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from orders.conf import get_settings
 from orders.gateways import GatewayError
-from orders.logging import one_line
+from orders.logging import log_event, one_line
 from orders.models import Order
 from orders.services import InvalidInput, InvalidTransition, OrderError, OrderNotFound, brief
 
@@ -88,12 +88,15 @@ def error_response(
 ) -> JsonResponse:
     # Escaped here as well as by orders.logging.PlainFormatter: a host project may log
     # with a formatter of its own, and the path and message come from the request.
-    logger.warning(
-        "Refused %s %s with %d: %s",
-        one_line(str(request.method)),
-        one_line(request.path),
-        status,
-        one_line(message),
+    log_event(
+        logger,
+        "http.refused",
+        "Refused {method} {path} with {status}: {error}",
+        level=logging.WARNING,
+        method=one_line(str(request.method)),
+        path=one_line(request.path),
+        status=status,
+        error=one_line(message),
     )
     return JsonResponse({"error": message}, status=status, headers=headers)
 

@@ -780,27 +780,26 @@ def poll_parcels(*, now: datetime | None = None) -> ParcelPollReport:
             failures = order.parcel_check_failures + 1
             backoff = min(conf.PARCEL_CHECK_INTERVAL * 2**failures, conf.PARCEL_MAX_BACKOFF)
             next_check = now + timedelta(seconds=backoff)
-            logger.warning(
-                "Parcel check of order %s failed (%s); next try in %ss.",
-                order.pk,
-                exc,
-                backoff,
-                extra={
-                    "event": "parcel.check_failed",
-                    "order_id": str(order.pk),
-                    "error": str(exc),
-                    "backoff_s": backoff,
-                },
+            log_event(
+                logger,
+                "parcel.check_failed",
+                "Parcel check of order {order_id} failed ({error}); next try in {backoff_s}s.",
+                level=logging.WARNING,
+                order_id=str(order.pk),
+                error=str(exc),
+                backoff_s=backoff,
             )
         if order.delivered_at and now - order.delivered_at > timedelta(
             seconds=conf.PARCEL_GIVE_UP_AFTER
         ):
             report.given_up += 1
             next_check = None
-            logger.warning(
-                "Parcel of order %s still not arrived; no longer polled.",
-                order.pk,
-                extra={"event": "parcel.given_up", "order_id": str(order.pk)},
+            log_event(
+                logger,
+                "parcel.given_up",
+                "Parcel of order {order_id} still not arrived; no longer polled.",
+                level=logging.WARNING,
+                order_id=str(order.pk),
             )
         Order.objects.filter(pk=order.pk).update(
             parcel_next_check_at=next_check, parcel_check_failures=failures
@@ -831,7 +830,13 @@ def poll_parcels(*, now: datetime | None = None) -> ParcelPollReport:
                     error=str(exc),
                 )
     if report.checked:
-        logger.info("Parcel poll: %s.", report, extra={"event": "parcel.poll", **vars(report)})
+        log_event(
+            logger,
+            "parcel.poll",
+            "Parcel poll: {checked} checked, {changed} changed, {failed} failed, "
+            "{given_up} given up.",
+            **vars(report),
+        )
     return report
 
 
@@ -974,7 +979,12 @@ def _retry(report: SweepReport, what: str, action: Callable[[], object]) -> None
     try:
         action()
     except Exception as exc:
-        logger.exception(
-            "Sweep could not retry a %s", what, extra={"event": "sweep.retry_failed", "what": what}
+        log_event(
+            logger,
+            "sweep.retry_failed",
+            "Sweep could not retry a {what}.",
+            level=logging.ERROR,
+            exc_info=True,
+            what=what,
         )
         report.errors.append(f"{what}: {exc}")
