@@ -163,25 +163,32 @@ class ExpiringSoonFilter(admin.SimpleListFilter):
 
 
 class LatePaymentFilter(admin.SimpleListFilter):
-    """Orders that received a payment that did not pay them: late, surplus or mismatched.
+    """Orders that received a payment that did not pay them: late (after the order was
+    cancelled, what the overview counts), or any such (late, surplus or mismatched).
     Each is refunded by a task; "awaiting refund" lists those whose refund has not run."""
 
     title = "late payments"
     parameter_name = "late_payment"
-    _refunded = {"any": None, "refunded": True, "awaiting": False}
+    _choices: dict[str, dict[str, Any]] = {
+        "late": {"outcome": Payment.Outcome.LATE},
+        "any": {},
+        "refunded": {"refunded": True},
+        "awaiting": {"refunded": False},
+    }
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         return [
-            ("any", "Any late payment"),
+            ("late", "Arrived after the order was cancelled"),
+            ("any", "Any payment that did not pay its order"),
             ("refunded", "Refunded"),
             ("awaiting", "Awaiting refund"),
         ]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         value = self.value()
-        if value not in self._refunded:
+        if value not in self._choices:
             return queryset
-        return selectors.with_unaccepted_payments(queryset, refunded=self._refunded[value])
+        return selectors.with_unaccepted_payments(queryset, **self._choices[value])
 
 
 @admin.register(Order)
@@ -397,7 +404,9 @@ class OrderAdmin(_ModelAdmin):
                 (order, self.time_left_display(order, now)) for order in expiring[:10]
             ],
             "expiring_url": f"{changelist}?{ExpiringSoonFilter.parameter_name}=hour",
-            "late_url": f"{changelist}?{LatePaymentFilter.parameter_name}=any",
+            # The link and its count are one query: what the filter lists.
+            "late_url": f"{changelist}?{LatePaymentFilter.parameter_name}=late",
+            "late_orders": selectors.with_unaccepted_payments(outcome=Payment.Outcome.LATE).count(),
             "chart": _chart(activity),
             "chart_peak": max((max(h.expiries, h.late_payments) for h in activity), default=0),
             "chart_totals": {

@@ -82,14 +82,20 @@ def expiring_orders(
 
 
 def with_unaccepted_payments(
-    orders: QuerySet[Order] | None = None, *, refunded: bool | None = None
+    orders: QuerySet[Order] | None = None,
+    *,
+    refunded: bool | None = None,
+    outcome: Payment.Outcome | None = None,
 ) -> QuerySet[Order]:
     """The orders (among ``orders``, default all) that received a payment which did not
-    pay them (late, surplus or mismatched), optionally only those whose such payment was
-    already refunded (``True``) or still awaits its refund (``False``). Each order once."""
+    pay them (late, surplus or mismatched; or only ``outcome``), optionally only those
+    whose such payment was already refunded (``True``) or still awaits its refund
+    (``False``). Each order once."""
     payments = Payment.objects.filter(order=OuterRef("pk")).exclude(
         outcome=Payment.Outcome.ACCEPTED
     )
+    if outcome is not None:
+        payments = payments.filter(outcome=outcome)
     if refunded is not None:
         payments = payments.filter(refunded_at__isnull=not refunded)
     orders = Order.objects.all() if orders is None else orders

@@ -454,6 +454,7 @@ def test_late_payments_filter_tells_refunded_from_awaiting_refund(
 
     content = client.get(changelist_url()).content.decode()
     assert "By late payments" in content
+    assert listed(client, late_payment="late") == {awaiting.order_id, refunded.order_id}
     assert listed(client, late_payment="any") == {awaiting.order_id, refunded.order_id, surplus.pk}
     assert listed(client, late_payment="refunded") == {refunded.order_id}
     assert listed(client, late_payment="awaiting") == {awaiting.order_id, surplus.pk}
@@ -846,6 +847,13 @@ def test_overview_counts_orders_charts_expiries_and_late_payments_and_warns_of_l
     assert "The last sweep ran 10m 0s ago" in content
     assert "Is Celery beat running?" in content
     assert re.search(r'id="sweep-expired">1<', content)
+    # The link to the late payments and its count are the filter's own query.
+    link = re.search(r'href="([^"]+)" id="late-orders-link"', content)
+    assert link is not None
+    late_orders = re.search(r'id="late-orders">(\d+)<', content)
+    assert late_orders is not None
+    assert int(late_orders[1]) == len(listed(client, **dict([link[1].split("?")[1].split("=")])))
+    assert int(late_orders[1]) == 1
 
 
 def test_overview_says_when_no_sweep_has_run_and_when_all_is_well(
