@@ -1,6 +1,10 @@
 """Settings of the host project, read from the environment (django-environ) with defaults
 that work on a fresh machine: SQLite under var/, and an embedded Redis when REDIS_URL is
-not set. See README.md, "Configuration"."""
+not set. See README.md, "Configuration".
+
+Importing this module only reads values: it starts no server and creates no file. The
+processes that need the embedded Redis start it (``config.embedded_redis.start_if_used``).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,7 @@ from django.core.exceptions import ImproperlyConfigured
 from config import embedded_redis
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-VAR_DIR = BASE_DIR / "var"
-VAR_DIR.mkdir(exist_ok=True)
+VAR_DIR = BASE_DIR / "var"  # made by the processes that write there (`up`, tests, bench)
 
 env = environ.Env()
 
@@ -94,9 +97,10 @@ ORDERS = {
     "WEBHOOK_SECRET": env("ORDERS_WEBHOOK_SECRET", default=""),
 }
 
-# Celery, on Redis. An unset REDIS_URL means the embedded server (started on demand).
+# Celery, on Redis. An unset REDIS_URL means the embedded server, whose address is known
+# without starting it; the processes that use it start it.
 REDIS_IS_EMBEDDED = not env("REDIS_URL", default="")
-REDIS_URL = embedded_redis.ensure_running() if REDIS_IS_EMBEDDED else env("REDIS_URL")
+REDIS_URL = embedded_redis.broker_url() if REDIS_IS_EMBEDDED else env("REDIS_URL")
 CELERY_BROKER_URL = REDIS_URL
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     # A message not acknowledged within this is redelivered; ORDERS["TIMER_HORIZON"]
@@ -127,6 +131,7 @@ CELERY_BEAT_SCHEDULE = {
     "orders-poll-parcels": {"task": "orders.poll_parcels", "schedule": 60.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULER = "config.celery:BeatScheduler"  # makes the file's folder
 
 # LOG_FORMAT=json writes one JSON object per line, with the structured fields of the
 # app's log calls (event, order_id, lateness_s, ...), for a log shipper to index.

@@ -14,7 +14,8 @@ from django.contrib.auth.models import Permission
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandParser
 
-from config.settings import BASE_DIR
+from config import embedded_redis
+from config.settings import BASE_DIR, VAR_DIR
 
 
 class Command(BaseCommand):
@@ -32,6 +33,8 @@ class Command(BaseCommand):
         parser.add_argument("--username", default="admin", help="The staff login to create.")
 
     def handle(self, *args: Any, port: int, username: str, **options: Any) -> None:
+        VAR_DIR.mkdir(exist_ok=True)  # the SQLite default and the logs live there
+        embedded_redis.start_if_used()
         call_command("migrate", interactive=False, verbosity=0, skip_checks=True)
         password = secrets.token_urlsafe(12)
         user, _ = get_user_model().objects.get_or_create(
