@@ -129,6 +129,8 @@ def prepare() -> BenchEnv:
             "DATABASE_URL": bench.database_url,
             "REDIS_URL": bench.redis_url,
             "CELERY_KEY_PREFIX": bench.key_prefix,
+            # The host project's settings refuse to start without a key (DEBUG off).
+            "SECRET_KEY": os.environ.get("SECRET_KEY") or secrets.token_urlsafe(50),
         }
     )
     return bench

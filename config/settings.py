@@ -21,8 +21,35 @@ VAR_DIR = BASE_DIR / "var"  # made by the processes that write there (`up`, test
 env = environ.Env()
 
 DEBUG = env.bool("DEBUG", default=False)
-SECRET_KEY = env("SECRET_KEY", default="insecure-local-only-key-set-SECRET_KEY-in-production")
+SECRET_KEY = env("SECRET_KEY", default="")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set. With DEBUG off the host project needs its own key in the "
+            "environment, e.g. the output of "
+            "python -c 'import secrets; print(secrets.token_urlsafe(50))'. "
+            "For local development set DEBUG=1, or run .ci/up, which keeps one in var/secret_key."
+        )
+    # Only ever with DEBUG on; the prefix makes `check --deploy` flag it (security.W009).
+    SECRET_KEY = "django-insecure-local-development-key-set-SECRET_KEY"
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+
+# HTTPS in production (README.md, "Production settings"). Off by default, as in Django,
+# so that the local HTTP set-up works; `manage.py check --deploy` names each one unset.
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=False)
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+# Behind a proxy that terminates TLS, the header it sets to "https" (e.g.
+# X-Forwarded-Proto). Opt-in: trusted from a client that reaches Django directly, it
+# would let anyone claim HTTPS.
+_proxy_ssl_header = env("SECURE_PROXY_SSL_HEADER", default="")
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_" + _proxy_ssl_header.upper().replace("-", "_"), "https") if _proxy_ssl_header else None
+)
 
 INSTALLED_APPS = [
     "django.contrib.admin",

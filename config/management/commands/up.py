@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -47,6 +48,7 @@ class Command(BaseCommand):
         env = os.environ | {
             "PORT": str(port),
             "DEBUG": os.environ.get("DEBUG", "1"),  # runserver serves the admin's static files
+            "SECRET_KEY": os.environ.get("SECRET_KEY") or local_secret_key(),
             "ORDERS_API_TOKEN": settings.ORDERS["API_TOKEN"] or secrets.token_urlsafe(24),
             "ORDERS_WEBHOOK_SECRET": settings.ORDERS["WEBHOOK_SECRET"] or secrets.token_urlsafe(24),
             "PYTHONUNBUFFERED": "1",
@@ -76,3 +78,16 @@ class Command(BaseCommand):
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         os.chdir(BASE_DIR)
         os.execvpe(honcho, [honcho, "-f", "config/Procfile", "-d", ".", "start"], env)
+
+
+def local_secret_key() -> str:
+    """A random key made on the first run and kept in var/secret_key (readable by its
+    owner only), so that logins and signed cookies survive a restart."""
+    path = VAR_DIR / "secret_key"
+    if not path.exists():
+        # O_EXCL: two `up` started at once cannot both write it.
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(50))
+    return path.read_text().strip()
