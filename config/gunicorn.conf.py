@@ -12,13 +12,15 @@ wsgi_app = "config.wsgi:application"
 # Behind a reverse proxy that terminates TLS (SECURE_PROXY_SSL_HEADER): loopback only.
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
 
-# A request spends most of its time waiting on PostgreSQL and Redis, not on the CPU:
-# one process per core, each with a few threads, keeps the cores busy without a process
-# (and a database connection) per concurrent client. The worker, beat and PostgreSQL
-# share the machine, hence not gunicorn's usual 2 x cores + 1 processes.
-workers = int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1))
+# A request spends much of its time waiting on PostgreSQL and Redis: a few threads a
+# process keep a core busy, without a process (and its memory) per client. The web
+# shares the machine with PostgreSQL and the Celery worker, so it gets half the cores:
+# on 2 cores, one process of 8 threads placed 1.0-1.1x runserver's orders per second,
+# two processes of 4 threads 0.9x (bench/http_load.py, in the same runs). On a machine
+# of its own, set WEB_CONCURRENCY to the number of cores.
+workers = int(os.environ.get("WEB_CONCURRENCY", max(1, (os.cpu_count() or 1) // 2)))
 worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", 4))
+threads = int(os.environ.get("GUNICORN_THREADS", 8))
 
 # A request that has not answered in 30 s is stuck (placing an order takes milliseconds,
 # and the broker's waits are bounded): its process is restarted. On SIGTERM, requests in
