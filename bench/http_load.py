@@ -218,6 +218,34 @@ def run_wrk(url: str, script: Path, *, seconds: int, connections: int) -> str:
     return result.stdout
 
 
+def load_in_rounds(
+    servers: list[WebServer], loads: dict[str, Load], args: argparse.Namespace, script: Path
+) -> int:
+    """Warm each server up, then load them in turn; the requests answered 2xx by every
+    wrk run, warm-ups included (each placed an order)."""
+    answered_2xx = 0
+    try:
+        for server in servers:
+            server.start().wait_until_answering()
+            warm = Load(server=server.name, shape="")
+            warm.add(run_wrk(server.url, script, seconds=WARM_UP, connections=args.connections))
+            answered_2xx += warm.answered_2xx
+        # Rounds in turn, so that a change in the machine's load falls on both servers.
+        window = max(1, args.duration // args.rounds)
+        for round_ in range(args.rounds):
+            for name, server in zip(SERVERS, servers, strict=True):
+                before = loads[name].answered_2xx
+                loads[name].add(
+                    run_wrk(server.url, script, seconds=window, connections=args.connections)
+                )
+                answered_2xx += loads[name].answered_2xx - before
+                print(f"  round {round_ + 1}, {name}: done", flush=True)
+    finally:
+        for server in servers:
+            server.stop()
+    return answered_2xx
+
+
 def wait_for_expiry(timeout: float) -> dict[str, int]:
     """Wait until no order is left unpaid (the worker expires them); the count by status."""
     from django.db.models import Count
@@ -273,7 +301,8 @@ def run(bench: bench_env.BenchEnv, args: argparse.Namespace) -> int:
     call_command("migrate", interactive=False, verbosity=0)
     token = secrets.token_urlsafe(24)
     # As in production (docs/examples/production.env): persistent database connections,
-    # checked before reuse. Without them each request opens one (half the time, here).
+    # checked before reuse. Without them each request opens one (a quarter of the orders
+    # per second, here).
     options = f"conn_max_age={args.conn_max_age}&conn_health_checks=True"
     env = bench.child_env(
         DATABASE_URL=f"{bench.database_url}{'&' if '?' in bench.database_url else '?'}{options}",
@@ -294,32 +323,13 @@ def run(bench: bench_env.BenchEnv, args: argparse.Namespace) -> int:
         "gunicorn": args.gunicorn_args or gunicorn_shape(env),
     }
     loads = {name: Load(server=name, shape=shapes[name]) for name in SERVERS}
-    answered_2xx = 0  # by every wrk run, warm-ups included: each is an order placed
-    worker = WorkerProcess(name="http-worker", env=env, concurrency=2).start()
     servers = [
         WebServer(server=name, port=port + i, env=env, gunicorn_args=args.gunicorn_args.split())
         for i, name in enumerate(SERVERS)
     ]
+    worker = WorkerProcess(name="http-worker", env=env, concurrency=2).start()
     try:
-        for server in servers:
-            server.start().wait_until_answering()
-            warm = Load(server=server.name, shape="")
-            warm.add(run_wrk(server.url, script, seconds=WARM_UP, connections=args.connections))
-            answered_2xx += warm.answered_2xx
-        # Rounds in turn, so that a change in the machine's load falls on both servers.
-        window = max(1, args.duration // args.rounds)
-        for round_ in range(args.rounds):
-            for name, server in zip(SERVERS, servers, strict=True):
-                before = loads[name].answered_2xx
-                loads[name].add(
-                    run_wrk(server.url, script, seconds=window, connections=args.connections)
-                )
-                answered_2xx += loads[name].answered_2xx - before
-                print(f"  round {round_ + 1}, {name}: done", flush=True)
-    finally:
-        for server in servers:
-            server.stop()
-    try:
+        answered_2xx = load_in_rounds(servers, loads, args, script)
         statuses = wait_for_expiry(timeout=args.order_timeout + 120)
         unarmed = unarmed_orders()
     finally:
