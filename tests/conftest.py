@@ -11,11 +11,19 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from config import processes
+from config import embedded_redis, processes
 from orders import services
 from orders.models import Order
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite's own set-up, since importing the settings starts and creates nothing:
+    var/ (the SQLite test database, the worker logs) and the embedded Redis when the
+    settings use it."""
+    (BASE_DIR / "var").mkdir(exist_ok=True)
+    embedded_redis.start_if_used()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

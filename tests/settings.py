@@ -1,13 +1,15 @@
 """Test settings: the host project's, with fixed secrets and this run's own Redis keys.
 
 The key prefix keeps this run's queues apart from anything else on the same Redis; it
-is put in the environment so that the worker processes the tests start share it.
+is put in the environment so that the worker processes the tests start share it, as is
+the secret key (the host project's settings refuse to start without one, DEBUG off).
 """
 
 import os
 import uuid
 
 os.environ.setdefault("CELERY_KEY_PREFIX", f"orders-test-{uuid.uuid4().hex[:10]}:")
+os.environ.setdefault("SECRET_KEY", "django-insecure-tests-only")
 
 from config.settings import *  # noqa: F403
 from config.settings import CELERY_BROKER_TRANSPORT_OPTIONS, ORDERS

@@ -4,6 +4,7 @@ started again if it exits (config/supervise.py)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 import sys
@@ -15,7 +16,8 @@ from django.contrib.auth.models import Permission
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandParser
 
-from config.settings import BASE_DIR
+from config import embedded_redis
+from config.settings import BASE_DIR, VAR_DIR
 
 
 def webhook_secret() -> str:
@@ -39,6 +41,8 @@ class Command(BaseCommand):
         parser.add_argument("--username", default="admin", help="The staff login to create.")
 
     def handle(self, *args: Any, port: int, username: str, **options: Any) -> None:
+        VAR_DIR.mkdir(exist_ok=True)  # the SQLite default and the logs live there
+        embedded_redis.start_if_used()
         call_command("migrate", interactive=False, verbosity=0, skip_checks=True)
         password = secrets.token_urlsafe(12)
         user, _ = get_user_model().objects.get_or_create(
@@ -51,6 +55,7 @@ class Command(BaseCommand):
         env = os.environ | {
             "PORT": str(port),
             "DEBUG": os.environ.get("DEBUG", "1"),  # runserver serves the admin's static files
+            "SECRET_KEY": os.environ.get("SECRET_KEY") or local_secret_key(),
             "ORDERS_API_TOKEN": settings.ORDERS["API_TOKEN"] or secrets.token_urlsafe(24),
             "ORDERS_PAYMENT_WEBHOOK_SECRET": settings.ORDERS["PAYMENT_WEBHOOK_SECRET"]
             or webhook_secret(),
@@ -88,3 +93,16 @@ class Command(BaseCommand):
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         os.chdir(BASE_DIR)
         os.execve(sys.executable, [sys.executable, "-m", "config.supervise"], env)
+
+
+def local_secret_key() -> str:
+    """A random key made on the first run and kept in var/secret_key (readable by its
+    owner only), so that logins and signed cookies survive a restart."""
+    path = VAR_DIR / "secret_key"
+    if not path.exists():
+        # O_EXCL: two `up` started at once cannot both write it.
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(50))
+    return path.read_text().strip()
