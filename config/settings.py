@@ -32,6 +32,8 @@ if not SECRET_KEY:
         )
     # Only ever with DEBUG on; the prefix makes `check --deploy` flag it (security.W009).
     SECRET_KEY = "django-insecure-local-development-key-set-SECRET_KEY"
+# Keys still accepted for signatures made before a rotation (docs/SECURITY.md).
+SECRET_KEY_FALLBACKS = env.list("SECRET_KEY_FALLBACKS", default=[])
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 
 # HTTPS in production (README.md, "Production settings"). Off by default, as in Django,

@@ -33,12 +33,18 @@ SETTINGS_VARIABLES = {
 
 
 def production_env() -> dict[str, str]:
-    """docs/examples/production.env, each empty value (a secret) filled with a new one."""
+    """docs/examples/production.env, each empty value (a secret) filled with a new one
+    of its kind."""
     values = {}
     for line in PRODUCTION_ENV.read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             name, _, value = line.partition("=")
-            values[name] = value or secrets.token_urlsafe(50)
+            secret = (
+                up.webhook_secret()
+                if name.endswith("WEBHOOK_SECRET")
+                else secrets.token_urlsafe(50)
+            )
+            values[name] = value or secret
     return values
 
 
