@@ -45,7 +45,7 @@ LATE_PAYMENT_REASON = "payment arrived after the deadline"
 class Status(models.TextChoices):
     CREATED = "created", "Awaiting payment"
     PAID = "paid", "Paid, awaiting shipment"
-    DELIVERED = "delivered", "Delivered"
+    DELIVERED = "delivered", "Shipped"  # the value predates the label: a booked shipment
     REFUNDED = "refunded", "Refunded"
     CANCELLED = "cancelled", "Cancelled"
 

@@ -827,7 +827,7 @@ def test_overview_counts_orders_charts_expiries_and_late_payments_and_warns_of_l
     assert counts == {
         "Awaiting payment": "2",
         "Paid, awaiting shipment": "1",
-        "Delivered": "0",
+        "Shipped": "0",
         "Refunded": "0",
         "Cancelled": "4",
     }
