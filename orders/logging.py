@@ -81,11 +81,18 @@ def log_event(
     *,
     level: int = logging.INFO,
     exc_info: bool = False,
+    order: Any = None,
+    by: Any = None,
     **fields: Any,
 ) -> None:
     """Log one fact once: ``message`` is a ``str.format`` template over ``fields``, and the
-    same fields (with ``event``) go to the record's ``extra`` for ``JsonFormatter``::
+    same fields (with ``event``) go to the record's ``extra`` for ``JsonFormatter``.
+    ``order`` and ``by`` are the fields ``order_id`` and ``actor``::
 
-        log_event(logger, "order.placed", "Order {order_id} placed.", order_id=order.pk)
+        log_event(logger, "order.placed", "Order {order_id} placed.", order=order)
     """
+    if order is not None:
+        fields["order_id"] = str(order.pk)
+    if by is not None:
+        fields["actor"] = str(by)
     logger.log(level, message.format(**fields), extra={"event": event, **fields}, exc_info=exc_info)

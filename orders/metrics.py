@@ -28,6 +28,27 @@ from orders.selectors import read_snapshot
 # The Prometheus collector --------------------------------------------------------------
 
 
+#: What the last sweep found, each as a gauge: (metric, SweepRun field, help).
+SWEEP_GAUGES = (
+    (
+        "orders_sweep_last_expired",
+        "expired",
+        "Orders the last sweep had to expire because their timer was lost.",
+    ),
+    (
+        "orders_sweep_last_max_lateness_seconds",
+        "max_lateness",
+        "How late past its deadline the latest order the last sweep expired was.",
+    ),
+    (
+        "orders_sweep_last_timers_armed",
+        "timers_armed",
+        "Timers the last sweep armed (deadlines that came within the horizon).",
+    ),
+    ("orders_sweep_last_errors", "errors", "Shipments or refunds the last sweep failed to retry."),
+)
+
+
 def _epoch(moment: datetime | None) -> float:
     return moment.timestamp() if moment is not None else 0.0
 
@@ -83,34 +104,13 @@ class OrdersCollector(Collector):
         )
 
         sweep = snap.last_sweep
-        for name, help_text, value in (
-            (
-                "orders_sweep_last_run_timestamp_seconds",
-                "When the last sweep ran, in Unix time (0 if never): beat is alive.",
-                _epoch(sweep.at if sweep else None),
-            ),
-            (
-                "orders_sweep_last_expired",
-                "Orders the last sweep had to expire because their timer was lost.",
-                sweep.expired if sweep else 0,
-            ),
-            (
-                "orders_sweep_last_max_lateness_seconds",
-                "How late past its deadline the latest order the last sweep expired was.",
-                sweep.max_lateness if sweep else 0.0,
-            ),
-            (
-                "orders_sweep_last_timers_armed",
-                "Timers the last sweep armed (deadlines that came within the horizon).",
-                sweep.timers_armed if sweep else 0,
-            ),
-            (
-                "orders_sweep_last_errors",
-                "Shipments or refunds the last sweep failed to retry.",
-                sweep.errors if sweep else 0,
-            ),
-        ):
-            yield GaugeMetricFamily(name, help_text, value=value)
+        yield GaugeMetricFamily(
+            "orders_sweep_last_run_timestamp_seconds",
+            "When the last sweep ran, in Unix time (0 if never): beat is alive.",
+            value=_epoch(sweep.at if sweep else None),
+        )
+        for name, field, help_text in SWEEP_GAUGES:
+            yield GaugeMetricFamily(name, help_text, value=getattr(sweep, field) if sweep else 0)
 
         yield GaugeMetricFamily(
             "orders_refunds_pending",

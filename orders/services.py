@@ -214,7 +214,7 @@ def place_order(
         logger,
         "order.placed",
         "Order {order_id} placed: {amount} {currency}, payment due by {expires_at}.",
-        order_id=str(order.pk),
+        order=order,
         amount=str(order.amount),
         currency=order.currency,
         expires_at=order.expires_at.isoformat(),
@@ -281,7 +281,7 @@ def _record_payment(
                 logger,
                 "payment.duplicate",
                 "Payment {payment_ref} for order {order_id} is a duplicate; nothing to do.",
-                order_id=str(order.pk),
+                order=order,
                 payment_ref=payment_ref,
             )
             return duplicate
@@ -322,14 +322,14 @@ def _record_payment(
         "payment.recorded",
         "Payment {payment_ref} of {amount} {currency} for order {order_id}: {outcome_text}.",
         level=logging.INFO if accepted else logging.WARNING,
-        order_id=str(order.pk),
+        order=order,
         payment_ref=payment_ref,
         outcome=str(outcome),
         outcome_text=payment.get_outcome_display().lower()
         + ("" if accepted else "; it will be refunded"),
         amount=str(amount),
         currency=currency,
-        actor=str(by),
+        by=by,
     )
     return payment
 
@@ -362,7 +362,7 @@ def expire_order(*, order_id: Any, by: Actor = TIMER, now: datetime | None = Non
             "timer.noop",
             "Expiry of order {order_id} by the {actor}: no-op, {reason} ({detail}).",
             order_id=str(order_id),
-            actor=str(by),
+            by=by,
             reason=outcome.value,
             detail=detail,
         )
@@ -395,8 +395,8 @@ def _expired(order: Order, *, now: datetime, by: Actor, reason: str) -> None:
         logger,
         "order.expired",
         "Order {order_id} expired by the {actor}, {lateness_s:.3f}s after its deadline.",
-        order_id=str(order.pk),
-        actor=str(by),
+        order=order,
+        by=by,
         reason=reason,
         expires_at=order.expires_at.isoformat(),
         lateness_s=(now - order.expires_at).total_seconds(),
@@ -484,8 +484,8 @@ def extend_order(*, order_id: Any, seconds: Any, by: Actor, now: datetime | None
         logger,
         "order.extended",
         "Order {order_id} extended by {extended_by_s:g}s to {expires_at} by {actor}.",
-        order_id=str(order.pk),
-        actor=str(by),
+        order=order,
+        by=by,
         extended_by_s=delta.total_seconds(),
         expires_at=new_deadline.isoformat(),
     )
@@ -515,8 +515,8 @@ def cancel_order(
         logger,
         "order.cancelled",
         "Order {order_id} cancelled by {actor} ({cancel_reason}).",
-        order_id=str(order.pk),
-        actor=str(by),
+        order=order,
+        by=by,
         cancel_reason=str(cancel_reason),
     )
     return order
@@ -557,7 +557,7 @@ def ship_order(*, order_id: Any, now: datetime | None = None) -> Order:
         logger,
         "order.shipped",
         "Order {order_id} shipped, tracking number {tracking_number}.",
-        order_id=str(order.pk),
+        order=order,
         tracking_number=tracking_number,
     )
     return order
@@ -568,7 +568,7 @@ def _shipping_noop(order: Order) -> None:
         logger,
         "shipping.noop",
         "Shipping of order {order_id}: no-op, it is {status}.",
-        order_id=str(order.pk),
+        order=order,
         status=str(order.status),
     )
 
@@ -608,7 +608,7 @@ def refund_order(*, order_id: Any, by: Actor, reason: str, now: datetime | None 
                 logger,
                 "refund.noop",
                 "Refund of order {order_id}: no-op, it is already {status}.",
-                order_id=str(order.pk),
+                order=order,
                 status=str(order.status),
             )
             return order
@@ -624,9 +624,9 @@ def refund_order(*, order_id: Any, by: Actor, reason: str, now: datetime | None 
         logger,
         "order.refunded",
         "Order {order_id} refunded ({refund_ref}) by {actor}: {reason}.",
-        order_id=str(order.pk),
+        order=order,
         refund_ref=refund_ref,
-        actor=str(by),
+        by=by,
         reason=reason,
     )
     return order
@@ -718,10 +718,10 @@ def record_parcel_status(
                     "parcel.ignored",
                     "Parcel of order {order_id} reported {parcel_status} by {actor} after it "
                     "was {final_status}; ignored.",
-                    order_id=str(order.pk),
+                    order=order,
                     parcel_status=status,
                     final_status=order.parcel_status,
-                    actor=str(by),
+                    by=by,
                 )
             if order.parcel_next_check_at is not None:  # left by a poll whose refund failed
                 order.parcel_next_check_at = None
@@ -736,9 +736,9 @@ def record_parcel_status(
                 logger,
                 "parcel.status",
                 "Parcel of order {order_id} is now {parcel_status} (reported by {actor}).",
-                order_id=str(order.pk),
+                order=order,
                 parcel_status=status,
-                actor=str(by),
+                by=by,
             )
     # Whatever this report says: a parcel that came back earlier and whose refund failed
     # then (gateway down) is still owed its refund.
@@ -785,7 +785,7 @@ def poll_parcels(*, now: datetime | None = None) -> ParcelPollReport:
                 "parcel.check_failed",
                 "Parcel check of order {order_id} failed ({error}); next try in {backoff_s}s.",
                 level=logging.WARNING,
-                order_id=str(order.pk),
+                order=order,
                 error=str(exc),
                 backoff_s=backoff,
             )
@@ -799,7 +799,7 @@ def poll_parcels(*, now: datetime | None = None) -> ParcelPollReport:
                 "parcel.given_up",
                 "Parcel of order {order_id} still not arrived; no longer polled.",
                 level=logging.WARNING,
-                order_id=str(order.pk),
+                order=order,
             )
         Order.objects.filter(pk=order.pk).update(
             parcel_next_check_at=next_check, parcel_check_failures=failures
@@ -826,7 +826,7 @@ def poll_parcels(*, now: datetime | None = None) -> ParcelPollReport:
                     "Refund of order {order_id}, whose parcel came back, failed ({error}); "
                     "retried at the next poll.",
                     level=logging.WARNING,
-                    order_id=str(order.pk),
+                    order=order,
                     error=str(exc),
                 )
     if report.checked:
