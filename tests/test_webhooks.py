@@ -847,4 +847,6 @@ def test_the_same_message_delivered_concurrently_acts_once(
     assert len({json.dumps(a.json(), sort_keys=True) for a in answers}) == 1
     assert Payment.objects.count() == 1
     assert IdempotencyRecord.objects.count() == 1
-    assert transitions(order) == ["pay"]
+    # Paid once. (The suite's worker, when an earlier test started it, may have shipped
+    # the paid order meanwhile: these threads commit for real.)
+    assert transitions(order) in (["pay"], ["pay", "ship"])
