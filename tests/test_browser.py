@@ -15,12 +15,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import kombu.exceptions
 import pytest
 from django.contrib.auth.models import Permission
 from django.utils import timezone
 from pytest_django.live_server_helper import LiveServer
 
-from orders import services
+from orders import scheduling, services
 from orders.models import Order, Status
 
 if TYPE_CHECKING:
@@ -102,6 +103,10 @@ def log_in(page: Page, username: str) -> None:
     page.fill("#id_password", PASSWORD)
     page.click("input[type=submit]")
     page.wait_for_url("**/admin/orders/order/")
+
+
+def refuse_publish(task: Any, **options: Any) -> NoReturn:
+    raise kombu.exceptions.OperationalError("the broker is down (in this test)")
 
 
 def paid_order(payment_ref: str, amount: str = "12.50") -> Order:
@@ -218,7 +223,7 @@ def test_staff_cancels_several_unpaid_orders_from_the_list(
 
 
 def test_the_overview_shows_what_expires_and_the_list_counts_down(
-    page: Page, django_user_model: Any
+    page: Page, django_user_model: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from playwright.sync_api import expect
 
@@ -237,7 +242,11 @@ def test_the_overview_shows_what_expires_and_the_list_counts_down(
     for minutes in (4, 18, 42):
         services.place_order(amount="25.00", timeout=minutes * 60)
     paid_order("pay-1001")
-    services.place_order(amount="19.00", now=now - timedelta(minutes=5), timeout=60)
+    with monkeypatch.context() as broker_down:
+        # Its timer is lost: the broker refuses the publish (a running worker would
+        # otherwise expire this overdue order at once, before the sweep finds it).
+        broker_down.setattr(scheduling, "publish", refuse_publish)
+        services.place_order(amount="19.00", now=now - timedelta(minutes=5), timeout=60)
     services.sweep(now=now - timedelta(seconds=20))  # finds the one whose timer was lost
 
     log_in(page, "dora")
