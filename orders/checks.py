@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import current_app
 from django.core.checks import CheckMessage, Error, Warning, register
+from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 from orders.conf import DEFAULTS, INTEGER_SETTINGS, user_settings
@@ -138,6 +139,34 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
             )
         )
     return errors
+
+
+@register("orders", "models")
+def check_order_model(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """ORDERS_ORDER_MODEL names an installed subclass of AbstractOrder: the services
+    rely on its fields and transitions."""
+    from orders import ORDER_MODEL_SETTING, get_order_model, get_order_model_string
+    from orders.models import AbstractOrder
+
+    hint = (
+        "Name a model of yours that derives from orders.models.AbstractOrder, e.g. "
+        "'shop.Order' for `class Order(AbstractOrder)` in shop/models.py, or remove the "
+        "setting to use orders.Order."
+    )
+    try:
+        model = get_order_model()
+    except ImproperlyConfigured as exc:
+        return [Error(str(exc), hint=hint, id="orders.E012")]
+    if not issubclass(model, AbstractOrder):
+        return [
+            Error(
+                f"{ORDER_MODEL_SETTING} = {get_order_model_string()!r} does not derive from "
+                "orders.models.AbstractOrder.",
+                hint=hint,
+                id="orders.E012",
+            )
+        ]
+    return []
 
 
 WEBHOOK_SECRETS = ("PAYMENT_WEBHOOK_SECRET", "LOGISTICS_WEBHOOK_SECRET")

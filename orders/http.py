@@ -17,10 +17,11 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from orders import get_order_model
 from orders.conf import get_settings
 from orders.gateways import GatewayError
 from orders.logging import log_event, one_line
-from orders.models import Order
+from orders.models import AbstractOrder, permission_name
 from orders.services import InvalidInput, InvalidTransition, OrderError, OrderNotFound, brief
 
 logger = logging.getLogger("orders.http")
@@ -46,7 +47,7 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
 
 
-def order_json(order: Order) -> JsonObject:
+def order_json(order: AbstractOrder) -> JsonObject:
     """The order with its history, oldest transition first (one query for the history)."""
     time_left = order.time_left()
     return {
@@ -244,7 +245,7 @@ def is_operator(request: HttpRequest) -> bool:
         user is not None
         and user.is_authenticated
         and user.is_staff
-        and user.has_perm("orders.view_order")
+        and user.has_perm(permission_name(get_order_model(), "view_order"))
     )
 
 

@@ -28,7 +28,7 @@ from django.dispatch import Signal
 from django.utils import timezone
 from django_fsm import can_proceed
 
-from orders import scheduling, signals
+from orders import get_order_model, scheduling, signals
 from orders.conf import get_settings
 from orders.gateways import GatewayError, logistics_provider, payment_gateway
 from orders.logging import log_event
@@ -38,10 +38,10 @@ from orders.models import (
     SWEEP,
     SYSTEM,
     TIMER,
+    AbstractOrder,
     Actor,
     CancelReason,
     IdempotencyRecord,
-    Order,
     ParcelEvent,
     ParcelStatus,
     Payment,
@@ -69,19 +69,20 @@ class InvalidTransition(OrderError):
     pass
 
 
-def _send_on_commit(signal: Signal, order: Order, **extra: Any) -> None:
-    transaction.on_commit(lambda: signal.send(sender=Order, order=order, **extra))
+def _send_on_commit(signal: Signal, order: AbstractOrder, **extra: Any) -> None:
+    transaction.on_commit(lambda: signal.send(sender=type(order), order=order, **extra))
 
 
-def _locked(order_id: Any) -> Order:
+def _locked(order_id: Any) -> AbstractOrder:
     return _get(order_id, lock=True)
 
 
-def _get(order_id: Any, *, lock: bool = False) -> Order:
-    orders = Order.objects.select_for_update() if lock else Order.objects.all()
+def _get(order_id: Any, *, lock: bool = False) -> AbstractOrder:
+    model = get_order_model()
+    orders = model.objects.select_for_update() if lock else model.objects.all()
     try:
         return orders.get(pk=order_id)
-    except (Order.DoesNotExist, ValidationError, ValueError) as exc:  # or not a UUID at all
+    except (model.DoesNotExist, ValidationError, ValueError) as exc:  # or not a UUID at all
         raise OrderNotFound(f"No order with id {order_id!r}.") from exc
 
 
@@ -191,21 +192,26 @@ def place_order(
     currency: str | None = None,
     timeout: timedelta | float | None = None,
     now: datetime | None = None,
-) -> Order:
+    **fields: Any,
+) -> AbstractOrder:
     """Create an unpaid order whose deadline is ``now + timeout`` (default from settings),
-    and arm its expiry timer once the order is committed."""
+    and arm its expiry timer once the order is committed. ``fields`` are the shop's own
+    fields of its order model (``ORDERS_ORDER_MODEL``), e.g. ``customer=...``, checked
+    by the fields' own validation; the lifecycle's fields are not among them."""
     conf = get_settings()
     now = now or timezone.now()
     timeout = conf.DEFAULT_TIMEOUT if timeout is None else timeout
     delta = parse_seconds(
         timeout, name="timeout", minimum=conf.MIN_TIMEOUT, maximum=conf.MAX_TIMEOUT
     )
-    order = Order(
+    order = get_order_model()(
         amount=parse_amount(amount),
         currency=parse_currency(currency),
         created_at=now,
         expires_at=now + delta,
+        **_shop_fields(fields),
     )
+    _validate_shop_fields(order, fields)
     with transaction.atomic():
         scheduling.arm_expiry_timer(order, now=now)
         order.save(force_insert=True)
@@ -221,6 +227,32 @@ def place_order(
         timeout_s=delta.total_seconds(),
     )
     return order
+
+
+def _shop_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``place_order`` that name the shop's own fields."""
+    lifecycle = {f.name for f in AbstractOrder._meta.local_fields}
+    model = get_order_model()
+    own = {name for f in model._meta.concrete_fields for name in (f.name, f.attname)}
+    for name in fields:
+        if name in lifecycle:
+            raise InvalidInput(f"{name} is set by the order's lifecycle, not by place_order().")
+        if name not in own:
+            raise InvalidInput(f"{brief(name)} is not a field of {model._meta.label}.")
+    return fields
+
+
+def _validate_shop_fields(order: AbstractOrder, fields: dict[str, Any]) -> None:
+    # The values given, by their fields' own rules (max_length, choices, blank,
+    # validators), so that a bad one is an InvalidInput and not a database error. A field
+    # left out gets its default, as with Model.objects.create(); the lifecycle's fields
+    # were checked by the parse_* functions.
+    given = {f.name for f in order._meta.concrete_fields if {f.name, f.attname} & set(fields)}
+    try:
+        order.clean_fields(exclude={f.name for f in order._meta.fields} - given)
+    except ValidationError as exc:
+        problems = "; ".join(f"{name}: {' '.join(errs)}" for name, errs in exc.message_dict.items())
+        raise InvalidInput(problems) from None
 
 
 def record_payment(
@@ -251,7 +283,7 @@ def record_payment(
         return _existing_payment(_get(order_id), payment_ref) or _raise_reused(payment_ref)
 
 
-def _existing_payment(order: Order, payment_ref: str) -> Payment | None:
+def _existing_payment(order: AbstractOrder, payment_ref: str) -> Payment | None:
     payment = Payment.objects.filter(reference=payment_ref).first()
     if payment is not None and payment.order_id != order.pk:
         _raise_reused(payment_ref)
@@ -307,7 +339,7 @@ def _record_payment(
             _enqueue_shipping(order)
 
         payment = Payment.objects.create(
-            order=order,
+            order_id=order.pk,
             reference=payment_ref,
             amount=amount,
             currency=currency,
@@ -369,7 +401,7 @@ def expire_order(*, order_id: Any, by: Actor = TIMER, now: datetime | None = Non
     return outcome
 
 
-def _expire_if_due(order: Order, *, by: Actor, now: datetime) -> tuple[ExpiryOutcome, str]:
+def _expire_if_due(order: AbstractOrder, *, by: Actor, now: datetime) -> tuple[ExpiryOutcome, str]:
     """Under the row lock: expire the order, or say why not."""
     if not can_proceed(order.expire):
         return ExpiryOutcome.NOT_UNPAID, f"it is {order.status}"
@@ -382,13 +414,15 @@ def _expire_if_due(order: Order, *, by: Actor, now: datetime) -> tuple[ExpiryOut
     return ExpiryOutcome.EXPIRED, ""
 
 
-def _expire(order: Order, *, now: datetime, by: Actor, reason: str = "not paid in time") -> None:
+def _expire(
+    order: AbstractOrder, *, now: datetime, by: Actor, reason: str = "not paid in time"
+) -> None:
     order.expire(by=by, reason=reason, at=now)
     order.save()
     _expired(order, now=now, by=by, reason=reason)
 
 
-def _expired(order: Order, *, now: datetime, by: Actor, reason: str) -> None:
+def _expired(order: AbstractOrder, *, now: datetime, by: Actor, reason: str) -> None:
     """What follows an expiry, once saved: the signal after commit, and the log."""
     _send_on_commit(signals.order_expired, order)
     log_event(
@@ -414,9 +448,11 @@ def expire_due_orders(
     Each order goes through its ``expire`` transition as usual; only the writes are
     gathered, one UPDATE and one INSERT of history rows per batch, since a burst of
     thousands of orders sharing a deadline is what batches are for."""
-    due = Order.objects.filter(
-        status=Status.CREATED, expires_at__lte=min(due_by, now or timezone.now())
-    ).order_by("expires_at")
+    due = (
+        get_order_model()
+        .objects.filter(status=Status.CREATED, expires_at__lte=min(due_by, now or timezone.now()))
+        .order_by("expires_at")
+    )
     reason = "not paid in time"
     expired, max_lateness = 0, 0.0
     while True:
@@ -426,7 +462,7 @@ def expire_due_orders(
             with history_in_bulk():
                 for order in batch:
                     order.expire(by=by, reason=reason, at=stamp)
-            Order.objects.filter(pk__in=[order.pk for order in batch]).update(
+            get_order_model().objects.filter(pk__in=[order.pk for order in batch]).update(
                 status=Status.CANCELLED,
                 cancel_reason=CancelReason.TIMEOUT,
                 cancelled_at=stamp,
@@ -456,7 +492,9 @@ def expire_bucket(*, bucket: int, now: datetime | None = None) -> int:
     return expired
 
 
-def extend_order(*, order_id: Any, seconds: Any, by: Actor, now: datetime | None = None) -> Order:
+def extend_order(
+    *, order_id: Any, seconds: Any, by: Actor, now: datetime | None = None
+) -> AbstractOrder:
     """Move an unpaid order's deadline later by ``seconds``."""
     conf = get_settings()
     now = now or timezone.now()
@@ -499,7 +537,7 @@ def cancel_order(
     reason: str | None = "",
     cancel_reason: CancelReason = CancelReason.CUSTOMER,
     now: datetime | None = None,
-) -> Order:
+) -> AbstractOrder:
     """Cancel an unpaid order at the customer's or staff's request."""
     reason = parse_reason(reason)
     with transaction.atomic():
@@ -525,13 +563,13 @@ def cancel_order(
 # Shipping -----------------------------------------------------------------------------
 
 
-def _enqueue_shipping(order: Order) -> None:
+def _enqueue_shipping(order: AbstractOrder) -> None:
     from orders.tasks import ship_order_task
 
     scheduling.enqueue_on_commit(ship_order_task, str(order.pk), what="shipping")
 
 
-def ship_order(*, order_id: Any, now: datetime | None = None) -> Order:
+def ship_order(*, order_id: Any, now: datetime | None = None) -> AbstractOrder:
     """Book the shipment of a paid order and move it to ``delivered``.
 
     The provider is called outside the lock, with the order as idempotency key, so a
@@ -563,7 +601,7 @@ def ship_order(*, order_id: Any, now: datetime | None = None) -> Order:
     return order
 
 
-def _shipping_noop(order: Order) -> None:
+def _shipping_noop(order: AbstractOrder) -> None:
     log_event(
         logger,
         "shipping.noop",
@@ -587,7 +625,9 @@ def _refund_at_gateway(payment: Payment) -> str:
     )
 
 
-def refund_order(*, order_id: Any, by: Actor, reason: str, now: datetime | None = None) -> Order:
+def refund_order(
+    *, order_id: Any, by: Actor, reason: str, now: datetime | None = None
+) -> AbstractOrder:
     """Refund a paid or delivered order, then close it. The state moves only after the
     gateway confirms; a ``GatewayError`` leaves the order as it was."""
     order = _get(order_id)
@@ -660,7 +700,7 @@ def refund_payment(*, payment_id: Any, now: datetime | None = None) -> Payment:
         payment.save(update_fields=["refunded_at", "refund_ref"])
         transaction.on_commit(
             lambda: signals.payment_refunded.send(
-                sender=Order, order=payment.order, payment=payment
+                sender=get_order_model(), order=payment.order, payment=payment
             )
         )
     log_event(
@@ -690,7 +730,7 @@ def record_parcel_status(
     status: str,
     by: Actor = "logistics",
     now: datetime | None = None,
-) -> Order:
+) -> AbstractOrder:
     """Take a parcel status from the logistics provider (webhook or poll). Only an order
     shipped under ``tracking_number`` has a parcel; for any other the report is refused
     (``InvalidTransition``) and nothing is stored. A change is kept as a ``ParcelEvent``,
@@ -727,7 +767,7 @@ def record_parcel_status(
                 order.parcel_next_check_at = None
                 order.save(update_fields=["parcel_next_check_at", "updated_at"])
         elif status != order.parcel_status:
-            ParcelEvent.objects.create(order=order, status=status, source=str(by), at=now)
+            ParcelEvent.objects.create(order_id=order.pk, status=status, source=str(by), at=now)
             order.parcel_status = status
             if status != ParcelStatus.IN_TRANSIT:
                 order.parcel_next_check_at = None  # the parcel's journey is over
@@ -768,7 +808,7 @@ def poll_parcels(*, now: datetime | None = None) -> ParcelPollReport:
     conf = get_settings()
     now = now or timezone.now()
     report = ParcelPollReport()
-    due = Order.objects.filter(status=Status.DELIVERED, parcel_next_check_at__lte=now)
+    due = get_order_model().objects.filter(status=Status.DELIVERED, parcel_next_check_at__lte=now)
     for order in due.order_by("parcel_next_check_at")[: conf.PARCEL_POLL_BATCH]:
         report.checked += 1
         next_check: datetime | None = now + timedelta(seconds=conf.PARCEL_CHECK_INTERVAL)
@@ -801,7 +841,7 @@ def poll_parcels(*, now: datetime | None = None) -> ParcelPollReport:
                 level=logging.WARNING,
                 order_id=str(order.pk),
             )
-        Order.objects.filter(pk=order.pk).update(
+        get_order_model().objects.filter(pk=order.pk).update(
             parcel_next_check_at=next_check, parcel_check_failures=failures
         )
         if not failures:
@@ -819,7 +859,7 @@ def poll_parcels(*, now: datetime | None = None) -> ParcelPollReport:
                 # the next poll finds it returned again, and that retries the refund.
                 report.failed += 1
                 retry_at = now + timedelta(seconds=conf.PARCEL_CHECK_INTERVAL)
-                Order.objects.filter(pk=order.pk).update(parcel_next_check_at=retry_at)
+                get_order_model().objects.filter(pk=order.pk).update(parcel_next_check_at=retry_at)
                 log_event(
                     logger,
                     "parcel.refund_failed",
@@ -875,7 +915,8 @@ def sweep(
     step(1, SWEEP_STEPS[0])
 
     unarmed = (
-        Order.objects.filter(
+        get_order_model()
+        .objects.filter(
             status=Status.CREATED,
             expires_at__lte=now + timedelta(seconds=conf.TIMER_HORIZON),
         )
@@ -891,7 +932,7 @@ def sweep(
 
     # Follow-up work whose task was lost (broker down when it was queued, worker killed).
     stale = now - timedelta(seconds=conf.SHIPPING_RETRY_AFTER)
-    unshipped = Order.objects.filter(status=Status.PAID, paid_at__lt=stale)
+    unshipped = get_order_model().objects.filter(status=Status.PAID, paid_at__lt=stale)
     for order_id in unshipped.values_list("pk", flat=True)[: conf.SWEEP_BATCH_SIZE]:
         report.shipments_retried += 1
         _retry(report, "shipment", partial(ship_order, order_id=order_id))
@@ -951,9 +992,13 @@ def rearm_timers(*, now: datetime | None = None) -> Iterator[tuple[int, int]]:
     conf = get_settings()
     now = now or timezone.now()
     run = uuid.uuid4().hex
-    unpaid = Order.objects.filter(
-        status=Status.CREATED, expires_at__lte=now + timedelta(seconds=conf.TIMER_HORIZON)
-    ).order_by("expires_at", "pk")
+    unpaid = (
+        get_order_model()
+        .objects.filter(
+            status=Status.CREATED, expires_at__lte=now + timedelta(seconds=conf.TIMER_HORIZON)
+        )
+        .order_by("expires_at", "pk")
+    )
     total, done = unpaid.count(), 0
     after: Q = Q()
     while True:
@@ -970,7 +1015,7 @@ def rearm_timers(*, now: datetime | None = None) -> Iterator[tuple[int, int]]:
         yield done, max(total, done)
 
 
-def _lock_batch(queryset: QuerySet[Order], size: int) -> list[Order]:
+def _lock_batch(queryset: QuerySet[AbstractOrder], size: int) -> list[AbstractOrder]:
     # skip_locked: a row another process holds is being handled by it; take the next.
     return list(queryset.select_for_update(skip_locked=True)[:size])
 

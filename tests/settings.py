@@ -42,3 +42,8 @@ for _option in ("unacked_restore_interval", "unacked_restore_throttle"):
 # outlast the sweep interval.
 if os.environ.get("ORDERS_TEST_EXPIRY_DELAY"):
     INSTALLED_APPS = [*INSTALLED_APPS, "tests.slow_expiry"]  # noqa: F405
+# The suite once more with a shop's own order model (tests/swapshop): set
+# ORDERS_ORDER_MODEL=swapshop.Order in the environment (the worker processes get it too).
+if os.environ.get("ORDERS_ORDER_MODEL"):
+    ORDERS_ORDER_MODEL = os.environ["ORDERS_ORDER_MODEL"]
+    INSTALLED_APPS = [*INSTALLED_APPS, "tests.swapshop"]

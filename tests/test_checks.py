@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from pytest_django import Settings
 
-from orders.checks import VISIBILITY_MARGIN, check_orders_settings
+from orders.checks import VISIBILITY_MARGIN, check_order_model, check_orders_settings
 from orders.conf import DEFAULTS
 
 
@@ -252,3 +252,27 @@ def test_metrics_token_equal_to_the_api_token_is_reported(settings: Settings) ->
 def test_empty_metrics_token_is_allowed(settings: Settings) -> None:
     """Without it, only staff logins read /metrics: a choice, not a mistake."""
     assert ids_with(settings, METRICS_TOKEN="") == []
+
+
+def test_the_default_order_model_passes_its_check() -> None:
+    assert check_order_model() == []
+
+
+@pytest.mark.parametrize(
+    ("model", "says"),
+    [
+        ("auth.User", "'auth.User' does not derive from orders.models.AbstractOrder"),
+        ("shop.Order", "'shop.Order', which is not installed"),
+        ("Order", "must be of the form 'app_label.ModelName'"),
+    ],
+)
+def test_an_order_model_that_is_not_an_installed_abstract_order_is_an_error(
+    settings: Settings, model: str, says: str
+) -> None:
+    settings.ORDERS_ORDER_MODEL = model
+
+    [message] = check_order_model()
+
+    assert (message.id, message.level) == ("orders.E012", checks.ERROR)
+    assert says in message.msg
+    assert "AbstractOrder" in (message.hint or "")

@@ -46,9 +46,9 @@ django.setup()
 
 import orders
 from django.test import Client
-from orders import services
-from orders.models import Order
+from orders import get_order_model, services
 
+Order = get_order_model()
 order = services.place_order(amount="12.50", timeout=2)
 deadline = time.monotonic() + 20
 while Order.objects.get(pk=order.pk).status == "created" and time.monotonic() < deadline:
