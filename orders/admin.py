@@ -227,7 +227,9 @@ class OrderAdmin(_ModelAdmin):
     )
     # "id" uses icontains, which Django's UUIDField accepts with or without hyphens on
     # every database, so a full id and a pasted fragment both find the order.
-    search_fields = ("id", "payment_ref", "tracking_number")
+    # The shop's reference and metadata too: a shop that keeps its own order table finds
+    # ours by its own id.
+    search_fields = ("id", "reference", "payment_ref", "tracking_number", "metadata")
     date_hierarchy = "created_at"
     ordering = ("-created_at",)
     list_per_page = 50
@@ -239,6 +241,7 @@ class OrderAdmin(_ModelAdmin):
 
     fieldsets = (
         (None, {"fields": ("id", "status", "cancel_reason", ("amount", "currency"))}),
+        ("Shop's link", {"fields": ("reference", "metadata")}),
         (
             "Deadline",
             {

@@ -49,11 +49,15 @@ def create_order(request: HttpRequest) -> HttpResponse:
     the same key with another body is a 409."""
 
     def place() -> Answer:
-        data = json_object(request, fields=("amount", "currency", "timeout_seconds"))
+        data = json_object(
+            request, fields=("amount", "currency", "timeout_seconds", "reference", "metadata")
+        )
         order = services.place_order(
             amount=required(data, "amount"),
             currency=data.get("currency"),
             timeout=optional_number(data, "timeout_seconds"),
+            reference=data.get("reference"),
+            metadata=data.get("metadata"),
         )
         return Answer(201, order_json(order))
 

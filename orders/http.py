@@ -22,7 +22,14 @@ from orders.conf import get_settings
 from orders.gateways import GatewayError
 from orders.logging import log_event, one_line
 from orders.models import AbstractOrder, permission_name
-from orders.services import InvalidInput, InvalidTransition, OrderError, OrderNotFound, brief
+from orders.services import (
+    DuplicateReference,
+    InvalidInput,
+    InvalidTransition,
+    OrderError,
+    OrderNotFound,
+    brief,
+)
 
 logger = logging.getLogger("orders.http")
 
@@ -64,6 +71,8 @@ def order_json(order: AbstractOrder) -> JsonObject:
         "cancel_reason": str(order.cancel_reason) or None,
         "payment_ref": order.payment_ref or None,
         "tracking_number": order.tracking_number or None,
+        "reference": order.reference,
+        "metadata": order.metadata,
         # An unpaid order past its deadline is about to expire: it has no time left,
         # not a negative amount of it.
         "time_left_seconds": None if time_left is None else max(0.0, round(time_left, 3)),
@@ -105,7 +114,7 @@ def error_response(
 def _status_of(exc: OrderError) -> int:
     if isinstance(exc, OrderNotFound):
         return 404
-    if isinstance(exc, InvalidTransition):
+    if isinstance(exc, InvalidTransition | DuplicateReference):
         return 409
     return 400
 

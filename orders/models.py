@@ -71,6 +71,10 @@ class ParcelStatus(models.TextChoices):
     RETURNED = "returned", "Returned to sender"
 
 
+#: The longest ``reference`` a shop may give an order.
+REFERENCE_MAX_LENGTH = 128
+
+
 def _default_currency() -> str:
     return get_settings().CURRENCY
 
@@ -118,6 +122,17 @@ class AbstractOrder(FSMModelMixin, models.Model):
     parcel_status = models.CharField(max_length=16, choices=ParcelStatus.choices, blank=True)
     parcel_next_check_at = models.DateTimeField(null=True, blank=True, editable=False)
     parcel_check_failures = models.PositiveIntegerField(default=0, editable=False)
+    # A shop that keeps its own order table links it here: its own id for the order
+    # (unique when set, and any number of orders may have none), and a few facts of its
+    # own (a flat JSON object: see orders.services.parse_metadata).
+    reference = models.CharField(
+        max_length=REFERENCE_MAX_LENGTH,
+        null=True,
+        blank=True,
+        unique=True,
+        help_text="The shop's own id for this order.",
+    )
+    metadata = models.JSONField(default=dict, blank=True)
     # The deadline a timer was last enqueued for. Lets the sweep arm, exactly once,
     # deadlines that were beyond the horizon or whose timer could not be published.
     timer_armed_for = models.DateTimeField(null=True, blank=True, editable=False)

@@ -35,6 +35,7 @@ from orders.logging import log_event
 from orders.models import (
     LATE_PAYMENT_REASON,
     REASON_MAX_LENGTH,
+    REFERENCE_MAX_LENGTH,
     SWEEP,
     SYSTEM,
     TIMER,
@@ -67,6 +68,10 @@ class OrderNotFound(OrderError):
 
 class InvalidTransition(OrderError):
     pass
+
+
+class DuplicateReference(OrderError):
+    """Another order already has the ``reference`` given (a conflict: a 409)."""
 
 
 def _send_on_commit(signal: Signal, order: AbstractOrder, **extra: Any) -> None:
@@ -160,6 +165,59 @@ def parse_payment_ref(value: Any) -> str:
     return value
 
 
+#: A shop's reference for an order: as a payment reference, 1 to REFERENCE_MAX_LENGTH
+#: characters without control characters.
+REFERENCE_PATTERN = f"[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]{{1,{REFERENCE_MAX_LENGTH}}}"
+_REFERENCE = re.compile(REFERENCE_PATTERN)
+#: The order's metadata is a flat JSON object, as Stripe's is: at most this many keys,
+#: each key at most METADATA_KEY_MAX_LENGTH characters, each value a string of at most
+#: METADATA_VALUE_MAX_LENGTH characters, a finite number, true, false or null. No NUL
+#: anywhere (PostgreSQL cannot store it in JSON).
+METADATA_MAX_KEYS = 50
+METADATA_KEY_MAX_LENGTH = 40
+METADATA_VALUE_MAX_LENGTH = 500
+NO_NUL_PATTERN = "[^\\x00]*"
+
+
+def parse_reference(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _REFERENCE.fullmatch(value):
+        raise InvalidInput(
+            f"reference must be 1 to {REFERENCE_MAX_LENGTH} characters, without control characters."
+        )
+    return value
+
+
+def parse_metadata(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"metadata must be a JSON object, got {brief(value)}.")
+    if len(value) > METADATA_MAX_KEYS:
+        raise InvalidInput(f"metadata may have at most {METADATA_MAX_KEYS} keys, got {len(value)}.")
+    for key, item in value.items():
+        if not isinstance(key, str) or not 1 <= len(key) <= METADATA_KEY_MAX_LENGTH or "\0" in key:
+            raise InvalidInput(
+                f"metadata keys must be 1 to {METADATA_KEY_MAX_LENGTH} characters without NUL, "
+                f"got {brief(key)}."
+            )
+        if isinstance(item, str):
+            if len(item) > METADATA_VALUE_MAX_LENGTH or "\0" in item:
+                raise InvalidInput(
+                    f"metadata[{key!r}] must be at most {METADATA_VALUE_MAX_LENGTH} characters "
+                    "without NUL."
+                )
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise InvalidInput(f"metadata[{key!r}] must be a finite number.")
+        elif item is not None and not isinstance(item, bool | int | float):
+            raise InvalidInput(
+                f"metadata[{key!r}] must be a string, a number, true, false or null (metadata "
+                f"is flat), got {brief(item)}."
+            )
+    return value
+
+
 def parse_currency(value: Any) -> str:
     if value is None:
         return get_settings().CURRENCY
@@ -191,13 +249,17 @@ def place_order(
     amount: Any,
     currency: str | None = None,
     timeout: timedelta | float | None = None,
+    reference: str | None = None,
+    metadata: dict[str, Any] | None = None,
     now: datetime | None = None,
     **fields: Any,
 ) -> AbstractOrder:
     """Create an unpaid order whose deadline is ``now + timeout`` (default from settings),
-    and arm its expiry timer once the order is committed. ``fields`` are the shop's own
-    fields of its order model (``ORDERS_ORDER_MODEL``), e.g. ``customer=...``, checked
-    by the fields' own validation; the lifecycle's fields are not among them."""
+    and arm its expiry timer once the order is committed. ``reference`` (the shop's own
+    id, unique: ``DuplicateReference`` if another order has it) and ``metadata`` (a flat
+    JSON object) link the order to the shop's. ``fields`` are the shop's own fields of
+    its order model (``ORDERS_ORDER_MODEL``), e.g. ``customer=...``, checked by the
+    fields' own validation; the lifecycle's fields are not among them."""
     conf = get_settings()
     now = now or timezone.now()
     timeout = conf.DEFAULT_TIMEOUT if timeout is None else timeout
@@ -209,13 +271,21 @@ def place_order(
         currency=parse_currency(currency),
         created_at=now,
         expires_at=now + delta,
+        reference=parse_reference(reference),
+        metadata=parse_metadata(metadata),
         **_shop_fields(fields),
     )
     _validate_shop_fields(order, fields)
-    with transaction.atomic():
-        scheduling.arm_expiry_timer(order, now=now)
-        order.save(force_insert=True)
-        _send_on_commit(signals.order_placed, order)
+    _refuse_duplicate_reference(order.reference)
+    try:
+        with transaction.atomic():
+            scheduling.arm_expiry_timer(order, now=now)
+            order.save(force_insert=True)
+            _send_on_commit(signals.order_placed, order)
+    except IntegrityError:
+        # The same reference raced in: the unique index caught it, and nothing was kept.
+        _refuse_duplicate_reference(order.reference)
+        raise
     log_event(
         logger,
         "order.placed",
@@ -225,8 +295,20 @@ def place_order(
         currency=order.currency,
         expires_at=order.expires_at.isoformat(),
         timeout_s=delta.total_seconds(),
+        reference=order.reference,
     )
     return order
+
+
+def _refuse_duplicate_reference(reference: str | None) -> None:
+    if reference is None:
+        return
+    existing = get_order_model().objects.filter(reference=reference).first()
+    if existing is not None:
+        raise DuplicateReference(
+            f"Order {existing.pk} already has the reference {brief(reference)}; a reference "
+            "names one order."
+        )
 
 
 def _shop_fields(fields: dict[str, Any]) -> dict[str, Any]:

@@ -134,6 +134,23 @@ def test_search_finds_an_order_by_payment_reference_and_by_full_id(
     assert found(str(other.pk).upper()) == {other.pk}
 
 
+def test_search_finds_an_order_by_the_shops_reference_and_metadata(
+    client: Client, make_staff: MakeStaff
+) -> None:
+    make_staff("view_order")
+    wanted = services.place_order(
+        amount="12.50", reference="shop-1001", metadata={"customer": "Zoe Lam"}
+    )
+    services.place_order(amount="12.50", reference="shop-2002")
+
+    def found(query: str) -> set[Any]:
+        response = client.get(reverse(f"{ADMIN}_changelist"), {"q": query})
+        return {order.pk for order in response.context["cl"].result_list}
+
+    assert found("shop-1001") == {wanted.pk}
+    assert found("zoe lam") == {wanted.pk}
+
+
 def test_changelist_queries_do_not_grow_with_the_number_of_orders(
     client: Client, make_staff: MakeStaff
 ) -> None:

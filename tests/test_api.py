@@ -18,6 +18,7 @@ from pytest_django import DjangoAssertNumQueries, Settings
 
 from orders import get_order_model, services
 from orders.models import AbstractOrder, IdempotencyRecord, OrderTransition, Payment, Status
+from tests.dbstate import snapshot
 
 Order = get_order_model()
 
@@ -44,6 +45,8 @@ ORDER_KEYS = {
     "cancel_reason",
     "payment_ref",
     "tracking_number",
+    "reference",
+    "metadata",
     "time_left_seconds",
     "history",
 }
@@ -605,3 +608,71 @@ def test_extend_paid_order_is_409(client: Client, paid_order: AbstractOrder) -> 
     assert Payment.objects.get().order_id == paid_order.pk
     paid_order.refresh_from_db()
     assert paid_order.status == Status.PAID
+
+
+# The shop's reference and metadata ------------------------------------------------------
+
+
+def test_create_order_keeps_the_shops_reference_and_metadata(client: Client) -> None:
+    metadata = {"channel": "web", "customer_id": 42, "gift": True, "note": None}
+
+    response = post(
+        client, ORDERS_URL, {"amount": "12.50", "reference": "shop-1001", "metadata": metadata}
+    )
+
+    assert response.status_code == 201
+    body = response.json()
+    assert (body["reference"], body["metadata"]) == ("shop-1001", metadata)
+    order = Order.objects.get(pk=body["id"])
+    assert (order.reference, order.metadata) == ("shop-1001", metadata)
+    assert client.get(order_url(body["id"]), headers=AUTH).json()["metadata"] == metadata
+
+
+def test_a_reference_another_order_has_is_a_409_and_changes_nothing(client: Client) -> None:
+    first = post(client, ORDERS_URL, {"amount": "12.50", "reference": "shop-1001"}).json()
+    before = snapshot()
+
+    response = post(client, ORDERS_URL, {"amount": "99.00", "reference": "shop-1001"})
+
+    assert response.status_code == 409
+    assert first["id"] in response.json()["error"]
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "mentions"),
+    [
+        ("reference", "", "reference must be 1 to 128 characters"),
+        ("reference", "x" * 129, "reference must be 1 to 128 characters"),
+        ("reference", "a\u0000b", "without control characters"),
+        ("reference", 1001, "reference must be"),
+        ("metadata", ["a"], "metadata must be a JSON object"),
+        ("metadata", {"k": {"nested": 1}}, "metadata is flat"),
+        ("metadata", {"k": "v\u0000"}, "without NUL"),
+        ("metadata", {"k\u0000": "v"}, "without NUL"),
+        ("metadata", {"": "v"}, "keys must be 1 to 40 characters"),
+        ("metadata", {"k" * 41: "v"}, "keys must be 1 to 40 characters"),
+        ("metadata", {"k": "v" * 501}, "at most 500 characters"),
+        ("metadata", {f"k{i}": i for i in range(51)}, "at most 50 keys"),
+    ],
+)
+def test_a_bad_reference_or_metadata_is_a_400_and_changes_nothing(
+    client: Client, field: str, value: Any, mentions: str
+) -> None:
+    before = snapshot()
+
+    response = post(client, ORDERS_URL, {"amount": "12.50", field: value})
+
+    assert response.status_code == 400
+    assert mentions in response.json()["error"]
+    assert snapshot() == before
+
+
+def test_metadata_with_an_infinite_number_is_a_400_and_changes_nothing(client: Client) -> None:
+    before = snapshot()
+
+    response = post(client, ORDERS_URL, b'{"amount": "12.50", "metadata": {"k": 1e400}}')
+
+    assert response.status_code == 400
+    assert "finite number" in response.json()["error"]
+    assert snapshot() == before

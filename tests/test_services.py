@@ -1577,3 +1577,16 @@ def test_place_order_refuses_fields_the_order_model_does_not_let_it_set(
         services.place_order(amount="10.00", now=T0, **fields)
 
     assert Order.objects.count() == 0
+
+
+def test_orders_without_a_reference_are_many_and_one_with_a_reference_is_one() -> None:
+    unreferenced = [services.place_order(amount="10.00", now=T0) for _ in range(3)]
+    first = services.place_order(amount="10.00", reference="shop-7", metadata={"a": 1}, now=T0)
+
+    with pytest.raises(services.DuplicateReference, match=f"Order {first.pk} already has"):
+        services.place_order(amount="10.00", reference="shop-7", now=T0)
+
+    assert [o.reference for o in unreferenced] == [None, None, None]
+    assert Order.objects.get(reference="shop-7").metadata == {"a": 1}
+    assert Order.objects.count() == 4
+    assert reloaded(unreferenced[0]).metadata == {}
