@@ -27,6 +27,8 @@ from orders.services import OrderNotFound, brief
 
 #: Who the API's transitions are recorded as.
 API_ACTOR = "customer (api)"
+#: Who a shipment through the API is recorded as: the shop, which booked it.
+API_SHIPPER = "shop (api)"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 
 
@@ -106,5 +108,17 @@ def extend_order(request: HttpRequest, order_id: str) -> HttpResponse:
     data = json_object(request, fields=("seconds",))
     order = services.extend_order(
         order_id=order_id_of(order_id), seconds=required(data, "seconds"), by=API_ACTOR
+    )
+    return JsonResponse(order_json(order))
+
+
+@api_endpoint("POST")
+def ship_order(request: HttpRequest, order_id: str) -> HttpResponse:
+    """A paid order shipped by the shop itself (ORDERS["LOGISTICS_PROVIDER"] None)."""
+    data = json_object(request, fields=("tracking_number",))
+    order = services.ship_order(
+        order_id=order_id_of(order_id),
+        tracking_number=required(data, "tracking_number"),
+        by=API_SHIPPER,
     )
     return JsonResponse(order_json(order))

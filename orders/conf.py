@@ -48,9 +48,11 @@ class OrdersSettings:
     # The most orders one bulk refund in the admin may take: money leaves with each, so a
     # mistaken selection must stay small. "All N orders" of a list is never refunded.
     BULK_REFUND_LIMIT: int = 50
-    # Pluggable backends, chosen by dotted path like SESSION_ENGINE.
+    # Pluggable backends, chosen by dotted path like SESSION_ENGINE. LOGISTICS_PROVIDER
+    # None: the shop ships orders itself (services.ship_order with its tracking number),
+    # and a paid order waits for it; nothing is booked, retried or polled.
     PAYMENT_GATEWAY: str = "orders.gateways.LocalPaymentGateway"
-    LOGISTICS_PROVIDER: str = "orders.gateways.LocalLogisticsProvider"
+    LOGISTICS_PROVIDER: str | None = "orders.gateways.LocalLogisticsProvider"
     # Shared secrets for the JSON API (Bearer token) and the signed webhooks, one per
     # provider (Standard Webhooks secrets: "whsec_" + base64 of 24 to 64 random bytes).
     # Empty means "refuse everything", never "accept everything".

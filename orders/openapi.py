@@ -179,6 +179,16 @@ def _schemas() -> dict[str, JsonSchema]:
                 }
             }
         ),
+        "Shipment": _object(
+            {
+                "tracking_number": {
+                    "type": "string",
+                    "pattern": f"^{services.TRACKING_NUMBER_PATTERN}$",
+                    "description": "The shipment the shop booked. The same number again "
+                    "changes nothing; another one for a shipped order is a 409.",
+                }
+            }
+        ),
         # The payment gateway's and the logistics provider's events.
         "PaymentEvent": _object(
             {
@@ -366,6 +376,25 @@ def _paths() -> JsonSchema:
                 "requestBody": _json_body("Extension"),
                 "responses": _responses(
                     _order("The order with its new deadline."),
+                    "BadRequest",
+                    *_API_ERRORS,
+                    "Conflict",
+                    "TooLarge",
+                ),
+            },
+        },
+        "/api/orders/{order_id}/ship/": {
+            "parameters": [_ORDER_ID],
+            "post": {
+                "operationId": "shipOrder",
+                "tags": ["orders"],
+                "summary": "Ship a paid order under the shop's own tracking number",
+                "description": "For shops that book shipments themselves "
+                "(ORDERS['LOGISTICS_PROVIDER'] None); with a provider, paying books one.",
+                "security": _API,
+                "requestBody": _json_body("Shipment"),
+                "responses": _responses(
+                    _order("The shipped order."),
                     "BadRequest",
                     *_API_ERRORS,
                     "Conflict",

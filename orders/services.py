@@ -169,6 +169,11 @@ def parse_payment_ref(value: Any) -> str:
 #: characters without control characters.
 REFERENCE_PATTERN = f"[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]{{1,{REFERENCE_MAX_LENGTH}}}"
 _REFERENCE = re.compile(REFERENCE_PATTERN)
+TRACKING_NUMBER_MAX_LENGTH = 64
+TRACKING_NUMBER_PATTERN = (
+    f"[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]{{1,{TRACKING_NUMBER_MAX_LENGTH}}}"
+)
+_TRACKING_NUMBER = re.compile(TRACKING_NUMBER_PATTERN)
 #: The order's metadata is a flat JSON object, as Stripe's is: at most this many keys,
 #: each key at most METADATA_KEY_MAX_LENGTH characters, each value a string of at most
 #: METADATA_VALUE_MAX_LENGTH characters, a finite number, true, false or null. No NUL
@@ -648,29 +653,54 @@ def cancel_order(
 def _enqueue_shipping(order: AbstractOrder) -> None:
     from orders.tasks import ship_order_task
 
+    if logistics_provider() is None:
+        return  # the shop ships it: ship_order(tracking_number=...)
     scheduling.enqueue_on_commit(ship_order_task, str(order.pk), what="shipping")
 
 
-def ship_order(*, order_id: Any, now: datetime | None = None) -> AbstractOrder:
-    """Book the shipment of a paid order and move it to ``delivered``.
+def parse_tracking_number(value: Any) -> str:
+    # Like a payment reference: no control characters, at most the column's length.
+    if not isinstance(value, str) or not _TRACKING_NUMBER.fullmatch(value):
+        raise InvalidInput(
+            f"tracking_number must be 1 to {TRACKING_NUMBER_MAX_LENGTH} characters, without "
+            "control characters."
+        )
+    return value
+
+
+def ship_order(
+    *,
+    order_id: Any,
+    tracking_number: str | None = None,
+    by: Actor = "shipping",
+    now: datetime | None = None,
+) -> AbstractOrder:
+    """Move a paid order to ``delivered``: shipped under ``tracking_number`` when the shop
+    booked the shipment itself (required without a logistics provider), else booked
+    with the provider.
 
     The provider is called outside the lock, with the order as idempotency key, so a
-    repeated call books nothing new."""
+    repeated call books nothing new. Shipping an order again under the tracking number
+    it was shipped with changes nothing; under another one it is an InvalidTransition."""
+    if tracking_number is not None:
+        tracking_number = parse_tracking_number(tracking_number)
     order = _get(order_id)
     if not can_proceed(order.ship):
-        _shipping_noop(order)
-        return order
-    tracking_number = logistics_provider().create_shipment(
-        order_id=str(order.pk), idempotency_key=f"ship:{order.pk}"
-    )
+        return _not_shippable(order, tracking_number)
+    booked_by_provider = tracking_number is None
+    if tracking_number is None:
+        tracking_number = _book_shipment(order)
     with transaction.atomic():
         order = _locked(order_id)
         if not can_proceed(order.ship):  # it moved on while the provider answered
-            _shipping_noop(order)
-            return order
+            return _not_shippable(order, None if booked_by_provider else tracking_number)
         now = now or timezone.now()
-        order.ship(by="shipping", tracking_number=tracking_number, at=now)
-        order.parcel_next_check_at = now + timedelta(seconds=get_settings().PARCEL_CHECK_INTERVAL)
+        order.ship(by=by, tracking_number=tracking_number, at=now)
+        if booked_by_provider:
+            # The provider that booked the parcel is asked about it; a number the shop
+            # brought is none of its business.
+            check_in = timedelta(seconds=get_settings().PARCEL_CHECK_INTERVAL)
+            order.parcel_next_check_at = now + check_in
         order.save()
         _send_on_commit(signals.order_delivered, order)
     log_event(
@@ -679,7 +709,30 @@ def ship_order(*, order_id: Any, now: datetime | None = None) -> AbstractOrder:
         "Order {order_id} shipped, tracking number {tracking_number}.",
         order_id=str(order.pk),
         tracking_number=tracking_number,
+        actor=str(by),
     )
+    return order
+
+
+def _book_shipment(order: AbstractOrder) -> str:
+    provider = logistics_provider()
+    if provider is None:
+        raise InvalidInput(
+            "Give the tracking_number of the shipment: no logistics provider books one "
+            "(ORDERS['LOGISTICS_PROVIDER'] is None)."
+        )
+    return provider.create_shipment(order_id=str(order.pk), idempotency_key=f"ship:{order.pk}")
+
+
+def _not_shippable(order: AbstractOrder, tracking_number: str | None) -> AbstractOrder:
+    """A shipment of an order that cannot be shipped: a no-op for the provider's task and
+    for the shop's repeated call, an error for the shop's call on any other order."""
+    if tracking_number is not None and tracking_number != order.tracking_number:
+        raise InvalidTransition(
+            f"Only a paid order can be shipped; order {order.pk} is {order.status}"
+            + (f", shipped as {order.tracking_number}." if order.tracking_number else ".")
+        )
+    _shipping_noop(order)
     return order
 
 
@@ -886,17 +939,20 @@ class ParcelPollReport:
 def poll_parcels(*, now: datetime | None = None) -> ParcelPollReport:
     """Ask the logistics provider about shipped parcels that are due for a check, at most
     ``PARCEL_POLL_BATCH`` per run. A provider error backs that order off exponentially;
-    a parcel still travelling after ``PARCEL_GIVE_UP_AFTER`` is no longer polled."""
+    a parcel still travelling after ``PARCEL_GIVE_UP_AFTER`` is no longer booked_by_provider."""
     conf = get_settings()
     now = now or timezone.now()
     report = ParcelPollReport()
+    provider = logistics_provider()
+    if provider is None:
+        return report  # the shop ships orders itself: no provider to ask
     due = get_order_model().objects.filter(status=Status.DELIVERED, parcel_next_check_at__lte=now)
     for order in due.order_by("parcel_next_check_at")[: conf.PARCEL_POLL_BATCH]:
         report.checked += 1
         next_check: datetime | None = now + timedelta(seconds=conf.PARCEL_CHECK_INTERVAL)
         failures = 0
         try:
-            status = logistics_provider().parcel_status(tracking_number=order.tracking_number)
+            status = provider.parcel_status(tracking_number=order.tracking_number)
         except GatewayError as exc:
             report.failed += 1
             failures = order.parcel_check_failures + 1
@@ -919,7 +975,7 @@ def poll_parcels(*, now: datetime | None = None) -> ParcelPollReport:
             log_event(
                 logger,
                 "parcel.given_up",
-                "Parcel of order {order_id} still not arrived; no longer polled.",
+                "Parcel of order {order_id} still not arrived; no longer booked_by_provider.",
                 level=logging.WARNING,
                 order_id=str(order.pk),
             )
@@ -1015,6 +1071,8 @@ def sweep(
     # Follow-up work whose task was lost (broker down when it was queued, worker killed).
     stale = now - timedelta(seconds=conf.SHIPPING_RETRY_AFTER)
     unshipped = get_order_model().objects.filter(status=Status.PAID, paid_at__lt=stale)
+    if logistics_provider() is None:
+        unshipped = unshipped.none()  # paid orders wait for the shop to ship them
     for order_id in unshipped.values_list("pk", flat=True)[: conf.SWEEP_BATCH_SIZE]:
         report.shipments_retried += 1
         _retry(report, "shipment", partial(ship_order, order_id=order_id))

@@ -27,7 +27,9 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # test starts get them too. Unset, they change nothing.
 for _key in ("PAYMENT_GATEWAY", "LOGISTICS_PROVIDER"):
     if os.environ.get(f"ORDERS_{_key}"):
-        ORDERS = ORDERS | {_key: os.environ[f"ORDERS_{_key}"]}
+        # "none": no logistics provider, the shop ships orders itself.
+        _value = os.environ[f"ORDERS_{_key}"]
+        ORDERS = ORDERS | {_key: None if _value == "none" else _value}
 for _key in ("SHIPPING_RETRY_AFTER", "SWEEP_BATCH_SIZE"):
     if os.environ.get(f"ORDERS_{_key}"):
         ORDERS = ORDERS | {_key: int(os.environ[f"ORDERS_{_key}"])}

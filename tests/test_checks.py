@@ -276,3 +276,12 @@ def test_an_order_model_that_is_not_an_installed_abstract_order_is_an_error(
     assert (message.id, message.level) == ("orders.E012", checks.ERROR)
     assert says in message.msg
     assert "AbstractOrder" in (message.hint or "")
+
+
+def test_no_logistics_provider_is_allowed(settings: Settings) -> None:
+    # None: the shop ships orders itself.
+    assert ids_with(settings, LOGISTICS_PROVIDER=None) == []
+
+
+def test_a_logistics_provider_that_is_not_a_string_is_reported(settings: Settings) -> None:
+    assert ids_with(settings, LOGISTICS_PROVIDER=42) == ["orders.E005"]
