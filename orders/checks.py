@@ -49,10 +49,22 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
                     id="orders.E002",
                 )
             )
+    timeout = merged["DEFAULT_TIMEOUT"]
+    if isinstance(timeout, str):
+        errors += _check_timeout_function(timeout)
+    elif isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1:
+        errors.append(
+            Error(
+                "ORDERS['DEFAULT_TIMEOUT'] must be a positive whole number of seconds or the "
+                f"dotted path of a function (order) -> seconds, got {timeout!r}.",
+                hint=f"The default is {DEFAULTS['DEFAULT_TIMEOUT']!r}.",
+                id="orders.E002",
+            )
+        )
     if errors:
         return errors
 
-    if not merged["MIN_TIMEOUT"] <= merged["DEFAULT_TIMEOUT"] <= merged["MAX_TIMEOUT"]:
+    if isinstance(timeout, int) and not merged["MIN_TIMEOUT"] <= timeout <= merged["MAX_TIMEOUT"]:
         errors.append(
             Error(
                 "ORDERS['DEFAULT_TIMEOUT'] must lie between MIN_TIMEOUT and MAX_TIMEOUT "
@@ -169,6 +181,23 @@ def check_order_model(app_configs: Any = None, **kwargs: Any) -> list[CheckMessa
             )
         ]
     return []
+
+
+def _check_timeout_function(path: str) -> list[CheckMessage]:
+    hint = (
+        "Give seconds, or the dotted path of a function that takes the order (unsaved, "
+        "with the fields place_order was given) and returns seconds, e.g. "
+        "'shop.timeouts.by_channel'."
+    )
+    try:
+        function = import_string(path)
+    except ImportError as exc:
+        problem = f"cannot be imported: {exc}"
+    else:
+        if callable(function):
+            return []
+        problem = "is not callable"
+    return [Error(f"ORDERS['DEFAULT_TIMEOUT'] = {path!r} {problem}.", hint=hint, id="orders.E013")]
 
 
 WEBHOOK_SECRETS = ("PAYMENT_WEBHOOK_SECRET", "LOGISTICS_WEBHOOK_SECRET")

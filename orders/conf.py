@@ -15,8 +15,9 @@ from django.dispatch import receiver
 class OrdersSettings:
     """Every setting the app reads, with its default: the one list of them."""
 
-    # How long a customer has to pay, when the order does not say (seconds).
-    DEFAULT_TIMEOUT: int = 30 * 60
+    # How long a customer has to pay, when the order does not say: seconds, or the dotted
+    # path of a function (order) -> seconds, for a timeout per channel, store or customer.
+    DEFAULT_TIMEOUT: int | str = 30 * 60
     # Per-order timeouts outside these bounds are refused as mistakes (seconds).
     MIN_TIMEOUT: int = 1
     MAX_TIMEOUT: int = 30 * 24 * 3600

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -26,6 +26,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q, QuerySet
 from django.dispatch import Signal
 from django.utils import timezone
+from django.utils.module_loading import import_string
 from django_fsm import can_proceed
 
 from orders import get_order_model, scheduling, signals
@@ -259,28 +260,25 @@ def place_order(
     now: datetime | None = None,
     **fields: Any,
 ) -> AbstractOrder:
-    """Create an unpaid order whose deadline is ``now + timeout`` (default from settings),
-    and arm its expiry timer once the order is committed. ``reference`` (the shop's own
-    id, unique: ``DuplicateReference`` if another order has it) and ``metadata`` (a flat
-    JSON object) link the order to the shop's. ``fields`` are the shop's own fields of
-    its order model (``ORDERS_ORDER_MODEL``), e.g. ``customer=...``, checked by the
-    fields' own validation; the lifecycle's fields are not among them."""
-    conf = get_settings()
+    """Create an unpaid order whose deadline is ``now + timeout`` (default:
+    ``ORDERS["DEFAULT_TIMEOUT"]``, seconds or a function of the order), and arm its expiry
+    timer once the order is committed. ``reference`` (the shop's own id, unique:
+    ``DuplicateReference`` if another order has it) and ``metadata`` (a flat JSON object)
+    link the order to the shop's. ``fields`` are the shop's own fields of its order model
+    (``ORDERS_ORDER_MODEL``), e.g. ``customer=...``, checked by the fields' own
+    validation; the lifecycle's fields are not among them."""
     now = now or timezone.now()
-    timeout = conf.DEFAULT_TIMEOUT if timeout is None else timeout
-    delta = parse_seconds(
-        timeout, name="timeout", minimum=conf.MIN_TIMEOUT, maximum=conf.MAX_TIMEOUT
-    )
     order = get_order_model()(
         amount=parse_amount(amount),
         currency=parse_currency(currency),
         created_at=now,
-        expires_at=now + delta,
         reference=parse_reference(reference),
         metadata=parse_metadata(metadata),
         **_shop_fields(fields),
     )
     _validate_shop_fields(order, fields)
+    delta = _timeout_of(order, timeout)
+    order.expires_at = now + delta
     _refuse_duplicate_reference(order.reference)
     try:
         with transaction.atomic():
@@ -303,6 +301,25 @@ def place_order(
         reference=order.reference,
     )
     return order
+
+
+def _timeout_of(order: AbstractOrder, timeout: Any) -> timedelta:
+    """The order's time to pay: ``timeout`` if given, else ``ORDERS["DEFAULT_TIMEOUT"]``:
+    seconds, or what the function it names returns for this (unsaved) order."""
+    conf = get_settings()
+    name = "timeout"
+    if timeout is None:
+        timeout = conf.DEFAULT_TIMEOUT
+        if isinstance(timeout, str):
+            name = f"the timeout {timeout}() returned"
+            timeout = _timeout_function(timeout)(order)
+    return parse_seconds(timeout, name=name, minimum=conf.MIN_TIMEOUT, maximum=conf.MAX_TIMEOUT)
+
+
+@cache
+def _timeout_function(path: str) -> Callable[[AbstractOrder], Any]:
+    function: Callable[[AbstractOrder], Any] = import_string(path)
+    return function
 
 
 def _refuse_duplicate_reference(reference: str | None) -> None:

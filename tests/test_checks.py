@@ -68,7 +68,6 @@ def test_unknown_key_is_reported_by_name(settings: Settings) -> None:
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("DEFAULT_TIMEOUT", "1800"),
         ("DEFAULT_TIMEOUT", 1800.0),
         ("DEFAULT_TIMEOUT", None),
         ("MIN_TIMEOUT", 0),
@@ -285,3 +284,26 @@ def test_no_logistics_provider_is_allowed(settings: Settings) -> None:
 
 def test_a_logistics_provider_that_is_not_a_string_is_reported(settings: Settings) -> None:
     assert ids_with(settings, LOGISTICS_PROVIDER=42) == ["orders.E005"]
+
+
+def test_default_timeout_may_name_a_function(settings: Settings) -> None:
+    path = "tests.test_services.timeout_by_channel"
+    assert ids_with(settings, DEFAULT_TIMEOUT=path) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        # Before 0.2.0 a string was refused as "not a whole number" (E002); now it is a path.
+        ("1800", "cannot be imported"),
+        ("tests.test_services.no_such_function", "cannot be imported"),
+        ("tests.test_services.T0", "is not callable"),
+    ],
+)
+def test_default_timeout_naming_no_function_is_reported(
+    settings: Settings, path: str, says: str
+) -> None:
+    [message] = messages_with(settings, DEFAULT_TIMEOUT=path)
+
+    assert message.id == "orders.E013"
+    assert says in message.msg

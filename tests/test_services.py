@@ -210,6 +210,40 @@ def test_placed_order_takes_default_timeout_from_settings(settings: Settings) ->
     assert reloaded(order).expires_at == at(600)
 
 
+def timeout_by_channel(order: AbstractOrder) -> int:
+    """A shop's DEFAULT_TIMEOUT function: 2 minutes at the till, 15 online."""
+    return 120 if order.metadata.get("channel") == "pos" else 900
+
+
+def no_time_at_all(order: AbstractOrder) -> int:
+    return 0
+
+
+def test_default_timeout_may_be_a_function_of_the_order(settings: Settings) -> None:
+    settings.ORDERS = settings.ORDERS | {
+        "DEFAULT_TIMEOUT": "tests.test_services.timeout_by_channel"
+    }
+
+    at_the_till = services.place_order(amount="10.00", metadata={"channel": "pos"}, now=T0)
+    online = services.place_order(amount="10.00", metadata={"channel": "web"}, now=T0)
+    given = services.place_order(amount="10.00", metadata={"channel": "pos"}, timeout=30, now=T0)
+
+    assert reloaded(at_the_till).expires_at == at(120)
+    assert reloaded(online).expires_at == at(900)
+    assert reloaded(given).expires_at == at(30), "a timeout given wins"
+
+
+def test_a_default_timeout_function_out_of_bounds_is_refused_and_nothing_stored(
+    settings: Settings,
+) -> None:
+    settings.ORDERS = settings.ORDERS | {"DEFAULT_TIMEOUT": "tests.test_services.no_time_at_all"}
+
+    with pytest.raises(InvalidInput, match=r"tests.test_services.no_time_at_all\(\) returned"):
+        services.place_order(amount="10.00", now=T0)
+
+    assert Order.objects.count() == 0
+
+
 @pytest.mark.parametrize(
     ("timeout", "seconds"),
     [(90, 90), (2.5, 2.5), (timedelta(minutes=5), 300), (MAX_TIMEOUT, MAX_TIMEOUT)],
