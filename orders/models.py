@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
@@ -139,7 +139,7 @@ class AbstractOrder(FSMModelMixin, models.Model):
 
     # Declared here so that every subclass has it and type checkers see it; a swapped-out
     # model's manager still refuses to be used, as Django's own do.
-    objects: ClassVar[models.Manager[AbstractOrder]] = models.Manager()
+    objects: ClassVar[models.Manager[Self]] = models.Manager()
     if TYPE_CHECKING:
         # The reverse sides of the foreign keys to ORDERS_ORDER_MODEL below.
         history: RelatedManager[OrderTransition]

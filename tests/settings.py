@@ -44,8 +44,10 @@ for _option in ("unacked_restore_interval", "unacked_restore_throttle"):
 # outlast the sweep interval.
 if os.environ.get("ORDERS_TEST_EXPIRY_DELAY"):
     INSTALLED_APPS = [*INSTALLED_APPS, "tests.slow_expiry"]  # noqa: F405
-# The suite once more with a shop's own order model (tests/swapshop): set
-# ORDERS_ORDER_MODEL=swapshop.Order in the environment (the worker processes get it too).
+# The suite once more with a shop's own order model: set ORDERS_ORDER_MODEL in the
+# environment (the worker processes get it too) to swapshop.Order (tests/swapshop, the
+# least a shop adds) or shop.Order (the example shop, docs/examples/shop).
+SHOP_APPS = {"swapshop.Order": "tests.swapshop", "shop.Order": "docs.examples.shop"}
 if os.environ.get("ORDERS_ORDER_MODEL"):
     ORDERS_ORDER_MODEL = os.environ["ORDERS_ORDER_MODEL"]
-    INSTALLED_APPS = [*INSTALLED_APPS, "tests.swapshop"]
+    INSTALLED_APPS = [*INSTALLED_APPS, SHOP_APPS[ORDERS_ORDER_MODEL]]
