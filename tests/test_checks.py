@@ -261,7 +261,7 @@ def test_the_default_order_model_passes_its_check() -> None:
     ("model", "says"),
     [
         ("auth.User", "'auth.User' does not derive from orders.models.AbstractOrder"),
-        ("shop.Order", "'shop.Order', which is not installed"),
+        ("nowhere.Order", "'nowhere.Order', which is not installed"),
         ("Order", "must be of the form 'app_label.ModelName'"),
     ],
 )
