@@ -23,7 +23,10 @@ from django.core.management.color import no_style
 from django.db import connection, transaction
 from django.utils import timezone
 
-from orders.models import Order, Status
+from orders import get_order_model
+from orders.models import Status
+
+Order = get_order_model()
 
 
 def insert_orders(deadlines: Sequence[datetime], *, armed: bool) -> list[uuid.UUID]:

@@ -250,7 +250,10 @@ def wait_for_expiry(timeout: float) -> dict[str, int]:
     """Wait until no order is left unpaid (the worker expires them); the count by status."""
     from django.db.models import Count
 
-    from orders.models import Order, Status
+    from orders import get_order_model
+    from orders.models import Status
+
+    Order = get_order_model()
 
     deadline = time.monotonic() + timeout
     while Order.objects.filter(status=Status.CREATED).exists() and time.monotonic() < deadline:
@@ -261,7 +264,10 @@ def wait_for_expiry(timeout: float) -> dict[str, int]:
 
 def unarmed_orders() -> int:
     """Unpaid orders whose request armed no timer (none, when every publish succeeded)."""
-    from orders.models import Order, Status
+    from orders import get_order_model
+    from orders.models import Status
+
+    Order = get_order_model()
 
     return Order.objects.filter(status=Status.CREATED, timer_armed_for__isnull=True).count()
 

@@ -29,8 +29,10 @@ def poll_once(now: datetime | None = None) -> int:
     """One turn of the article's loop: read every unpaid order, expire each one due."""
     from django.utils import timezone
 
-    from orders import services
-    from orders.models import Order, Status
+    from orders import get_order_model, services
+    from orders.models import Status
+
+    Order = get_order_model()
 
     now = now or timezone.now()
     unpaid = list(Order.objects.filter(status=Status.CREATED).values_list("pk", "expires_at"))

@@ -34,8 +34,10 @@ from bench.procs import (
     cpu_seconds,
     sample_memory,
 )
-from orders import scheduling, services
-from orders.models import Order, Status
+from orders import get_order_model, scheduling, services
+from orders.models import Status
+
+Order = get_order_model()
 
 log = logging.getLogger("bench")
 
@@ -454,8 +456,8 @@ class Bench:
         at = connection.ops.adapt_datetimefield_value(now)
         with connection.cursor() as cursor:
             cursor.execute(
-                "UPDATE orders_order SET status = %s, cancel_reason = %s, cancelled_at = %s, "
-                "updated_at = %s WHERE status = %s AND expires_at <= %s",
+                f"UPDATE {Order._meta.db_table} SET status = %s, cancel_reason = %s, "
+                "cancelled_at = %s, updated_at = %s WHERE status = %s AND expires_at <= %s",
                 ["cancelled", "timeout", at, at, "created", at],
             )
             return int(cursor.rowcount)
@@ -467,7 +469,7 @@ class Bench:
                 "INSERT INTO orders_ordertransition "
                 "(order_id, transition, source, target, actor, reason, at) "
                 "SELECT id, 'expire', 'created', 'cancelled', 'floor', 'not paid in time', %s "
-                "FROM orders_order WHERE status = 'created' AND expires_at <= %s",
+                f"FROM {Order._meta.db_table} WHERE status = 'created' AND expires_at <= %s",
                 [at, at],
             )
 

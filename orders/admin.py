@@ -33,18 +33,26 @@ from django.utils.html import format_html
 from django.utils.module_loading import import_string
 from django.utils.safestring import SafeString
 
-from orders import selectors, services
+from orders import get_order_model, selectors, services
 from orders.conf import get_settings
 from orders.forms import ReasonForm
 from orders.gateways import GatewayError
 from orders.logging import log_event
-from orders.models import CancelReason, Order, OrderTransition, ParcelEvent, Payment, Status
+from orders.models import (
+    AbstractOrder,
+    CancelReason,
+    OrderTransition,
+    ParcelEvent,
+    Payment,
+    Status,
+    permission_name,
+)
 
 if TYPE_CHECKING:
     # Django's admin classes are generic only in django-stubs, not at run time. The
     # mixin is a ModelAdmin[Model], so the methods it shares with ours take any Model.
-    _ModelAdmin = admin.ModelAdmin[Order]
-    _Inline = admin.TabularInline[Any, Order]
+    _ModelAdmin = admin.ModelAdmin[AbstractOrder]
+    _Inline = admin.TabularInline[Any, AbstractOrder]
 else:
     _ModelAdmin, _Inline = admin.ModelAdmin, admin.TabularInline
 
@@ -66,7 +74,7 @@ TRANSITION_PARAM = "_fsm_transition_to"
 NOT_ALLOWED = "You do not have permission to {transition_name} orders."
 
 
-def _done_message(order: Order, name: str) -> str:
+def _done_message(order: AbstractOrder, name: str) -> str:
     if name == "refund":
         return f"Order {order.pk} was refunded ({order.refund_ref}) and closed."
     return f"Order {order.pk} was cancelled."
@@ -82,16 +90,16 @@ class _ReadOnlyInline(_Inline):
     extra = 0
     can_delete = False
 
-    def has_add_permission(self, request: HttpRequest, obj: Order | None = None) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: AbstractOrder | None = None) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj: Order | None = None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: AbstractOrder | None = None) -> bool:
         return False
 
-    def has_delete_permission(self, request: HttpRequest, obj: Order | None = None) -> bool:
+    def has_delete_permission(self, request: HttpRequest, obj: AbstractOrder | None = None) -> bool:
         return False
 
-    def has_view_permission(self, request: HttpRequest, obj: Order | None = None) -> bool:
+    def has_view_permission(self, request: HttpRequest, obj: AbstractOrder | None = None) -> bool:
         # Part of the order's page, which already requires a permission on orders:
         # whoever may see an order may see its history without a permission of its own.
         return True
@@ -191,7 +199,12 @@ class LatePaymentFilter(admin.SimpleListFilter):
         return selectors.with_unaccepted_payments(queryset, **self._choices[value])
 
 
-@admin.register(Order)
+def _shop_fields() -> tuple[str, ...]:
+    """The fields a shop's own order model adds to the lifecycle's (a customer, a channel)."""
+    lifecycle = {field.name for field in AbstractOrder._meta.local_fields}
+    return tuple(f.name for f in get_order_model()._meta.fields if f.name not in lifecycle)
+
+
 class OrderAdmin(_ModelAdmin):
     change_form_template = "admin/orders/order/change_form.html"
     change_list_template = "admin/orders/order/change_list.html"
@@ -214,7 +227,9 @@ class OrderAdmin(_ModelAdmin):
     )
     # "id" uses icontains, which Django's UUIDField accepts with or without hyphens on
     # every database, so a full id and a pasted fragment both find the order.
-    search_fields = ("id", "payment_ref", "tracking_number")
+    # The shop's reference and metadata too: a shop that keeps its own order table finds
+    # ours by its own id.
+    search_fields = ("id", "reference", "payment_ref", "tracking_number", "metadata")
     date_hierarchy = "created_at"
     ordering = ("-created_at",)
     list_per_page = 50
@@ -226,6 +241,7 @@ class OrderAdmin(_ModelAdmin):
 
     fieldsets = (
         (None, {"fields": ("id", "status", "cancel_reason", ("amount", "currency"))}),
+        ("Shop's link", {"fields": ("reference", "metadata")}),
         (
             "Deadline",
             {
@@ -251,7 +267,7 @@ class OrderAdmin(_ModelAdmin):
             },
         ),
     )
-    readonly_fields = (*(f.name for f in Order._meta.fields), "time_left_display")
+    readonly_fields = (*(f.name for f in get_order_model()._meta.fields), "time_left_display")
     inlines = (PaymentInline, ParcelEventInline, OrderTransitionInline)
 
     class Media:
@@ -262,20 +278,20 @@ class OrderAdmin(_ModelAdmin):
     # Columns
 
     @admin.display(description="order", ordering="id")
-    def short_id(self, obj: Order) -> SafeString:
+    def short_id(self, obj: AbstractOrder) -> SafeString:
         # Eight hex digits tell orders apart at a glance; search finds a pasted fragment.
         return format_html('<span class="orders-id" title="{}">{}</span>', obj.pk, str(obj.pk)[:8])
 
     @admin.display(description="deadline", ordering="expires_at")
-    def deadline(self, obj: Order) -> SafeString:
+    def deadline(self, obj: AbstractOrder) -> SafeString:
         return _time_cell(obj.expires_at)
 
     @admin.display(description="placed", ordering="created_at")
-    def placed(self, obj: Order) -> SafeString:
+    def placed(self, obj: AbstractOrder) -> SafeString:
         return _time_cell(obj.created_at, seconds=False)
 
     @admin.display(description="status", ordering="status")
-    def status_badge(self, obj: Order) -> SafeString:
+    def status_badge(self, obj: AbstractOrder) -> SafeString:
         return format_html(
             '<span class="orders-badge" style="background:{}">{}</span>',
             STATUS_COLOURS.get(obj.status, "#333"),
@@ -283,11 +299,11 @@ class OrderAdmin(_ModelAdmin):
         )
 
     @admin.display(description="amount", ordering="amount")
-    def amount_with_currency(self, obj: Order) -> str:
+    def amount_with_currency(self, obj: AbstractOrder) -> str:
         return f"{obj.amount} {obj.currency}"
 
     @admin.display(description="time left")
-    def time_left_display(self, obj: Order, now: datetime | None = None) -> str:
+    def time_left_display(self, obj: AbstractOrder, now: datetime | None = None) -> str:
         now = now or timezone.now()
         seconds = obj.time_left(now)
         if seconds is None:
@@ -311,10 +327,19 @@ class OrderAdmin(_ModelAdmin):
     # A bulk action, like a button, is a change that needs its transition's permission.
 
     def has_cancel_permission(self, request: HttpRequest) -> bool:
-        return self.has_change_permission(request) and request.user.has_perm("orders.cancel_order")
+        return self.has_change_permission(request) and request.user.has_perm(
+            permission_name(self.model, "cancel_order")
+        )
 
     def has_refund_permission(self, request: HttpRequest) -> bool:
-        return self.has_change_permission(request) and request.user.has_perm("orders.refund_order")
+        return self.has_change_permission(request) and request.user.has_perm(
+            permission_name(self.model, "refund_order")
+        )
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        # A shop's own order model shows its own fields too, below the lifecycle's.
+        shop = [("Shop", {"fields": _shop_fields()})] if _shop_fields() else []
+        return [*super().get_fieldsets(request, obj), *shop]
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return OrderChangeList
@@ -421,7 +446,7 @@ class OrderAdmin(_ModelAdmin):
     # Bulk actions
 
     @admin.action(description="Cancel selected unpaid orders", permissions=["cancel"])
-    def cancel_selected(self, request: HttpRequest, queryset: QuerySet[Order]) -> None:
+    def cancel_selected(self, request: HttpRequest, queryset: QuerySet[AbstractOrder]) -> None:
         done, refused = self._run_each(
             request, queryset, "cancel", reason="cancelled in bulk from the order list"
         )
@@ -429,7 +454,7 @@ class OrderAdmin(_ModelAdmin):
 
     @admin.action(description="Refund selected orders", permissions=["refund"])
     def refund_selected(
-        self, request: HttpRequest, queryset: QuerySet[Order]
+        self, request: HttpRequest, queryset: QuerySet[AbstractOrder]
     ) -> TemplateResponse | None:
         """Ask for one reason on a confirmation page (as "delete selected" asks for a
         confirmation), then refund the orders one by one.
@@ -486,8 +511,8 @@ class OrderAdmin(_ModelAdmin):
         )
 
     def _run_each(
-        self, request: HttpRequest, queryset: QuerySet[Order], name: str, *, reason: str
-    ) -> tuple[list[Order], list[str]]:
+        self, request: HttpRequest, queryset: QuerySet[AbstractOrder], name: str, *, reason: str
+    ) -> tuple[list[AbstractOrder], list[str]]:
         # One service call, so one transaction, per order: a refused order leaves the
         # others done, as a staff member doing them one by one would have.
         done, refused = [], []
@@ -499,7 +524,7 @@ class OrderAdmin(_ModelAdmin):
         return done, refused
 
     def _report(
-        self, request: HttpRequest, done: Sequence[Order], refused: Sequence[str], verb: str
+        self, request: HttpRequest, done: Sequence[AbstractOrder], refused: Sequence[str], verb: str
     ) -> None:
         if done:
             ids = ", ".join(str(order.pk) for order in done[:MAX_REPORTED])
@@ -522,7 +547,7 @@ class OrderAdmin(_ModelAdmin):
     # for passwords, so that only public APIs are used and every button goes through
     # the permission check and the service in _run_transition().
 
-    def admin_transitions(self, request: HttpRequest, order: Order) -> list[fsm.Transition]:
+    def admin_transitions(self, request: HttpRequest, order: AbstractOrder) -> list[fsm.Transition]:
         """The buttons this user gets on this order: the admin's transitions that the
         state machine allows now and the user has the permission for."""
         if not self.has_change_permission(request, order):
@@ -535,7 +560,7 @@ class OrderAdmin(_ModelAdmin):
             if transition.name in _ADMIN_TRANSITIONS
         ]
 
-    def response_change(self, request: HttpRequest, obj: Order) -> HttpResponse:
+    def response_change(self, request: HttpRequest, obj: AbstractOrder) -> HttpResponse:
         # A transition button submits the change form; its page asks for the reason.
         name = request.POST.get(TRANSITION_PARAM)
         if not name:
@@ -584,20 +609,20 @@ class OrderAdmin(_ModelAdmin):
         }
         return TemplateResponse(request, "admin/orders/order/transition_form.html", context)
 
-    def _transition_named(self, order: Order, name: str) -> fsm.Transition:
+    def _transition_named(self, order: AbstractOrder, name: str) -> fsm.Transition:
         # The name comes from the request: only a transition of the lifecycle is one.
         for transition in order.get_all_status_transitions():  # type: ignore[attr-defined]
             if transition.name == name:
                 return transition
         raise Http404(f"Orders have no transition named {name!r}.")
 
-    def _transition_url(self, order: Order, name: str) -> str:
+    def _transition_url(self, order: AbstractOrder, name: str) -> str:
         return reverse(
             f"{self.admin_site.name}:{self.opts.app_label}_{self.opts.model_name}_transition",
             kwargs={"object_id": quote(order.pk), "transition_name": name},
         )
 
-    def _check_transition(self, request: HttpRequest, order: Order, name: str) -> None:
+    def _check_transition(self, request: HttpRequest, order: AbstractOrder, name: str) -> None:
         """Raise ``_Refused`` unless this user may run ``name`` on ``order`` now."""
         user = request.user
         if name not in _ADMIN_TRANSITIONS or not isinstance(user, AbstractBaseUser):
@@ -612,8 +637,8 @@ class OrderAdmin(_ModelAdmin):
             )
 
     def _run_transition(
-        self, request: HttpRequest, order: Order, name: str, *, reason: str
-    ) -> Order:
+        self, request: HttpRequest, order: AbstractOrder, name: str, *, reason: str
+    ) -> AbstractOrder:
         """The one way the admin moves an order, from a button or a bulk action: check the
         transition's permission, then call its service. Raises ``_Refused`` with the reason."""
         self._check_transition(request, order, name)
@@ -637,7 +662,9 @@ class OrderAdmin(_ModelAdmin):
             ) from exc
 
 
-def _log_bulk_refund(request: HttpRequest, done: Sequence[Order], refused: Sequence[str]) -> None:
+def _log_bulk_refund(
+    request: HttpRequest, done: Sequence[AbstractOrder], refused: Sequence[str]
+) -> None:
     """One line per bulk refund: who refunded how many orders, and how much per currency."""
     totals: defaultdict[str, Decimal] = defaultdict(Decimal)
     for order in done:
@@ -684,3 +711,7 @@ def _chart(activity: Sequence[selectors.HourlyActivity]) -> list[dict[str, Any]]
         }
         for h in activity
     ]
+
+
+# The project's order model, whichever it is (ORDERS_ORDER_MODEL).
+admin.site.register(get_order_model(), OrderAdmin)

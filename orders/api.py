@@ -9,7 +9,7 @@ from datetime import timedelta
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import reverse
 
-from orders import services
+from orders import get_order_model, services
 from orders.conf import get_settings
 from orders.http import (
     View,
@@ -22,11 +22,13 @@ from orders.http import (
     required,
 )
 from orders.idempotency import Answer, answer_once
-from orders.models import CancelReason, Order
+from orders.models import CancelReason
 from orders.services import OrderNotFound, brief
 
 #: Who the API's transitions are recorded as.
 API_ACTOR = "customer (api)"
+#: Who a shipment through the API is recorded as: the shop, which booked it.
+API_SHIPPER = "shop (api)"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 
 
@@ -49,11 +51,15 @@ def create_order(request: HttpRequest) -> HttpResponse:
     the same key with another body is a 409."""
 
     def place() -> Answer:
-        data = json_object(request, fields=("amount", "currency", "timeout_seconds"))
+        data = json_object(
+            request, fields=("amount", "currency", "timeout_seconds", "reference", "metadata")
+        )
         order = services.place_order(
             amount=required(data, "amount"),
             currency=data.get("currency"),
             timeout=optional_number(data, "timeout_seconds"),
+            reference=data.get("reference"),
+            metadata=data.get("metadata"),
         )
         return Answer(201, order_json(order))
 
@@ -78,7 +84,8 @@ def create_order(request: HttpRequest) -> HttpResponse:
 
 @api_endpoint("GET")
 def order_detail(request: HttpRequest, order_id: str) -> HttpResponse:
-    order = Order.objects.prefetch_related("history").filter(pk=order_id_of(order_id)).first()
+    # Two queries either way: the order, then its history (order_json).
+    order = get_order_model().objects.filter(pk=order_id_of(order_id)).first()
     if order is None:
         raise OrderNotFound(f"No order with id {brief(order_id)}.")
     return JsonResponse(order_json(order))
@@ -101,5 +108,17 @@ def extend_order(request: HttpRequest, order_id: str) -> HttpResponse:
     data = json_object(request, fields=("seconds",))
     order = services.extend_order(
         order_id=order_id_of(order_id), seconds=required(data, "seconds"), by=API_ACTOR
+    )
+    return JsonResponse(order_json(order))
+
+
+@api_endpoint("POST")
+def ship_order(request: HttpRequest, order_id: str) -> HttpResponse:
+    """A paid order shipped by the shop itself (ORDERS["LOGISTICS_PROVIDER"] None)."""
+    data = json_object(request, fields=("tracking_number",))
+    order = services.ship_order(
+        order_id=order_id_of(order_id),
+        tracking_number=required(data, "tracking_number"),
+        by=API_SHIPPER,
     )
     return JsonResponse(order_json(order))

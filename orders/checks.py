@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import current_app
 from django.core.checks import CheckMessage, Error, Warning, register
+from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 from orders.conf import DEFAULTS, INTEGER_SETTINGS, user_settings
@@ -48,10 +49,22 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
                     id="orders.E002",
                 )
             )
+    timeout = merged["DEFAULT_TIMEOUT"]
+    if isinstance(timeout, str):
+        errors += _check_timeout_function(timeout)
+    elif isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1:
+        errors.append(
+            Error(
+                "ORDERS['DEFAULT_TIMEOUT'] must be a positive whole number of seconds or the "
+                f"dotted path of a function (order) -> seconds, got {timeout!r}.",
+                hint=f"The default is {DEFAULTS['DEFAULT_TIMEOUT']!r}.",
+                id="orders.E002",
+            )
+        )
     if errors:
         return errors
 
-    if not merged["MIN_TIMEOUT"] <= merged["DEFAULT_TIMEOUT"] <= merged["MAX_TIMEOUT"]:
+    if isinstance(timeout, int) and not merged["MIN_TIMEOUT"] <= timeout <= merged["MAX_TIMEOUT"]:
         errors.append(
             Error(
                 "ORDERS['DEFAULT_TIMEOUT'] must lie between MIN_TIMEOUT and MAX_TIMEOUT "
@@ -74,6 +87,8 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
             )
         )
     for key in ("PAYMENT_GATEWAY", "LOGISTICS_PROVIDER"):
+        if key == "LOGISTICS_PROVIDER" and merged[key] is None:
+            continue  # the shop ships orders itself
         try:
             import_string(str(merged[key]))
         except ImportError as exc:
@@ -138,6 +153,51 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
             )
         )
     return errors
+
+
+@register("orders", "models")
+def check_order_model(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """ORDERS_ORDER_MODEL names an installed subclass of AbstractOrder: the services
+    rely on its fields and transitions."""
+    from orders import ORDER_MODEL_SETTING, get_order_model, get_order_model_string
+    from orders.models import AbstractOrder
+
+    hint = (
+        "Name a model of yours that derives from orders.models.AbstractOrder, e.g. "
+        "'shop.Order' for `class Order(AbstractOrder)` in shop/models.py, or remove the "
+        "setting to use orders.Order."
+    )
+    try:
+        model = get_order_model()
+    except ImproperlyConfigured as exc:
+        return [Error(str(exc), hint=hint, id="orders.E012")]
+    if not issubclass(model, AbstractOrder):
+        return [
+            Error(
+                f"{ORDER_MODEL_SETTING} = {get_order_model_string()!r} does not derive from "
+                "orders.models.AbstractOrder.",
+                hint=hint,
+                id="orders.E012",
+            )
+        ]
+    return []
+
+
+def _check_timeout_function(path: str) -> list[CheckMessage]:
+    hint = (
+        "Give seconds, or the dotted path of a function that takes the order (unsaved, "
+        "with the fields place_order was given) and returns seconds, e.g. "
+        "'shop.timeouts.by_channel'."
+    )
+    try:
+        function = import_string(path)
+    except ImportError as exc:
+        problem = f"cannot be imported: {exc}"
+    else:
+        if callable(function):
+            return []
+        problem = "is not callable"
+    return [Error(f"ORDERS['DEFAULT_TIMEOUT'] = {path!r} {problem}.", hint=hint, id="orders.E013")]
 
 
 WEBHOOK_SECRETS = ("PAYMENT_WEBHOOK_SECRET", "LOGISTICS_WEBHOOK_SECRET")

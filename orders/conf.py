@@ -15,8 +15,9 @@ from django.dispatch import receiver
 class OrdersSettings:
     """Every setting the app reads, with its default: the one list of them."""
 
-    # How long a customer has to pay, when the order does not say (seconds).
-    DEFAULT_TIMEOUT: int = 30 * 60
+    # How long a customer has to pay, when the order does not say: seconds, or the dotted
+    # path of a function (order) -> seconds, for a timeout per channel, store or customer.
+    DEFAULT_TIMEOUT: int | str = 30 * 60
     # Per-order timeouts outside these bounds are refused as mistakes (seconds).
     MIN_TIMEOUT: int = 1
     MAX_TIMEOUT: int = 30 * 24 * 3600
@@ -48,9 +49,11 @@ class OrdersSettings:
     # The most orders one bulk refund in the admin may take: money leaves with each, so a
     # mistaken selection must stay small. "All N orders" of a list is never refunded.
     BULK_REFUND_LIMIT: int = 50
-    # Pluggable backends, chosen by dotted path like SESSION_ENGINE.
+    # Pluggable backends, chosen by dotted path like SESSION_ENGINE. LOGISTICS_PROVIDER
+    # None: the shop ships orders itself (services.ship_order with its tracking number),
+    # and a paid order waits for it; nothing is booked, retried or polled.
     PAYMENT_GATEWAY: str = "orders.gateways.LocalPaymentGateway"
-    LOGISTICS_PROVIDER: str = "orders.gateways.LocalLogisticsProvider"
+    LOGISTICS_PROVIDER: str | None = "orders.gateways.LocalLogisticsProvider"
     # Shared secrets for the JSON API (Bearer token) and the signed webhooks, one per
     # provider (Standard Webhooks secrets: "whsec_" + base64 of 24 to 64 random bytes).
     # Empty means "refuse everything", never "accept everything".

@@ -77,8 +77,13 @@ def payment_gateway() -> PaymentGateway:
 
 
 @cache
-def logistics_provider() -> LogisticsProvider:
-    provider: LogisticsProvider = import_string(get_settings().LOGISTICS_PROVIDER)()
+def logistics_provider() -> LogisticsProvider | None:
+    """The provider, or None when ``ORDERS["LOGISTICS_PROVIDER"]`` is None: the shop ships
+    orders itself."""
+    path = get_settings().LOGISTICS_PROVIDER
+    if path is None:
+        return None
+    provider: LogisticsProvider = import_string(path)()
     return provider
 
 

@@ -17,11 +17,19 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from orders import get_order_model
 from orders.conf import get_settings
 from orders.gateways import GatewayError
 from orders.logging import log_event, one_line
-from orders.models import Order
-from orders.services import InvalidInput, InvalidTransition, OrderError, OrderNotFound, brief
+from orders.models import AbstractOrder, permission_name
+from orders.services import (
+    DuplicateReference,
+    InvalidInput,
+    InvalidTransition,
+    OrderError,
+    OrderNotFound,
+    brief,
+)
 
 logger = logging.getLogger("orders.http")
 
@@ -46,7 +54,7 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
 
 
-def order_json(order: Order) -> JsonObject:
+def order_json(order: AbstractOrder) -> JsonObject:
     """The order with its history, oldest transition first (one query for the history)."""
     time_left = order.time_left()
     return {
@@ -63,6 +71,8 @@ def order_json(order: Order) -> JsonObject:
         "cancel_reason": str(order.cancel_reason) or None,
         "payment_ref": order.payment_ref or None,
         "tracking_number": order.tracking_number or None,
+        "reference": order.reference,
+        "metadata": order.metadata,
         # An unpaid order past its deadline is about to expire: it has no time left,
         # not a negative amount of it.
         "time_left_seconds": None if time_left is None else max(0.0, round(time_left, 3)),
@@ -104,7 +114,7 @@ def error_response(
 def _status_of(exc: OrderError) -> int:
     if isinstance(exc, OrderNotFound):
         return 404
-    if isinstance(exc, InvalidTransition):
+    if isinstance(exc, InvalidTransition | DuplicateReference):
         return 409
     return 400
 
@@ -244,7 +254,7 @@ def is_operator(request: HttpRequest) -> bool:
         user is not None
         and user.is_authenticated
         and user.is_staff
-        and user.has_perm("orders.view_order")
+        and user.has_perm(permission_name(get_order_model(), "view_order"))
     )
 
 

@@ -8,17 +8,21 @@ The diagram is the code: each ``@transition`` below is one arrow of
 
 Transitions only change the instance in memory; ``orders.services`` wraps each one
 with its row lock, ``save()`` and side effects.
+
+The lifecycle lives in ``AbstractOrder``. ``Order`` is the default concrete model; a shop
+may swap in its own subclass with the setting ``ORDERS_ORDER_MODEL``, as Django swaps its
+user model. Everything else reaches the model through ``orders.get_order_model()``.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
@@ -29,7 +33,11 @@ from django.utils import timezone
 from django_fsm import FSMField, FSMModelMixin, transition
 from django_fsm.signals import post_transition
 
+from orders import ORDER_MODEL_SETTING, get_order_model_string
 from orders.conf import get_settings
+
+if TYPE_CHECKING:
+    from django.db.models.fields.related_descriptors import RelatedManager
 
 #: Who made a transition: a staff user, or a short description of the system part
 #: ("expiry timer", "sweep", "payment webhook", ...).
@@ -63,11 +71,34 @@ class ParcelStatus(models.TextChoices):
     RETURNED = "returned", "Returned to sender"
 
 
+#: The longest ``reference`` a shop may give an order.
+REFERENCE_MAX_LENGTH = 128
+
+
 def _default_currency() -> str:
     return get_settings().CURRENCY
 
 
-class Order(FSMModelMixin, models.Model):
+def permission_name(model: type[models.Model] | models.Model, codename: str) -> str:
+    """``"<app_label>.<codename>"`` for the order model, whichever app it lives in."""
+    return f"{model._meta.app_label}.{codename}"
+
+
+def _may(codename: str) -> Callable[[Any, Any], bool]:
+    """A django-fsm ``permission=`` that asks for ``codename`` in the app of the order's
+    own model (a string would name one app for all)."""
+
+    def check(instance: models.Model, user: Any) -> bool:
+        perm = permission_name(instance, codename)
+        return bool(user.has_perm(perm, instance) or user.has_perm(perm))
+
+    return check
+
+
+class AbstractOrder(FSMModelMixin, models.Model):
+    """Everything the lifecycle needs. A shop subclasses it to add its own fields (a
+    customer, lines, a channel) and names the subclass in ``ORDERS_ORDER_MODEL``."""
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     amount = models.DecimalField(
         max_digits=12, decimal_places=2, validators=[MinValueValidator(Decimal("0.01"))]
@@ -91,20 +122,50 @@ class Order(FSMModelMixin, models.Model):
     parcel_status = models.CharField(max_length=16, choices=ParcelStatus.choices, blank=True)
     parcel_next_check_at = models.DateTimeField(null=True, blank=True, editable=False)
     parcel_check_failures = models.PositiveIntegerField(default=0, editable=False)
+    # A shop that keeps its own order table links it here: its own id for the order
+    # (unique when set, and any number of orders may have none), and a few facts of its
+    # own (a flat JSON object: see orders.services.parse_metadata).
+    reference = models.CharField(
+        max_length=REFERENCE_MAX_LENGTH,
+        null=True,
+        blank=True,
+        unique=True,
+        help_text="The shop's own id for this order.",
+    )
+    metadata = models.JSONField(default=dict, blank=True)
     # The deadline a timer was last enqueued for. Lets the sweep arm, exactly once,
     # deadlines that were beyond the horizon or whose timer could not be published.
     timer_armed_for = models.DateTimeField(null=True, blank=True, editable=False)
 
+    # Declared here so that every subclass has it and type checkers see it; a swapped-out
+    # model's manager still refuses to be used, as Django's own do.
+    objects: ClassVar[models.Manager[Self]] = models.Manager()
+    if TYPE_CHECKING:
+        # The reverse sides of the foreign keys to ORDERS_ORDER_MODEL below.
+        history: RelatedManager[OrderTransition]
+        payments: RelatedManager[Payment]
+        parcel_events: RelatedManager[ParcelEvent]
+
     class Meta:
+        abstract = True
         ordering = ["-created_at"]
+        # Named after the concrete model, so that a shop's own order gets its own names.
+        # Index names are kept short: Django allows 30 characters (models.E034).
         indexes = [
             # The sweep's query: unpaid orders by deadline.
-            models.Index(fields=["status", "expires_at"], name="orders_status_expires_idx"),
+            models.Index(
+                fields=["status", "expires_at"], name="%(app_label)s_%(class)s_expiry_idx"
+            ),
             # The parcel poller's query: shipped orders due for a check.
-            models.Index(fields=["status", "parcel_next_check_at"], name="orders_parcel_check_idx"),
+            models.Index(
+                fields=["status", "parcel_next_check_at"],
+                name="%(app_label)s_%(class)s_parcel_idx",
+            ),
         ]
         constraints = [
-            models.CheckConstraint(condition=models.Q(amount__gt=0), name="orders_amount_positive"),
+            models.CheckConstraint(
+                condition=models.Q(amount__gt=0), name="%(app_label)s_%(class)s_amount_positive"
+            ),
         ]
         permissions = [
             ("refund_order", "Can refund a paid or delivered order"),
@@ -141,7 +202,7 @@ class Order(FSMModelMixin, models.Model):
         field=status,
         source=Status.CREATED,
         target=Status.CANCELLED,
-        permission="orders.cancel_order",
+        permission=_may("cancel_order"),
         custom={
             "label": "Cancel",
             "help_text": "Cancel this unpaid order.",
@@ -163,7 +224,7 @@ class Order(FSMModelMixin, models.Model):
         field=status,
         source=[Status.PAID, Status.DELIVERED],
         target=Status.REFUNDED,
-        permission="orders.refund_order",
+        permission=_may("refund_order"),
         custom={
             "label": "Refund",
             "help_text": "Refund the payment through the gateway, then close the order.",
@@ -180,6 +241,13 @@ class Order(FSMModelMixin, models.Model):
         self.cancelled_at = at
 
 
+class Order(AbstractOrder):
+    """The default order model, used unless ``ORDERS_ORDER_MODEL`` names another."""
+
+    class Meta(AbstractOrder.Meta):
+        swappable = ORDER_MODEL_SETTING
+
+
 class Payment(models.Model):
     """Money received for an order. Every notification is kept, even one that arrives
     too late or twice: a payment that does not pay its order is refunded."""
@@ -191,7 +259,9 @@ class Payment(models.Model):
         MISMATCH = "mismatch", "Amount or currency does not match the order"
 
     id = models.BigAutoField(primary_key=True)
-    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="payments")
+    order = models.ForeignKey(
+        get_order_model_string(), on_delete=models.PROTECT, related_name="payments"
+    )
     reference = models.CharField(max_length=128, unique=True)
     amount = models.DecimalField(max_digits=12, decimal_places=2)
     currency = models.CharField(max_length=3)
@@ -225,7 +295,9 @@ class OrderTransition(models.Model):
     organisation is winding down; a foreign key also makes the history one indexed join."""
 
     id = models.BigAutoField(primary_key=True)
-    order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="history")
+    order = models.ForeignKey(
+        get_order_model_string(), on_delete=models.CASCADE, related_name="history"
+    )
     transition = models.CharField(max_length=32)
     source = models.CharField(max_length=16)
     target = models.CharField(max_length=16)
@@ -252,7 +324,9 @@ class ParcelEvent(models.Model):
     or when polled). Not a transition of the order; a returned parcel leads to one."""
 
     id = models.BigAutoField(primary_key=True)
-    order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="parcel_events")
+    order = models.ForeignKey(
+        get_order_model_string(), on_delete=models.CASCADE, related_name="parcel_events"
+    )
     status = models.CharField(max_length=16, choices=ParcelStatus.choices)
     source = models.CharField(max_length=32, help_text="webhook or poll")
     at = models.DateTimeField(default=timezone.now)
@@ -327,10 +401,10 @@ def history_in_bulk() -> Iterator[None]:
     OrderTransition.objects.bulk_create(rows)
 
 
-@receiver(post_transition, sender=Order)
+@receiver(post_transition)
 def _record_transition(
-    sender: type[Order],
-    instance: Order,
+    sender: type[models.Model],
+    instance: models.Model,
     name: str,
     source: str,
     target: str,
@@ -338,11 +412,14 @@ def _record_transition(
     **kwargs: Any,
 ) -> None:
     # Runs inside the service's transaction, before save(): the row and its history
-    # commit together or not at all.
+    # commit together or not at all. Any model of the project may have transitions:
+    # only the order's are ours (whichever model the shop swapped in).
+    if not isinstance(instance, AbstractOrder):
+        return
     by = method_kwargs.get("by", "system")
     user = by if isinstance(by, AbstractBaseUser) else None
     row = OrderTransition(
-        order=instance,
+        order_id=instance.pk,
         transition=name,
         source=source,
         target=target,

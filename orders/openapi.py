@@ -98,6 +98,8 @@ def _schemas() -> dict[str, JsonSchema]:
                 },
                 "payment_ref": {"type": ["string", "null"]},
                 "tracking_number": {"type": ["string", "null"]},
+                "reference": {"type": ["string", "null"]},
+                "metadata": _ref("Metadata"),
                 "time_left_seconds": {
                     "type": ["number", "null"],
                     "minimum": 0,
@@ -120,10 +122,34 @@ def _schemas() -> dict[str, JsonSchema]:
             }
         ),
         "PaymentOutcome": _object({"payment": _ref("Payment"), "order": _ref("Order")}),
+        "Metadata": {
+            "type": "object",
+            "description": "The shop's own facts about the order: a flat object, as Stripe's "
+            "metadata is.",
+            "maxProperties": services.METADATA_MAX_KEYS,
+            "propertyNames": {
+                "minLength": 1,
+                "maxLength": services.METADATA_KEY_MAX_LENGTH,
+                "pattern": f"^{services.NO_NUL_PATTERN}$",
+            },
+            "additionalProperties": {
+                # maxLength and pattern apply to strings only.
+                "type": ["string", "number", "boolean", "null"],
+                "maxLength": services.METADATA_VALUE_MAX_LENGTH,
+                "pattern": f"^{services.NO_NUL_PATTERN}$",
+            },
+        },
         "NewOrder": _object(
             {
                 "amount": amount_in,
                 "currency": currency_in,
+                "reference": {
+                    "type": ["string", "null"],
+                    "pattern": f"^{services.REFERENCE_PATTERN}$",
+                    "description": "The shop's own id for the order: unique (another order "
+                    "with it is a 409), returned in the order and searchable in the admin.",
+                },
+                "metadata": {**_ref("Metadata"), "description": "Default: {}."},
                 "timeout_seconds": {
                     **seconds,
                     "type": ["number", "null"],
@@ -150,6 +176,16 @@ def _schemas() -> dict[str, JsonSchema]:
                     "minimum": 1,
                     "description": "Added to the deadline; the new deadline may be at most "
                     "ORDERS['MAX_TIMEOUT'] away (else 409).",
+                }
+            }
+        ),
+        "Shipment": _object(
+            {
+                "tracking_number": {
+                    "type": "string",
+                    "pattern": f"^{services.TRACKING_NUMBER_PATTERN}$",
+                    "description": "The shipment the shop booked. The same number again "
+                    "changes nothing; another one for a shipped order is a 409.",
                 }
             }
         ),
@@ -194,7 +230,10 @@ _RESPONSES = {
     },
     "BadSignature": _error("The signature header is missing or does not match the body."),
     "NotFound": _error("No order with this id (a malformed id names no order either)."),
-    "Conflict": _error("The order's state does not allow this (e.g. cancelling a paid order)."),
+    "Conflict": _error(
+        "The order's state does not allow this (e.g. cancelling a paid order), or another "
+        "order has the reference given."
+    ),
     "TooLarge": _error("The body is larger than DATA_UPLOAD_MAX_MEMORY_SIZE."),
     "GatewayFailed": _error("The payment gateway or logistics provider failed; retry later."),
     "NotConfigured": _error("The server has no API token or webhook secret configured."),
@@ -337,6 +376,25 @@ def _paths() -> JsonSchema:
                 "requestBody": _json_body("Extension"),
                 "responses": _responses(
                     _order("The order with its new deadline."),
+                    "BadRequest",
+                    *_API_ERRORS,
+                    "Conflict",
+                    "TooLarge",
+                ),
+            },
+        },
+        "/api/orders/{order_id}/ship/": {
+            "parameters": [_ORDER_ID],
+            "post": {
+                "operationId": "shipOrder",
+                "tags": ["orders"],
+                "summary": "Ship a paid order under the shop's own tracking number",
+                "description": "For shops that book shipments themselves "
+                "(ORDERS['LOGISTICS_PROVIDER'] None); with a provider, paying books one.",
+                "security": _API,
+                "requestBody": _json_body("Shipment"),
+                "responses": _responses(
+                    _order("The shipped order."),
                     "BadRequest",
                     *_API_ERRORS,
                     "Conflict",

@@ -17,10 +17,10 @@ import redis.exceptions
 from django.db import transaction
 from django.utils import timezone
 
-from orders import broker
+from orders import broker, get_order_model
 from orders.conf import get_settings
 from orders.logging import log_event
-from orders.models import Order
+from orders.models import AbstractOrder
 
 logger = logging.getLogger("orders.timers")
 
@@ -67,7 +67,7 @@ def within_horizon(deadline: datetime, now: datetime | None = None) -> bool:
 
 
 def arm_expiry_timer(
-    order: Order, *, now: datetime | None = None, rearm_run: str | None = None
+    order: AbstractOrder, *, now: datetime | None = None, rearm_run: str | None = None
 ) -> bool:
     """Arm the order's expiry timer for its current deadline once the caller's
     transaction commits; the caller saves ``order``. Returns whether a timer will be sent.
@@ -157,7 +157,9 @@ def publish_bucket_timer(order_id: str, deadline: datetime, rearm_run: str | Non
 
 def _forget_timer(order_id: str, deadline: datetime, exc: BaseException) -> None:
     # Clearing timer_armed_for makes the sweep arm the timer again (or expire the order).
-    Order.objects.filter(pk=order_id, timer_armed_for=deadline).update(timer_armed_for=None)
+    get_order_model().objects.filter(pk=order_id, timer_armed_for=deadline).update(
+        timer_armed_for=None
+    )
     log_event(
         logger,
         "timer.not_armed",

@@ -24,13 +24,14 @@ from django.db.models import (
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
+from orders import get_order_model
 from orders.conf import get_settings
 from orders.models import (
     LATE_PAYMENT_REASON,
     SWEEP,
     TIMER,
+    AbstractOrder,
     CancelReason,
-    Order,
     OrderTransition,
     Payment,
     Status,
@@ -55,7 +56,7 @@ def status_counts() -> dict[str, int]:
     """How many orders are in each status, every status present (one query)."""
     counts = dict.fromkeys(Status.values, 0)
     # order_by(): the model's default ordering would otherwise join the GROUP BY.
-    rows = Order.objects.order_by().values_list("status").annotate(n=Count("pk"))
+    rows = get_order_model().objects.order_by().values_list("status").annotate(n=Count("pk"))
     counts.update({status: n for status, n in rows})
     return counts
 
@@ -66,27 +67,27 @@ def last_sweep() -> SweepRun | None:
 
 
 def expiring_orders(
-    orders: QuerySet[Order] | None = None,
+    orders: QuerySet[AbstractOrder] | None = None,
     *,
     within: timedelta = timedelta(hours=1),
     now: datetime | None = None,
-) -> QuerySet[Order]:
+) -> QuerySet[AbstractOrder]:
     """The unpaid orders (among ``orders``, default all) whose deadline comes within
     ``within`` from now, soonest first.
 
     Those already past their deadline are included: they are still unpaid because their
     timer has not fired yet (or was lost), and the next sweep will expire them."""
     now = now or timezone.now()
-    orders = Order.objects.all() if orders is None else orders
+    orders = get_order_model().objects.all() if orders is None else orders
     return orders.filter(status=Status.CREATED, expires_at__lte=now + within).order_by("expires_at")
 
 
 def with_unaccepted_payments(
-    orders: QuerySet[Order] | None = None,
+    orders: QuerySet[AbstractOrder] | None = None,
     *,
     refunded: bool | None = None,
     outcome: Payment.Outcome | None = None,
-) -> QuerySet[Order]:
+) -> QuerySet[AbstractOrder]:
     """The orders (among ``orders``, default all) that received a payment which did not
     pay them (late, surplus or mismatched; or only ``outcome``), optionally only those
     whose such payment was already refunded (``True``) or still awaits its refund
@@ -98,7 +99,7 @@ def with_unaccepted_payments(
         payments = payments.filter(outcome=outcome)
     if refunded is not None:
         payments = payments.filter(refunded_at__isnull=not refunded)
-    orders = Order.objects.all() if orders is None else orders
+    orders = get_order_model().objects.all() if orders is None else orders
     return orders.filter(Exists(payments))
 
 
@@ -262,9 +263,11 @@ def expiry_lateness() -> LatenessHistogram:
     }
     aggregates["count"] = Count("pk")
     aggregates["total"] = Sum(lateness)
-    row = Order.objects.filter(
-        cancel_reason=CancelReason.TIMEOUT, cancelled_at__isnull=False
-    ).aggregate(**aggregates)
+    row = (
+        get_order_model()
+        .objects.filter(cancel_reason=CancelReason.TIMEOUT, cancelled_at__isnull=False)
+        .aggregate(**aggregates)
+    )
     total: timedelta | None = row["total"]
     return LatenessHistogram(
         buckets={bound: row[f"le_{i}"] for i, bound in enumerate(LATENESS_BUCKETS)},
@@ -277,15 +280,17 @@ def read_snapshot(now: datetime | None = None) -> Snapshot:
     now = now or timezone.now()
     stale_after = timedelta(seconds=get_settings().SHIPPING_RETRY_AFTER)
     stale = now - stale_after
-    unpaid = Order.objects.filter(status=Status.CREATED)
+    unpaid = get_order_model().objects.filter(status=Status.CREATED)
     overdue = unpaid.filter(expires_at__lt=now).aggregate(n=Count("pk"), oldest=Min("expires_at"))
     refunds = (
         Payment.objects.exclude(outcome=Payment.Outcome.ACCEPTED)
         .filter(refunded_at__isnull=True)
         .aggregate(pending=Count("pk"), failing=Count("pk", filter=Q(received_at__lt=stale)))
     )
-    shipments = Order.objects.filter(status=Status.PAID).aggregate(
-        pending=Count("pk"), stuck=Count("pk", filter=Q(paid_at__lt=stale))
+    shipments = (
+        get_order_model()
+        .objects.filter(status=Status.PAID)
+        .aggregate(pending=Count("pk"), stuck=Count("pk", filter=Q(paid_at__lt=stale)))
     )
     return Snapshot(
         at=now,

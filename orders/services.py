@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -26,22 +26,24 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q, QuerySet
 from django.dispatch import Signal
 from django.utils import timezone
+from django.utils.module_loading import import_string
 from django_fsm import can_proceed
 
-from orders import scheduling, signals
+from orders import get_order_model, scheduling, signals
 from orders.conf import get_settings
 from orders.gateways import GatewayError, logistics_provider, payment_gateway
 from orders.logging import log_event
 from orders.models import (
     LATE_PAYMENT_REASON,
     REASON_MAX_LENGTH,
+    REFERENCE_MAX_LENGTH,
     SWEEP,
     SYSTEM,
     TIMER,
+    AbstractOrder,
     Actor,
     CancelReason,
     IdempotencyRecord,
-    Order,
     ParcelEvent,
     ParcelStatus,
     Payment,
@@ -69,19 +71,24 @@ class InvalidTransition(OrderError):
     pass
 
 
-def _send_on_commit(signal: Signal, order: Order, **extra: Any) -> None:
-    transaction.on_commit(lambda: signal.send(sender=Order, order=order, **extra))
+class DuplicateReference(OrderError):
+    """Another order already has the ``reference`` given (a conflict: a 409)."""
 
 
-def _locked(order_id: Any) -> Order:
+def _send_on_commit(signal: Signal, order: AbstractOrder, **extra: Any) -> None:
+    transaction.on_commit(lambda: signal.send(sender=type(order), order=order, **extra))
+
+
+def _locked(order_id: Any) -> AbstractOrder:
     return _get(order_id, lock=True)
 
 
-def _get(order_id: Any, *, lock: bool = False) -> Order:
-    orders = Order.objects.select_for_update() if lock else Order.objects.all()
+def _get(order_id: Any, *, lock: bool = False) -> AbstractOrder:
+    model = get_order_model()
+    orders = model.objects.select_for_update() if lock else model.objects.all()
     try:
         return orders.get(pk=order_id)
-    except (Order.DoesNotExist, ValidationError, ValueError) as exc:  # or not a UUID at all
+    except (model.DoesNotExist, ValidationError, ValueError) as exc:  # or not a UUID at all
         raise OrderNotFound(f"No order with id {order_id!r}.") from exc
 
 
@@ -159,6 +166,64 @@ def parse_payment_ref(value: Any) -> str:
     return value
 
 
+#: A shop's reference for an order: as a payment reference, 1 to REFERENCE_MAX_LENGTH
+#: characters without control characters.
+REFERENCE_PATTERN = f"[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]{{1,{REFERENCE_MAX_LENGTH}}}"
+_REFERENCE = re.compile(REFERENCE_PATTERN)
+TRACKING_NUMBER_MAX_LENGTH = 64
+TRACKING_NUMBER_PATTERN = (
+    f"[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]{{1,{TRACKING_NUMBER_MAX_LENGTH}}}"
+)
+_TRACKING_NUMBER = re.compile(TRACKING_NUMBER_PATTERN)
+#: The order's metadata is a flat JSON object, as Stripe's is: at most this many keys,
+#: each key at most METADATA_KEY_MAX_LENGTH characters, each value a string of at most
+#: METADATA_VALUE_MAX_LENGTH characters, a finite number, true, false or null. No NUL
+#: anywhere (PostgreSQL cannot store it in JSON).
+METADATA_MAX_KEYS = 50
+METADATA_KEY_MAX_LENGTH = 40
+METADATA_VALUE_MAX_LENGTH = 500
+NO_NUL_PATTERN = "[^\\x00]*"
+
+
+def parse_reference(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _REFERENCE.fullmatch(value):
+        raise InvalidInput(
+            f"reference must be 1 to {REFERENCE_MAX_LENGTH} characters, without control characters."
+        )
+    return value
+
+
+def parse_metadata(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"metadata must be a JSON object, got {brief(value)}.")
+    if len(value) > METADATA_MAX_KEYS:
+        raise InvalidInput(f"metadata may have at most {METADATA_MAX_KEYS} keys, got {len(value)}.")
+    for key, item in value.items():
+        if not isinstance(key, str) or not 1 <= len(key) <= METADATA_KEY_MAX_LENGTH or "\0" in key:
+            raise InvalidInput(
+                f"metadata keys must be 1 to {METADATA_KEY_MAX_LENGTH} characters without NUL, "
+                f"got {brief(key)}."
+            )
+        if isinstance(item, str):
+            if len(item) > METADATA_VALUE_MAX_LENGTH or "\0" in item:
+                raise InvalidInput(
+                    f"metadata[{key!r}] must be at most {METADATA_VALUE_MAX_LENGTH} characters "
+                    "without NUL."
+                )
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise InvalidInput(f"metadata[{key!r}] must be a finite number.")
+        elif item is not None and not isinstance(item, bool | int | float):
+            raise InvalidInput(
+                f"metadata[{key!r}] must be a string, a number, true, false or null (metadata "
+                f"is flat), got {brief(item)}."
+            )
+    return value
+
+
 def parse_currency(value: Any) -> str:
     if value is None:
         return get_settings().CURRENCY
@@ -190,26 +255,40 @@ def place_order(
     amount: Any,
     currency: str | None = None,
     timeout: timedelta | float | None = None,
+    reference: str | None = None,
+    metadata: dict[str, Any] | None = None,
     now: datetime | None = None,
-) -> Order:
-    """Create an unpaid order whose deadline is ``now + timeout`` (default from settings),
-    and arm its expiry timer once the order is committed."""
-    conf = get_settings()
+    **fields: Any,
+) -> AbstractOrder:
+    """Create an unpaid order whose deadline is ``now + timeout`` (default:
+    ``ORDERS["DEFAULT_TIMEOUT"]``, seconds or a function of the order), and arm its expiry
+    timer once the order is committed. ``reference`` (the shop's own id, unique:
+    ``DuplicateReference`` if another order has it) and ``metadata`` (a flat JSON object)
+    link the order to the shop's. ``fields`` are the shop's own fields of its order model
+    (``ORDERS_ORDER_MODEL``), e.g. ``customer=...``, checked by the fields' own
+    validation; the lifecycle's fields are not among them."""
     now = now or timezone.now()
-    timeout = conf.DEFAULT_TIMEOUT if timeout is None else timeout
-    delta = parse_seconds(
-        timeout, name="timeout", minimum=conf.MIN_TIMEOUT, maximum=conf.MAX_TIMEOUT
-    )
-    order = Order(
+    order = get_order_model()(
         amount=parse_amount(amount),
         currency=parse_currency(currency),
         created_at=now,
-        expires_at=now + delta,
+        reference=parse_reference(reference),
+        metadata=parse_metadata(metadata),
+        **_shop_fields(fields),
     )
-    with transaction.atomic():
-        scheduling.arm_expiry_timer(order, now=now)
-        order.save(force_insert=True)
-        _send_on_commit(signals.order_placed, order)
+    _validate_shop_fields(order, fields)
+    delta = _timeout_of(order, timeout)
+    order.expires_at = now + delta
+    _refuse_duplicate_reference(order.reference)
+    try:
+        with transaction.atomic():
+            scheduling.arm_expiry_timer(order, now=now)
+            order.save(force_insert=True)
+            _send_on_commit(signals.order_placed, order)
+    except IntegrityError:
+        # The same reference raced in: the unique index caught it, and nothing was kept.
+        _refuse_duplicate_reference(order.reference)
+        raise
     log_event(
         logger,
         "order.placed",
@@ -219,8 +298,65 @@ def place_order(
         currency=order.currency,
         expires_at=order.expires_at.isoformat(),
         timeout_s=delta.total_seconds(),
+        reference=order.reference,
     )
     return order
+
+
+def _timeout_of(order: AbstractOrder, timeout: Any) -> timedelta:
+    """The order's time to pay: ``timeout`` if given, else ``ORDERS["DEFAULT_TIMEOUT"]``:
+    seconds, or what the function it names returns for this (unsaved) order."""
+    conf = get_settings()
+    name = "timeout"
+    if timeout is None:
+        timeout = conf.DEFAULT_TIMEOUT
+        if isinstance(timeout, str):
+            name = f"the timeout {timeout}() returned"
+            timeout = _timeout_function(timeout)(order)
+    return parse_seconds(timeout, name=name, minimum=conf.MIN_TIMEOUT, maximum=conf.MAX_TIMEOUT)
+
+
+@cache
+def _timeout_function(path: str) -> Callable[[AbstractOrder], Any]:
+    function: Callable[[AbstractOrder], Any] = import_string(path)
+    return function
+
+
+def _refuse_duplicate_reference(reference: str | None) -> None:
+    if reference is None:
+        return
+    existing = get_order_model().objects.filter(reference=reference).first()
+    if existing is not None:
+        raise DuplicateReference(
+            f"Order {existing.pk} already has the reference {brief(reference)}; a reference "
+            "names one order."
+        )
+
+
+def _shop_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``place_order`` that name the shop's own fields."""
+    lifecycle = {f.name for f in AbstractOrder._meta.local_fields}
+    model = get_order_model()
+    own = {name for f in model._meta.concrete_fields for name in (f.name, f.attname)}
+    for name in fields:
+        if name in lifecycle:
+            raise InvalidInput(f"{name} is set by the order's lifecycle, not by place_order().")
+        if name not in own:
+            raise InvalidInput(f"{brief(name)} is not a field of {model._meta.label}.")
+    return fields
+
+
+def _validate_shop_fields(order: AbstractOrder, fields: dict[str, Any]) -> None:
+    # The values given, by their fields' own rules (max_length, choices, blank,
+    # validators), so that a bad one is an InvalidInput and not a database error. A field
+    # left out gets its default, as with Model.objects.create(); the lifecycle's fields
+    # were checked by the parse_* functions.
+    given = {f.name for f in order._meta.concrete_fields if {f.name, f.attname} & set(fields)}
+    try:
+        order.clean_fields(exclude={f.name for f in order._meta.fields} - given)
+    except ValidationError as exc:
+        problems = "; ".join(f"{name}: {' '.join(errs)}" for name, errs in exc.message_dict.items())
+        raise InvalidInput(problems) from None
 
 
 def record_payment(
@@ -251,7 +387,7 @@ def record_payment(
         return _existing_payment(_get(order_id), payment_ref) or _raise_reused(payment_ref)
 
 
-def _existing_payment(order: Order, payment_ref: str) -> Payment | None:
+def _existing_payment(order: AbstractOrder, payment_ref: str) -> Payment | None:
     payment = Payment.objects.filter(reference=payment_ref).first()
     if payment is not None and payment.order_id != order.pk:
         _raise_reused(payment_ref)
@@ -307,7 +443,7 @@ def _record_payment(
             _enqueue_shipping(order)
 
         payment = Payment.objects.create(
-            order=order,
+            order_id=order.pk,
             reference=payment_ref,
             amount=amount,
             currency=currency,
@@ -369,7 +505,7 @@ def expire_order(*, order_id: Any, by: Actor = TIMER, now: datetime | None = Non
     return outcome
 
 
-def _expire_if_due(order: Order, *, by: Actor, now: datetime) -> tuple[ExpiryOutcome, str]:
+def _expire_if_due(order: AbstractOrder, *, by: Actor, now: datetime) -> tuple[ExpiryOutcome, str]:
     """Under the row lock: expire the order, or say why not."""
     if not can_proceed(order.expire):
         return ExpiryOutcome.NOT_UNPAID, f"it is {order.status}"
@@ -382,13 +518,15 @@ def _expire_if_due(order: Order, *, by: Actor, now: datetime) -> tuple[ExpiryOut
     return ExpiryOutcome.EXPIRED, ""
 
 
-def _expire(order: Order, *, now: datetime, by: Actor, reason: str = "not paid in time") -> None:
+def _expire(
+    order: AbstractOrder, *, now: datetime, by: Actor, reason: str = "not paid in time"
+) -> None:
     order.expire(by=by, reason=reason, at=now)
     order.save()
     _expired(order, now=now, by=by, reason=reason)
 
 
-def _expired(order: Order, *, now: datetime, by: Actor, reason: str) -> None:
+def _expired(order: AbstractOrder, *, now: datetime, by: Actor, reason: str) -> None:
     """What follows an expiry, once saved: the signal after commit, and the log."""
     _send_on_commit(signals.order_expired, order)
     log_event(
@@ -414,9 +552,11 @@ def expire_due_orders(
     Each order goes through its ``expire`` transition as usual; only the writes are
     gathered, one UPDATE and one INSERT of history rows per batch, since a burst of
     thousands of orders sharing a deadline is what batches are for."""
-    due = Order.objects.filter(
-        status=Status.CREATED, expires_at__lte=min(due_by, now or timezone.now())
-    ).order_by("expires_at")
+    due = (
+        get_order_model()
+        .objects.filter(status=Status.CREATED, expires_at__lte=min(due_by, now or timezone.now()))
+        .order_by("expires_at")
+    )
     reason = "not paid in time"
     expired, max_lateness = 0, 0.0
     while True:
@@ -426,7 +566,7 @@ def expire_due_orders(
             with history_in_bulk():
                 for order in batch:
                     order.expire(by=by, reason=reason, at=stamp)
-            Order.objects.filter(pk__in=[order.pk for order in batch]).update(
+            get_order_model().objects.filter(pk__in=[order.pk for order in batch]).update(
                 status=Status.CANCELLED,
                 cancel_reason=CancelReason.TIMEOUT,
                 cancelled_at=stamp,
@@ -456,7 +596,9 @@ def expire_bucket(*, bucket: int, now: datetime | None = None) -> int:
     return expired
 
 
-def extend_order(*, order_id: Any, seconds: Any, by: Actor, now: datetime | None = None) -> Order:
+def extend_order(
+    *, order_id: Any, seconds: Any, by: Actor, now: datetime | None = None
+) -> AbstractOrder:
     """Move an unpaid order's deadline later by ``seconds``."""
     conf = get_settings()
     now = now or timezone.now()
@@ -499,7 +641,7 @@ def cancel_order(
     reason: str | None = "",
     cancel_reason: CancelReason = CancelReason.CUSTOMER,
     now: datetime | None = None,
-) -> Order:
+) -> AbstractOrder:
     """Cancel an unpaid order at the customer's or staff's request."""
     reason = parse_reason(reason)
     with transaction.atomic():
@@ -525,32 +667,57 @@ def cancel_order(
 # Shipping -----------------------------------------------------------------------------
 
 
-def _enqueue_shipping(order: Order) -> None:
+def _enqueue_shipping(order: AbstractOrder) -> None:
     from orders.tasks import ship_order_task
 
+    if logistics_provider() is None:
+        return  # the shop ships it: ship_order(tracking_number=...)
     scheduling.enqueue_on_commit(ship_order_task, str(order.pk), what="shipping")
 
 
-def ship_order(*, order_id: Any, now: datetime | None = None) -> Order:
-    """Book the shipment of a paid order and move it to ``delivered``.
+def parse_tracking_number(value: Any) -> str:
+    # Like a payment reference: no control characters, at most the column's length.
+    if not isinstance(value, str) or not _TRACKING_NUMBER.fullmatch(value):
+        raise InvalidInput(
+            f"tracking_number must be 1 to {TRACKING_NUMBER_MAX_LENGTH} characters, without "
+            "control characters."
+        )
+    return value
+
+
+def ship_order(
+    *,
+    order_id: Any,
+    tracking_number: str | None = None,
+    by: Actor = "shipping",
+    now: datetime | None = None,
+) -> AbstractOrder:
+    """Move a paid order to ``delivered``: shipped under ``tracking_number`` when the shop
+    booked the shipment itself (required without a logistics provider), else booked
+    with the provider.
 
     The provider is called outside the lock, with the order as idempotency key, so a
-    repeated call books nothing new."""
+    repeated call books nothing new. Shipping an order again under the tracking number
+    it was shipped with changes nothing; under another one it is an InvalidTransition."""
+    if tracking_number is not None:
+        tracking_number = parse_tracking_number(tracking_number)
     order = _get(order_id)
     if not can_proceed(order.ship):
-        _shipping_noop(order)
-        return order
-    tracking_number = logistics_provider().create_shipment(
-        order_id=str(order.pk), idempotency_key=f"ship:{order.pk}"
-    )
+        return _not_shippable(order, tracking_number)
+    booked_by_provider = tracking_number is None
+    if tracking_number is None:
+        tracking_number = _book_shipment(order)
     with transaction.atomic():
         order = _locked(order_id)
         if not can_proceed(order.ship):  # it moved on while the provider answered
-            _shipping_noop(order)
-            return order
+            return _not_shippable(order, None if booked_by_provider else tracking_number)
         now = now or timezone.now()
-        order.ship(by="shipping", tracking_number=tracking_number, at=now)
-        order.parcel_next_check_at = now + timedelta(seconds=get_settings().PARCEL_CHECK_INTERVAL)
+        order.ship(by=by, tracking_number=tracking_number, at=now)
+        if booked_by_provider:
+            # The provider that booked the parcel is asked about it; a number the shop
+            # brought is none of its business.
+            check_in = timedelta(seconds=get_settings().PARCEL_CHECK_INTERVAL)
+            order.parcel_next_check_at = now + check_in
         order.save()
         _send_on_commit(signals.order_delivered, order)
     log_event(
@@ -559,11 +726,34 @@ def ship_order(*, order_id: Any, now: datetime | None = None) -> Order:
         "Order {order_id} shipped, tracking number {tracking_number}.",
         order=order,
         tracking_number=tracking_number,
+        actor=str(by),
     )
     return order
 
 
-def _shipping_noop(order: Order) -> None:
+def _book_shipment(order: AbstractOrder) -> str:
+    provider = logistics_provider()
+    if provider is None:
+        raise InvalidInput(
+            "Give the tracking_number of the shipment: no logistics provider books one "
+            "(ORDERS['LOGISTICS_PROVIDER'] is None)."
+        )
+    return provider.create_shipment(order_id=str(order.pk), idempotency_key=f"ship:{order.pk}")
+
+
+def _not_shippable(order: AbstractOrder, tracking_number: str | None) -> AbstractOrder:
+    """A shipment of an order that cannot be shipped: a no-op for the provider's task and
+    for the shop's repeated call, an error for the shop's call on any other order."""
+    if tracking_number is not None and tracking_number != order.tracking_number:
+        raise InvalidTransition(
+            f"Only a paid order can be shipped; order {order.pk} is {order.status}"
+            + (f", shipped as {order.tracking_number}." if order.tracking_number else ".")
+        )
+    _shipping_noop(order)
+    return order
+
+
+def _shipping_noop(order: AbstractOrder) -> None:
     log_event(
         logger,
         "shipping.noop",
@@ -587,7 +777,9 @@ def _refund_at_gateway(payment: Payment) -> str:
     )
 
 
-def refund_order(*, order_id: Any, by: Actor, reason: str, now: datetime | None = None) -> Order:
+def refund_order(
+    *, order_id: Any, by: Actor, reason: str, now: datetime | None = None
+) -> AbstractOrder:
     """Refund a paid or delivered order, then close it. The state moves only after the
     gateway confirms; a ``GatewayError`` leaves the order as it was."""
     order = _get(order_id)
@@ -660,7 +852,7 @@ def refund_payment(*, payment_id: Any, now: datetime | None = None) -> Payment:
         payment.save(update_fields=["refunded_at", "refund_ref"])
         transaction.on_commit(
             lambda: signals.payment_refunded.send(
-                sender=Order, order=payment.order, payment=payment
+                sender=get_order_model(), order=payment.order, payment=payment
             )
         )
     log_event(
@@ -690,7 +882,7 @@ def record_parcel_status(
     status: str,
     by: Actor = "logistics",
     now: datetime | None = None,
-) -> Order:
+) -> AbstractOrder:
     """Take a parcel status from the logistics provider (webhook or poll). Only an order
     shipped under ``tracking_number`` has a parcel; for any other the report is refused
     (``InvalidTransition``) and nothing is stored. A change is kept as a ``ParcelEvent``,
@@ -727,7 +919,7 @@ def record_parcel_status(
                 order.parcel_next_check_at = None
                 order.save(update_fields=["parcel_next_check_at", "updated_at"])
         elif status != order.parcel_status:
-            ParcelEvent.objects.create(order=order, status=status, source=str(by), at=now)
+            ParcelEvent.objects.create(order_id=order.pk, status=status, source=str(by), at=now)
             order.parcel_status = status
             if status != ParcelStatus.IN_TRANSIT:
                 order.parcel_next_check_at = None  # the parcel's journey is over
@@ -764,17 +956,20 @@ class ParcelPollReport:
 def poll_parcels(*, now: datetime | None = None) -> ParcelPollReport:
     """Ask the logistics provider about shipped parcels that are due for a check, at most
     ``PARCEL_POLL_BATCH`` per run. A provider error backs that order off exponentially;
-    a parcel still travelling after ``PARCEL_GIVE_UP_AFTER`` is no longer polled."""
+    a parcel still travelling after ``PARCEL_GIVE_UP_AFTER`` is no longer booked_by_provider."""
     conf = get_settings()
     now = now or timezone.now()
     report = ParcelPollReport()
-    due = Order.objects.filter(status=Status.DELIVERED, parcel_next_check_at__lte=now)
+    provider = logistics_provider()
+    if provider is None:
+        return report  # the shop ships orders itself: no provider to ask
+    due = get_order_model().objects.filter(status=Status.DELIVERED, parcel_next_check_at__lte=now)
     for order in due.order_by("parcel_next_check_at")[: conf.PARCEL_POLL_BATCH]:
         report.checked += 1
         next_check: datetime | None = now + timedelta(seconds=conf.PARCEL_CHECK_INTERVAL)
         failures = 0
         try:
-            status = logistics_provider().parcel_status(tracking_number=order.tracking_number)
+            status = provider.parcel_status(tracking_number=order.tracking_number)
         except GatewayError as exc:
             report.failed += 1
             failures = order.parcel_check_failures + 1
@@ -797,11 +992,11 @@ def poll_parcels(*, now: datetime | None = None) -> ParcelPollReport:
             log_event(
                 logger,
                 "parcel.given_up",
-                "Parcel of order {order_id} still not arrived; no longer polled.",
+                "Parcel of order {order_id} still not arrived; no longer booked_by_provider.",
                 level=logging.WARNING,
                 order=order,
             )
-        Order.objects.filter(pk=order.pk).update(
+        get_order_model().objects.filter(pk=order.pk).update(
             parcel_next_check_at=next_check, parcel_check_failures=failures
         )
         if not failures:
@@ -819,7 +1014,7 @@ def poll_parcels(*, now: datetime | None = None) -> ParcelPollReport:
                 # the next poll finds it returned again, and that retries the refund.
                 report.failed += 1
                 retry_at = now + timedelta(seconds=conf.PARCEL_CHECK_INTERVAL)
-                Order.objects.filter(pk=order.pk).update(parcel_next_check_at=retry_at)
+                get_order_model().objects.filter(pk=order.pk).update(parcel_next_check_at=retry_at)
                 log_event(
                     logger,
                     "parcel.refund_failed",
@@ -875,7 +1070,8 @@ def sweep(
     step(1, SWEEP_STEPS[0])
 
     unarmed = (
-        Order.objects.filter(
+        get_order_model()
+        .objects.filter(
             status=Status.CREATED,
             expires_at__lte=now + timedelta(seconds=conf.TIMER_HORIZON),
         )
@@ -891,7 +1087,9 @@ def sweep(
 
     # Follow-up work whose task was lost (broker down when it was queued, worker killed).
     stale = now - timedelta(seconds=conf.SHIPPING_RETRY_AFTER)
-    unshipped = Order.objects.filter(status=Status.PAID, paid_at__lt=stale)
+    unshipped = get_order_model().objects.filter(status=Status.PAID, paid_at__lt=stale)
+    if logistics_provider() is None:
+        unshipped = unshipped.none()  # paid orders wait for the shop to ship them
     for order_id in unshipped.values_list("pk", flat=True)[: conf.SWEEP_BATCH_SIZE]:
         report.shipments_retried += 1
         _retry(report, "shipment", partial(ship_order, order_id=order_id))
@@ -951,9 +1149,13 @@ def rearm_timers(*, now: datetime | None = None) -> Iterator[tuple[int, int]]:
     conf = get_settings()
     now = now or timezone.now()
     run = uuid.uuid4().hex
-    unpaid = Order.objects.filter(
-        status=Status.CREATED, expires_at__lte=now + timedelta(seconds=conf.TIMER_HORIZON)
-    ).order_by("expires_at", "pk")
+    unpaid = (
+        get_order_model()
+        .objects.filter(
+            status=Status.CREATED, expires_at__lte=now + timedelta(seconds=conf.TIMER_HORIZON)
+        )
+        .order_by("expires_at", "pk")
+    )
     total, done = unpaid.count(), 0
     after: Q = Q()
     while True:
@@ -970,7 +1172,7 @@ def rearm_timers(*, now: datetime | None = None) -> Iterator[tuple[int, int]]:
         yield done, max(total, done)
 
 
-def _lock_batch(queryset: QuerySet[Order], size: int) -> list[Order]:
+def _lock_batch(queryset: QuerySet[AbstractOrder], size: int) -> list[AbstractOrder]:
     # skip_locked: a row another process holds is being handled by it; take the next.
     return list(queryset.select_for_update(skip_locked=True)[:size])
 

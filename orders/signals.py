@@ -1,6 +1,7 @@
 """Signals for the host project, each sent once per transition, after its transaction commits.
 
-Every signal is sent with ``sender=Order`` and ``order=<Order>``.
+Every signal is sent with ``sender=`` the order model (``orders.get_order_model()``) and
+``order=`` the order.
 """
 
 from django.dispatch import Signal

@@ -15,6 +15,7 @@ urlpatterns: list[URLPattern] = [
     path("api/orders/<str:order_id>/", api.order_detail, name="api-order"),
     path("api/orders/<str:order_id>/cancel/", api.cancel_order, name="api-order-cancel"),
     path("api/orders/<str:order_id>/extend/", api.extend_order, name="api-order-extend"),
+    path("api/orders/<str:order_id>/ship/", api.ship_order, name="api-order-ship"),
     path("webhooks/payment/", webhooks.payment, name="webhook-payment"),
     path("webhooks/logistics/", webhooks.logistics, name="webhook-logistics"),
     # For Prometheus (Bearer API token, or a staff login) and for uptime probes (open).

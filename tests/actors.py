@@ -50,9 +50,11 @@ def run_script(plan_path: str, results_path: str) -> None:
     import django
 
     django.setup()
-    from orders import services
+    from orders import get_order_model, services
     from orders.gateways import GatewayError
-    from orders.models import Order, Status
+    from orders.models import Status
+
+    Order = get_order_model()
 
     with open(plan_path) as f:
         plan: list[tuple[float, str, dict[str, Any]]] = json.load(f)

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from django.db.models import QuerySet
 
 from orders.conf import get_settings
-from orders.models import CancelReason, Order, Payment, Status
+from orders.models import AbstractOrder, CancelReason, Payment, Status
 from tests.conftest import WorkerProcess
 
 #: The histories an order may end with; anything else is a violation.
@@ -81,14 +81,14 @@ def restart_if_dead(worker: WorkerProcess) -> str:
     return crash.split(" CRITICAL ")[-1] or f"exited with {code}"
 
 
-def histories(orders: QuerySet[Order]) -> dict[str, tuple[str, ...]]:
+def histories(orders: QuerySet[AbstractOrder]) -> dict[str, tuple[str, ...]]:
     return {
         str(order.pk): tuple(h.transition for h in order.history.all())
-        for order in orders.prefetch_related("history")
+        for order in orders.prefetch_related("history")  # type: ignore[misc]  # reverse relation
     }
 
 
-def violations(orders: QuerySet[Order], *, late_ok: float | None) -> list[str]:
+def violations(orders: QuerySet[AbstractOrder], *, late_ok: float | None) -> list[str]:
     """Every way an order (or its payments) can be wrong once all has settled.
 
     - it ends delivered or cancelled, with one of the FINAL_HISTORIES: one entry per
@@ -100,7 +100,7 @@ def violations(orders: QuerySet[Order], *, late_ok: float | None) -> list[str]:
       accepted payment of a refunded order is refunded, and no other.
     """
     found: list[str] = []
-    for order in orders.prefetch_related("history", "payments"):
+    for order in orders.prefetch_related("history", "payments"):  # type: ignore[misc]  # reverse relation
         history = tuple(h.transition for h in order.history.all())
         payments = list(order.payments.all())
         accepted = [p for p in payments if p.outcome == Payment.Outcome.ACCEPTED]
@@ -147,7 +147,7 @@ def violations(orders: QuerySet[Order], *, late_ok: float | None) -> list[str]:
 
 
 def passed_over_by_sweeps(
-    orders: QuerySet[Order], sweeps: list[tuple[datetime, datetime, int]]
+    orders: QuerySet[AbstractOrder], sweeps: list[tuple[datetime, datetime, int]]
 ) -> list[str]:
     """The sweep's promise: a sweep that starts when an unpaid order is past its
     deadline plus the grace expires it, unless that sweep hit its batch limit, or the
@@ -170,7 +170,7 @@ def passed_over_by_sweeps(
     return found
 
 
-def outcome_counts(orders: QuerySet[Order]) -> Counter[str]:
+def outcome_counts(orders: QuerySet[AbstractOrder]) -> Counter[str]:
     counts: Counter[str] = Counter()
     for history in histories(orders).values():
         counts[
@@ -184,17 +184,17 @@ def outcome_counts(orders: QuerySet[Order]) -> Counter[str]:
     return counts
 
 
-def expired_by(orders: QuerySet[Order]) -> Counter[str]:
+def expired_by(orders: QuerySet[AbstractOrder]) -> Counter[str]:
     """Who expired the orders: the expiry timer, the sweep, or a late payment."""
     counts: Counter[str] = Counter()
-    for order in orders.prefetch_related("history"):
+    for order in orders.prefetch_related("history"):  # type: ignore[misc]  # reverse relation
         for entry in order.history.all():
             if entry.transition == "expire":
                 counts[entry.actor] += 1
     return counts
 
 
-def lateness(orders: QuerySet[Order]) -> str:
+def lateness(orders: QuerySet[AbstractOrder]) -> str:
     """How long after their deadlines the expired orders were cancelled, as text."""
     values = sorted(
         (o.cancelled_at - o.expires_at).total_seconds()
@@ -210,13 +210,13 @@ def lateness(orders: QuerySet[Order]) -> str:
     return f"median {pct(0.5):.3f}s, p99 {pct(0.99):.3f}s, max {values[-1]:.3f}s"
 
 
-def payments_to_refund(orders: Iterable[str] | QuerySet[Order]) -> QuerySet[Payment]:
+def payments_to_refund(orders: Iterable[str] | QuerySet[AbstractOrder]) -> QuerySet[Payment]:
     return Payment.objects.filter(order__in=orders, refunded_at__isnull=True).exclude(
         outcome=Payment.Outcome.ACCEPTED
     )
 
 
-def unsettled(orders: QuerySet[Order]) -> dict[str, int]:
+def unsettled(orders: QuerySet[AbstractOrder]) -> dict[str, int]:
     """What still has to happen: unpaid orders (all deadlines are past by now), paid
     orders not shipped, refunded orders not closed, payments not refunded."""
     counts = {

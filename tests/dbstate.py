@@ -7,10 +7,11 @@ from typing import Any
 
 from django.db.models import Model
 
-from orders.models import IdempotencyRecord, Order, OrderTransition, ParcelEvent, Payment
+from orders import get_order_model
+from orders.models import IdempotencyRecord, OrderTransition, ParcelEvent, Payment
 
 TABLES: tuple[type[Model], ...] = (
-    Order,
+    get_order_model(),
     Payment,
     OrderTransition,
     ParcelEvent,

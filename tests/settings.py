@@ -27,7 +27,9 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # test starts get them too. Unset, they change nothing.
 for _key in ("PAYMENT_GATEWAY", "LOGISTICS_PROVIDER"):
     if os.environ.get(f"ORDERS_{_key}"):
-        ORDERS = ORDERS | {_key: os.environ[f"ORDERS_{_key}"]}
+        # "none": no logistics provider, the shop ships orders itself.
+        _value = os.environ[f"ORDERS_{_key}"]
+        ORDERS = ORDERS | {_key: None if _value == "none" else _value}
 for _key in ("SHIPPING_RETRY_AFTER", "SWEEP_BATCH_SIZE"):
     if os.environ.get(f"ORDERS_{_key}"):
         ORDERS = ORDERS | {_key: int(os.environ[f"ORDERS_{_key}"])}
@@ -42,3 +44,10 @@ for _option in ("unacked_restore_interval", "unacked_restore_throttle"):
 # outlast the sweep interval.
 if os.environ.get("ORDERS_TEST_EXPIRY_DELAY"):
     INSTALLED_APPS = [*INSTALLED_APPS, "tests.slow_expiry"]  # noqa: F405
+# The suite once more with a shop's own order model: set ORDERS_ORDER_MODEL in the
+# environment (the worker processes get it too) to swapshop.Order (tests/swapshop, the
+# least a shop adds) or shop.Order (the example shop, docs/examples/shop).
+SHOP_APPS = {"swapshop.Order": "tests.swapshop", "shop.Order": "docs.examples.shop"}
+if os.environ.get("ORDERS_ORDER_MODEL"):
+    ORDERS_ORDER_MODEL = os.environ["ORDERS_ORDER_MODEL"]
+    INSTALLED_APPS = [*INSTALLED_APPS, SHOP_APPS[ORDERS_ORDER_MODEL]]

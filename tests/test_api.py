@@ -16,8 +16,11 @@ from django.db import connection
 from django.test import Client
 from pytest_django import DjangoAssertNumQueries, Settings
 
-from orders import services
-from orders.models import IdempotencyRecord, Order, OrderTransition, Payment, Status
+from orders import get_order_model, services
+from orders.models import AbstractOrder, IdempotencyRecord, OrderTransition, Payment, Status
+from tests.dbstate import snapshot
+
+Order = get_order_model()
 
 if TYPE_CHECKING:
     from django.test.client import _MonkeyPatchedWSGIResponse as Response
@@ -42,6 +45,8 @@ ORDER_KEYS = {
     "cancel_reason",
     "payment_ref",
     "tracking_number",
+    "reference",
+    "metadata",
     "time_left_seconds",
     "history",
 }
@@ -57,8 +62,8 @@ def post(
     )
 
 
-def order_url(order: Order | str, action: str = "") -> str:
-    order_id = order.pk if isinstance(order, Order) else order
+def order_url(order: AbstractOrder | str, action: str = "") -> str:
+    order_id = order.pk if isinstance(order, AbstractOrder) else order
     return f"{ORDERS_URL}{order_id}/" + (f"{action}/" if action else "")
 
 
@@ -323,7 +328,7 @@ def test_the_same_key_sent_concurrently_places_one_order(
     it and answer with its order."""
     place_order = services.place_order
 
-    def slow_place_order(**kwargs: Any) -> Order:
+    def slow_place_order(**kwargs: Any) -> AbstractOrder:
         order = place_order(**kwargs)
         time.sleep(0.5)
         return order
@@ -367,7 +372,7 @@ def test_the_same_key_sent_concurrently_places_one_order(
     ],
 )
 def test_api_refuses_a_missing_or_wrong_token_with_401(
-    client: Client, order: Order, headers: dict[str, str]
+    client: Client, order: AbstractOrder, headers: dict[str, str]
 ) -> None:
     created = post(client, ORDERS_URL, {"amount": "1"}, headers=headers)
     read = client.get(order_url(order), headers=headers)
@@ -419,7 +424,7 @@ def test_refused_requests_are_logged_without_the_token(
 
 
 def test_get_order_returns_it_with_its_history_oldest_first(
-    client: Client, paid_order: Order
+    client: Client, paid_order: AbstractOrder
 ) -> None:
     services.refund_order(order_id=paid_order.pk, by="staff", reason="damaged")
 
@@ -442,7 +447,7 @@ def test_get_order_returns_it_with_its_history_oldest_first(
 
 
 def test_get_order_reads_the_history_in_one_query(
-    client: Client, paid_order: Order, django_assert_num_queries: DjangoAssertNumQueries
+    client: Client, paid_order: AbstractOrder, django_assert_num_queries: DjangoAssertNumQueries
 ) -> None:
     services.refund_order(order_id=paid_order.pk, by="staff", reason="damaged")
 
@@ -464,7 +469,7 @@ def test_get_unknown_or_malformed_order_id_is_404(client: Client, order_id: str)
     assert "No order" in response.json()["error"]
 
 
-def test_api_needs_no_csrf_token(order: Order) -> None:
+def test_api_needs_no_csrf_token(order: AbstractOrder) -> None:
     client = Client(enforce_csrf_checks=True)
 
     response = post(client, order_url(order, "cancel"))
@@ -472,7 +477,9 @@ def test_api_needs_no_csrf_token(order: Order) -> None:
     assert response.status_code == 200
 
 
-def test_wrong_method_is_405_with_json_and_allow_header(client: Client, order: Order) -> None:
+def test_wrong_method_is_405_with_json_and_allow_header(
+    client: Client, order: AbstractOrder
+) -> None:
     listing = client.get(ORDERS_URL, headers=AUTH)
     deleting = client.delete(order_url(order), headers=AUTH)
     cancel_by_get = client.get(order_url(order, "cancel"), headers=AUTH)
@@ -487,7 +494,9 @@ def test_wrong_method_is_405_with_json_and_allow_header(client: Client, order: O
 # Cancelling ---------------------------------------------------------------------------
 
 
-def test_cancel_unpaid_order_cancels_it_for_the_customer(client: Client, order: Order) -> None:
+def test_cancel_unpaid_order_cancels_it_for_the_customer(
+    client: Client, order: AbstractOrder
+) -> None:
     response = post(client, order_url(order, "cancel"), {"reason": "changed my mind"})
 
     assert response.status_code == 200
@@ -509,7 +518,7 @@ def test_cancel_unpaid_order_cancels_it_for_the_customer(client: Client, order: 
     assert (order.status, order.cancel_reason) == (Status.CANCELLED, "customer")
 
 
-def test_cancel_needs_no_body(client: Client, order: Order) -> None:
+def test_cancel_needs_no_body(client: Client, order: AbstractOrder) -> None:
     response = post(client, order_url(order, "cancel"))
 
     assert response.status_code == 200
@@ -522,7 +531,7 @@ def test_cancel_needs_no_body(client: Client, order: Order) -> None:
     ids=["int", "list", "object", "typo", "array"],
 )
 def test_cancel_with_bad_body_is_400_and_keeps_the_order(
-    client: Client, order: Order, body: Any
+    client: Client, order: AbstractOrder, body: Any
 ) -> None:
     response = post(client, order_url(order, "cancel"), body)
 
@@ -532,7 +541,9 @@ def test_cancel_with_bad_body_is_400_and_keeps_the_order(
     assert order.status == Status.CREATED
 
 
-def test_cancel_paid_order_is_409_and_keeps_it_paid(client: Client, paid_order: Order) -> None:
+def test_cancel_paid_order_is_409_and_keeps_it_paid(
+    client: Client, paid_order: AbstractOrder
+) -> None:
     response = post(client, order_url(paid_order, "cancel"))
 
     assert response.status_code == 409
@@ -550,7 +561,7 @@ def test_cancel_or_extend_unknown_order_is_404(client: Client, order_id: str) ->
 # Extending ----------------------------------------------------------------------------
 
 
-def test_extend_moves_the_deadline_by_the_seconds(client: Client, order: Order) -> None:
+def test_extend_moves_the_deadline_by_the_seconds(client: Client, order: AbstractOrder) -> None:
     deadline = order.expires_at
 
     response = post(client, order_url(order, "extend"), {"seconds": 600})
@@ -577,7 +588,7 @@ def test_extend_moves_the_deadline_by_the_seconds(client: Client, order: Order) 
     ids=["missing", "zero", "negative", "string", "bool", "huge", "typo"],
 )
 def test_extend_with_bad_seconds_is_400_and_keeps_the_deadline(
-    client: Client, order: Order, body: Any
+    client: Client, order: AbstractOrder, body: Any
 ) -> None:
     deadline = order.expires_at
 
@@ -589,7 +600,7 @@ def test_extend_with_bad_seconds_is_400_and_keeps_the_deadline(
     assert order.expires_at == deadline
 
 
-def test_extend_paid_order_is_409(client: Client, paid_order: Order) -> None:
+def test_extend_paid_order_is_409(client: Client, paid_order: AbstractOrder) -> None:
     response = post(client, order_url(paid_order, "extend"), {"seconds": 600})
 
     assert response.status_code == 409
@@ -597,3 +608,71 @@ def test_extend_paid_order_is_409(client: Client, paid_order: Order) -> None:
     assert Payment.objects.get().order_id == paid_order.pk
     paid_order.refresh_from_db()
     assert paid_order.status == Status.PAID
+
+
+# The shop's reference and metadata ------------------------------------------------------
+
+
+def test_create_order_keeps_the_shops_reference_and_metadata(client: Client) -> None:
+    metadata = {"channel": "web", "customer_id": 42, "gift": True, "note": None}
+
+    response = post(
+        client, ORDERS_URL, {"amount": "12.50", "reference": "shop-1001", "metadata": metadata}
+    )
+
+    assert response.status_code == 201
+    body = response.json()
+    assert (body["reference"], body["metadata"]) == ("shop-1001", metadata)
+    order = Order.objects.get(pk=body["id"])
+    assert (order.reference, order.metadata) == ("shop-1001", metadata)
+    assert client.get(order_url(body["id"]), headers=AUTH).json()["metadata"] == metadata
+
+
+def test_a_reference_another_order_has_is_a_409_and_changes_nothing(client: Client) -> None:
+    first = post(client, ORDERS_URL, {"amount": "12.50", "reference": "shop-1001"}).json()
+    before = snapshot()
+
+    response = post(client, ORDERS_URL, {"amount": "99.00", "reference": "shop-1001"})
+
+    assert response.status_code == 409
+    assert first["id"] in response.json()["error"]
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "mentions"),
+    [
+        ("reference", "", "reference must be 1 to 128 characters"),
+        ("reference", "x" * 129, "reference must be 1 to 128 characters"),
+        ("reference", "a\u0000b", "without control characters"),
+        ("reference", 1001, "reference must be"),
+        ("metadata", ["a"], "metadata must be a JSON object"),
+        ("metadata", {"k": {"nested": 1}}, "metadata is flat"),
+        ("metadata", {"k": "v\u0000"}, "without NUL"),
+        ("metadata", {"k\u0000": "v"}, "without NUL"),
+        ("metadata", {"": "v"}, "keys must be 1 to 40 characters"),
+        ("metadata", {"k" * 41: "v"}, "keys must be 1 to 40 characters"),
+        ("metadata", {"k": "v" * 501}, "at most 500 characters"),
+        ("metadata", {f"k{i}": i for i in range(51)}, "at most 50 keys"),
+    ],
+)
+def test_a_bad_reference_or_metadata_is_a_400_and_changes_nothing(
+    client: Client, field: str, value: Any, mentions: str
+) -> None:
+    before = snapshot()
+
+    response = post(client, ORDERS_URL, {"amount": "12.50", field: value})
+
+    assert response.status_code == 400
+    assert mentions in response.json()["error"]
+    assert snapshot() == before
+
+
+def test_metadata_with_an_infinite_number_is_a_400_and_changes_nothing(client: Client) -> None:
+    before = snapshot()
+
+    response = post(client, ORDERS_URL, b'{"amount": "12.50", "metadata": {"k": 1e400}}')
+
+    assert response.status_code == 400
+    assert "finite number" in response.json()["error"]
+    assert snapshot() == before

@@ -21,11 +21,13 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from config import processes
-from orders import services
+from orders import get_order_model, services
 from orders.conf import get_settings
-from orders.models import Order, Status, SweepRun
+from orders.models import AbstractOrder, Status, SweepRun
 from tests.chaos import EXPIRED, expired_by, histories, key_prefix, wait_for, workers
 from tests.conftest import BASE_DIR, worker_env
+
+Order = get_order_model()
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -72,7 +74,7 @@ def beats(names: list[str], env: dict[str, str]) -> Iterator[list[BeatProcess]]:
         yield started
 
 
-def place_overdue(n: int) -> list[Order]:
+def place_overdue(n: int) -> list[AbstractOrder]:
     """``n`` unpaid orders past their deadline whose timers were never armed (placed an
     hour ago with a deadline beyond the horizon, as if the broker had been down), all
     committed at once so that the next sweeps find them together."""

@@ -19,11 +19,13 @@ import kombu.exceptions
 import pytest
 from django.test import Client
 
-from orders import services
-from orders.models import Order, Status
+from orders import get_order_model, services
+from orders.models import Status
 from orders.tasks import expire_order_task
 from tests.chaos import wait_for
 from tests.conftest import WorkerProcess
+
+Order = get_order_model()
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 

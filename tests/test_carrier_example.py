@@ -117,6 +117,6 @@ def test_shop_ships_and_refunds_a_returned_parcel_through_the_carrier(
 
     order.refresh_from_db()
     assert order.status == Status.CANCELLED
-    assert list(ParcelEvent.objects.filter(order=order).values_list("status", flat=True)) == [
+    assert list(ParcelEvent.objects.filter(order_id=order.pk).values_list("status", flat=True)) == [
         "returned"
     ]

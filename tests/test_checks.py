@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from pytest_django import Settings
 
-from orders.checks import VISIBILITY_MARGIN, check_orders_settings
+from orders.checks import VISIBILITY_MARGIN, check_order_model, check_orders_settings
 from orders.conf import DEFAULTS
 
 
@@ -68,7 +68,6 @@ def test_unknown_key_is_reported_by_name(settings: Settings) -> None:
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("DEFAULT_TIMEOUT", "1800"),
         ("DEFAULT_TIMEOUT", 1800.0),
         ("DEFAULT_TIMEOUT", None),
         ("MIN_TIMEOUT", 0),
@@ -252,3 +251,59 @@ def test_metrics_token_equal_to_the_api_token_is_reported(settings: Settings) ->
 def test_empty_metrics_token_is_allowed(settings: Settings) -> None:
     """Without it, only staff logins read /metrics: a choice, not a mistake."""
     assert ids_with(settings, METRICS_TOKEN="") == []
+
+
+def test_the_default_order_model_passes_its_check() -> None:
+    assert check_order_model() == []
+
+
+@pytest.mark.parametrize(
+    ("model", "says"),
+    [
+        ("auth.User", "'auth.User' does not derive from orders.models.AbstractOrder"),
+        ("nowhere.Order", "'nowhere.Order', which is not installed"),
+        ("Order", "must be of the form 'app_label.ModelName'"),
+    ],
+)
+def test_an_order_model_that_is_not_an_installed_abstract_order_is_an_error(
+    settings: Settings, model: str, says: str
+) -> None:
+    settings.ORDERS_ORDER_MODEL = model
+
+    [message] = check_order_model()
+
+    assert (message.id, message.level) == ("orders.E012", checks.ERROR)
+    assert says in message.msg
+    assert "AbstractOrder" in (message.hint or "")
+
+
+def test_no_logistics_provider_is_allowed(settings: Settings) -> None:
+    # None: the shop ships orders itself.
+    assert ids_with(settings, LOGISTICS_PROVIDER=None) == []
+
+
+def test_a_logistics_provider_that_is_not_a_string_is_reported(settings: Settings) -> None:
+    assert ids_with(settings, LOGISTICS_PROVIDER=42) == ["orders.E005"]
+
+
+def test_default_timeout_may_name_a_function(settings: Settings) -> None:
+    path = "tests.test_services.timeout_by_channel"
+    assert ids_with(settings, DEFAULT_TIMEOUT=path) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        # Before 0.2.0 a string was refused as "not a whole number" (E002); now it is a path.
+        ("1800", "cannot be imported"),
+        ("tests.test_services.no_such_function", "cannot be imported"),
+        ("tests.test_services.T0", "is not callable"),
+    ],
+)
+def test_default_timeout_naming_no_function_is_reported(
+    settings: Settings, path: str, says: str
+) -> None:
+    [message] = messages_with(settings, DEFAULT_TIMEOUT=path)
+
+    assert message.id == "orders.E013"
+    assert says in message.msg

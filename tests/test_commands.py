@@ -14,9 +14,11 @@ from django.core.management.base import CommandError
 from django.utils import timezone
 from pytest_django import Settings
 
-from orders import broker, heartbeat, services
-from orders.models import Order, Status, SweepRun
+from orders import broker, get_order_model, heartbeat, services
+from orders.models import Status, SweepRun
 from tests.conftest import WorkerProcess
+
+Order = get_order_model()
 
 
 def run(name: str, *args: str) -> str:

@@ -28,14 +28,18 @@ from django.urls import reverse
 from django.utils import timezone
 from pytest_django import Settings
 
-from orders import services
+from orders import get_order_model, services
 from orders.logging import PlainFormatter
-from orders.models import Order
+from orders.models import AbstractOrder
 from tests.dbstate import row_counts, snapshot
 
 # The suite's own Standard Webhooks signer (from the specification, not the package the
 # server uses): the bad signatures below are each bad for one reason.
 from tests.test_webhooks import sign, signed
+
+Order = get_order_model()
+#: The prefix of the admin's URL names for the order model, whichever it is.
+ADMIN = f"admin:{Order._meta.app_label}_{Order._meta.model_name}"
 
 if TYPE_CHECKING:
     from django.test.client import _MonkeyPatchedWSGIResponse as Response
@@ -51,9 +55,9 @@ JSON = "application/json"
 class World:
     """One order in each state a request could try to move."""
 
-    unpaid: Order
-    paid: Order
-    shipped: Order
+    unpaid: AbstractOrder
+    paid: AbstractOrder
+    shipped: AbstractOrder
 
     def path(self, template: str) -> str:
         """``template`` with ``{unpaid}``, ``{paid}``, ``{shipped}``, ``{missing}`` (an id
@@ -626,10 +630,8 @@ def test_the_plain_log_keeps_a_record_on_one_line_and_a_traceback_on_its_own() -
 # The admin ----------------------------------------------------------------------------
 
 
-def transition_url(order: Order, name: str) -> str:
-    return reverse(
-        "admin:orders_order_transition", kwargs={"object_id": order.pk, "transition_name": name}
-    )
+def transition_url(order: AbstractOrder, name: str) -> str:
+    return reverse(f"{ADMIN}_transition", kwargs={"object_id": order.pk, "transition_name": name})
 
 
 def staff_client(django_user_model: Any, *codenames: str, is_staff: bool = True) -> Client:
@@ -664,8 +666,8 @@ def test_forged_admin_refunds_by_staff_without_the_permission_change_nothing(
     django_user_model: Any, world: World, codenames: tuple[str, ...], is_staff: bool
 ) -> None:
     client = staff_client(django_user_model, *codenames, is_staff=is_staff)
-    change = reverse("admin:orders_order_change", args=[world.paid.pk])
-    changelist = reverse("admin:orders_order_changelist")
+    change = reverse(f"{ADMIN}_change", args=[world.paid.pk])
+    changelist = reverse(f"{ADMIN}_changelist")
     with nothing_changes():
         button = client.post(transition_url(world.paid, "refund"), {"reason": "forged"})
         change_form = client.post(change, {"_fsm_transition_to": "refund", **NO_INLINE_ROWS})
@@ -734,7 +736,7 @@ def test_hostile_query_strings_on_the_order_list_are_not_a_server_error(
     admin_client: Client, world: World, query: dict[str, str]
 ) -> None:
     with nothing_changes():
-        response = admin_client.get(reverse("admin:orders_order_changelist"), query)
+        response = admin_client.get(reverse(f"{ADMIN}_changelist"), query)
 
     # 200 (ignored), 302 to ?e=1 (a bad lookup), or 400 (a lookup the admin forbids).
     assert response.status_code in (200, 302, 400), response.status_code
@@ -783,8 +785,8 @@ def test_xss_in_a_reason_and_a_payment_reference_is_escaped_in_the_admin(
         send(client, "POST", cancel, world.body({"reason": XSS}), headers=AUTH).status_code == 200
     )
 
-    page = admin_client.get(reverse("admin:orders_order_change", args=[world.unpaid.pk]))
-    listing = admin_client.get(reverse("admin:orders_order_changelist"), {"q": XSS[:20]})
+    page = admin_client.get(reverse(f"{ADMIN}_change", args=[world.unpaid.pk]))
+    listing = admin_client.get(reverse(f"{ADMIN}_changelist"), {"q": XSS[:20]})
 
     for response in (page, listing):
         assert response.status_code == 200

@@ -46,9 +46,9 @@ django.setup()
 
 import orders
 from django.test import Client
-from orders import services
-from orders.models import Order
+from orders import get_order_model, services
 
+Order = get_order_model()
 order = services.place_order(amount="12.50", timeout=2)
 deadline = time.monotonic() + 20
 while Order.objects.get(pk=order.pk).status == "created" and time.monotonic() < deadline:
@@ -147,24 +147,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
-def test_wheel_contains_every_file_of_the_app(wheel: Path) -> None:
-    """Migrations, templates, static files and commands: everything under orders/."""
-    expected = {
-        path.relative_to(BASE_DIR).as_posix()
-        for path in (BASE_DIR / "orders").rglob("*")
-        if path.is_file() and "__pycache__" not in path.parts
-    }
-    assert "orders/migrations/0001_initial.py" in expected
-    with zipfile.ZipFile(wheel) as archive:
-        names = set(archive.namelist())
-    assert expected - names == set(), "files of orders/ missing from the wheel"
-    assert not {n for n in names if n.startswith(("config/", "tests/"))}
-
-
-def test_a_new_project_following_the_readme_places_orders_that_expire(
-    wheel: Path, tmp_path: Path
-) -> None:
-    # A fresh environment: the project venv's packages, but not its checkout of orders.
+def fresh_venv(wheel: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A fresh environment with the wheel installed (its python and site-packages): the
+    project venv's packages, but not its checkout of orders."""
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path, env=dict(os.environ))
     python = venv / "bin" / "python"
@@ -191,7 +176,60 @@ def test_a_new_project_following_the_readme_places_orders_that_expire(
         cwd=tmp_path,
         env=dict(os.environ),
     )
+    return python, site_packages
 
+
+#: A shop's calls of the public API, one of them wrong: mypy must see it through the
+#: wheel's py.typed.
+SHOP_CALLS = """
+from orders import get_order_model
+from orders.models import AbstractOrder
+from orders.services import place_order, ship_order
+
+order: AbstractOrder = place_order(amount="12.50", reference="shop-1", metadata={"a": 1})
+ship_order(order_id=order.pk, tracking_number="SF123")
+model: type[AbstractOrder] = get_order_model()
+place_order(amount="12.50", timeout="ten minutes")
+"""
+
+
+def test_mypy_checks_a_shops_calls_through_the_wheels_type_hints(
+    wheel: Path, tmp_path: Path
+) -> None:
+    python, _ = fresh_venv(wheel, tmp_path)
+    (tmp_path / "calls.py").write_text(SHOP_CALLS)
+
+    result = subprocess.run(
+        [python, "-m", "mypy", "--no-incremental", "calls.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    lines = [line for line in result.stdout.splitlines() if ": error:" in line]
+    assert len(lines) == 1, result.stdout + result.stderr
+    assert lines[0].startswith('calls.py:9: error: Argument "timeout" to "place_order"')
+
+
+def test_wheel_contains_every_file_of_the_app(wheel: Path) -> None:
+    """Migrations, templates, static files and commands: everything under orders/."""
+    expected = {
+        path.relative_to(BASE_DIR).as_posix()
+        for path in (BASE_DIR / "orders").rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    assert {"orders/migrations/0001_initial.py", "orders/py.typed"} <= expected
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert expected - names == set(), "files of orders/ missing from the wheel"
+    assert not {n for n in names if n.startswith(("config/", "tests/"))}
+
+
+def test_a_new_project_following_the_readme_places_orders_that_expire(
+    wheel: Path, tmp_path: Path
+) -> None:
+    python, site_packages = fresh_venv(wheel, tmp_path)
     prefix = f"orders-install-test-{uuid.uuid4().hex[:10]}:"
     env = {
         key: value
@@ -199,7 +237,7 @@ def test_a_new_project_following_the_readme_places_orders_that_expire(
         if key not in ("DJANGO_SETTINGS_MODULE", "PYTHONPATH", "DATABASE_URL")
         and not key.startswith(("CELERY_", "ORDERS_"))
     } | {
-        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "PATH": f"{python.parent}{os.pathsep}{os.environ['PATH']}",
         "REDIS_URL": settings.CELERY_BROKER_URL,
         "ORDERS_API_TOKEN": "install-test-token",
         "ORDERS_PAYMENT_WEBHOOK_SECRET": "whsec_aW5zdGFsbC10ZXN0LXBheW1lbnQtc2VjcmV0LXgK",

@@ -27,8 +27,8 @@ from django.db.models import QuerySet
 from django.utils import timezone
 from pytest_django import Settings
 
-from orders import heartbeat, services
-from orders.models import Order, Payment, Status
+from orders import get_order_model, heartbeat, services
+from orders.models import AbstractOrder, Payment, Status
 from tests.chaos import (
     EXPIRED,
     KEPT,
@@ -49,6 +49,8 @@ from tests.chaos import (
 )
 from tests.conftest import WorkerProcess, worker_env
 from tests.redis_server import RedisServer, publishing_to, queued, queued_task_args, unacked
+
+Order = get_order_model()
 
 pytestmark = [pytest.mark.chaos, pytest.mark.django_db(transaction=True)]
 
@@ -74,17 +76,17 @@ def env_for(server: RedisServer, prefix: str, **extra: str) -> dict[str, str]:
     return worker_env(REDIS_URL=server.url, CELERY_KEY_PREFIX=prefix, **extra)
 
 
-def place(count: int, first: float, last: float) -> list[Order]:
+def place(count: int, first: float, last: float) -> list[AbstractOrder]:
     """``count`` orders with deadlines spread from ``first`` to ``last`` seconds away."""
     step = (last - first) / max(1, count - 1)
     return [services.place_order(amount=AMOUNT, timeout=first + i * step) for i in range(count)]
 
 
-def of(orders: list[Order]) -> QuerySet[Order]:
+def of(orders: list[AbstractOrder]) -> QuerySet[AbstractOrder]:
     return Order.objects.filter(pk__in=[o.pk for o in orders])
 
 
-def sweep_until_settled(orders: list[Order], timeout: float) -> dict[str, int]:
+def sweep_until_settled(orders: list[AbstractOrder], timeout: float) -> dict[str, int]:
     """Run the sweep every SWEEP_EVERY seconds, as beat would, until nothing is left to
     do for these orders; check that no sweep passed over an overdue order. Returns the
     sweeps' totals."""
@@ -116,7 +118,7 @@ def drained(server: RedisServer, prefix: str) -> bool:
     return queued(client, prefix) == 0 and unacked(client, prefix) == 0
 
 
-def report(title: str, orders: list[Order], **counts: object) -> list[str]:
+def report(title: str, orders: list[AbstractOrder], **counts: object) -> list[str]:
     queryset = of(orders)
     found = violations(queryset, late_ok=GRACE + 30)
     print(
@@ -166,7 +168,7 @@ def test_worker_killed_mid_flight_each_order_expires_once_via_new_worker_and_swe
         wait_for(lambda: drained_except(server, prefix, pending), 30, "the new worker to finish")
     assert unacked(server.client(), prefix) == pending, "lost timers came back unexpectedly"
 
-    rescued = of(orders).filter(history__actor="sweep").count()
+    rescued = of(orders).filter(history__actor="sweep").count()  # type: ignore[misc]  # reverse relation
     found = report(
         "worker SIGKILLed mid-flight",
         orders + later,
@@ -179,7 +181,7 @@ def test_worker_killed_mid_flight_each_order_expires_once_via_new_worker_and_swe
     assert rescued == n - expired_before, "every order the dead worker held is the sweep's"
     assert all(
         o.cancelled_at is not None and o.cancelled_at > killed_at
-        for o in of(orders).filter(history__actor="sweep")
+        for o in of(orders).filter(history__actor="sweep")  # type: ignore[misc]  # reverse relation
     )
     assert set(histories(of(later)).values()) == {EXPIRED}
 
@@ -244,7 +246,7 @@ def test_worker_killed_its_timers_are_redelivered_after_the_visibility_timeout(
 
 def flush_with_timers_pending(
     server: RedisServer, prefix: str, worker: WorkerProcess, n: int
-) -> tuple[list[Order], list[Order]]:
+) -> tuple[list[AbstractOrder], list[AbstractOrder]]:
     """Place ``n`` orders whose timers the running worker takes and holds, then ``n``
     more while the worker is frozen (SIGSTOP), so that their timers wait in the queue;
     FLUSHALL, and let the worker go on. Returns (orders whose timer the flush deleted,

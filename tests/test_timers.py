@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from orders import scheduling, services
-from orders.models import CancelReason, Order, OrderTransition, Payment, Status
+from orders import get_order_model, scheduling, services
+from orders.models import AbstractOrder, CancelReason, OrderTransition, Payment, Status
 from orders.tasks import expire_order_task
 from tests.conftest import BASE_DIR, WorkerProcess, worker_env
+
+Order = get_order_model()
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -31,7 +33,7 @@ def wait_for(predicate: object, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def statuses(orders: list[Order]) -> set[str]:
+def statuses(orders: list[AbstractOrder]) -> set[str]:
     return set(Order.objects.filter(pk__in=[o.pk for o in orders]).values_list("status", flat=True))
 
 
@@ -95,7 +97,7 @@ def test_expiry_task_run_many_times_has_the_effect_of_one(
     wait_for(lambda: statuses([order]) == {Status.CANCELLED}, 10, "the order to expire")
     time.sleep(2)  # let every duplicate run
 
-    assert OrderTransition.objects.filter(order=order).count() == 1
+    assert OrderTransition.objects.filter(order_id=order.pk).count() == 1
     assert celery_worker_process.log().count(f"Expiry of order {order.pk}") >= 25
 
 
@@ -141,7 +143,7 @@ def test_payment_and_expiry_racing_at_the_deadline_never_both_win(
         "every order to settle",
     )
 
-    for order in Order.objects.filter(pk__in=ids).prefetch_related("history", "payments"):
+    for order in Order.objects.filter(pk__in=ids).prefetch_related("history", "payments"):  # type: ignore[misc]  # reverse relation
         transitions = [h.transition for h in order.history.all()]
         payments = list(order.payments.all())
         assert len(payments) == 3
@@ -221,6 +223,12 @@ def test_batched_timers_expire_every_order_of_a_bucket_with_one_task_per_second(
         lateness = (order.cancelled_at - order.expires_at).total_seconds()
         assert 0 <= lateness < 1.5, f"order {order.pk} expired {lateness:.3f}s late"
         assert [h.transition for h in order.history.all()] == ["expire"]
-    fired = [b for b in buckets if f"Timer bucket {b} expired" in celery_worker_process.log()]
-    assert sorted(fired) == sorted(buckets), "one task per bucket, not one per order"
+
+    # A bucket's task logs once its batches committed and their receivers ran (a shop's
+    # may take a while): wait for the lines rather than race them.
+    def fired() -> list[int]:
+        return [b for b in buckets if f"Timer bucket {b} expired" in celery_worker_process.log()]
+
+    wait_for(lambda: sorted(fired()) == sorted(buckets), 5, "each bucket's task to report")
+    assert sorted(fired()) == sorted(buckets), "one task per bucket, not one per order"
     assert celery_worker_process.log().count("orders.expire_bucket[") <= 2 * len(buckets)

@@ -20,18 +20,20 @@ from django.test import Client
 from django.utils import timezone
 from pytest_django import Settings
 
-from orders import services
+from orders import get_order_model, services
 from orders.conf import get_settings
 from orders.gateways import GatewayError
 from orders.models import (
+    AbstractOrder,
     IdempotencyRecord,
-    Order,
     OrderTransition,
     ParcelEvent,
     ParcelStatus,
     Payment,
     Status,
 )
+
+Order = get_order_model()
 
 if TYPE_CHECKING:
     from django.test.client import _MonkeyPatchedWSGIResponse as Response
@@ -92,18 +94,18 @@ def deliver(
     return client.post(url, body, content_type="application/json", headers=headers)
 
 
-def payment_for(order: Order, **changes: Any) -> dict[str, Any]:
+def payment_for(order: AbstractOrder, **changes: Any) -> dict[str, Any]:
     payment = {"order_id": str(order.pk), "payment_ref": "pay-1", "amount": "12.50"}
     return payment | {"currency": "CNY"} | changes
 
 
-def parcel(order: Order, status: Any, **changes: Any) -> dict[str, Any]:
+def parcel(order: AbstractOrder, status: Any, **changes: Any) -> dict[str, Any]:
     report = {"order_id": str(order.pk), "tracking_number": order.tracking_number}
     return report | {"status": status} | changes
 
 
 @pytest.fixture
-def shipped_order(paid_order: Order) -> Order:
+def shipped_order(paid_order: AbstractOrder) -> AbstractOrder:
     return services.ship_order(order_id=paid_order.pk)
 
 
@@ -118,7 +120,7 @@ def database() -> dict[str, Any]:
     }
 
 
-def transitions(order: Order) -> list[str]:
+def transitions(order: AbstractOrder) -> list[str]:
     return list(order.history.values_list("transition", flat=True))
 
 
@@ -134,7 +136,7 @@ class FailingGateway:
 # Payments -----------------------------------------------------------------------------
 
 
-def test_payment_webhook_pays_the_order(client: Client, order: Order) -> None:
+def test_payment_webhook_pays_the_order(client: Client, order: AbstractOrder) -> None:
     response = deliver(client, PAYMENT_URL, payment_for(order))
 
     assert response.status_code == 200
@@ -154,7 +156,7 @@ def test_payment_webhook_pays_the_order(client: Client, order: Order) -> None:
     assert transitions(order) == ["pay"]
 
 
-def test_duplicate_payment_webhook_changes_nothing(client: Client, order: Order) -> None:
+def test_duplicate_payment_webhook_changes_nothing(client: Client, order: AbstractOrder) -> None:
     first = deliver(client, PAYMENT_URL, payment_for(order))
     paid_at = Order.objects.get(pk=order.pk).paid_at
 
@@ -169,7 +171,7 @@ def test_duplicate_payment_webhook_changes_nothing(client: Client, order: Order)
 
 
 def test_payment_after_cancellation_is_late_kept_and_refundable(
-    client: Client, order: Order
+    client: Client, order: AbstractOrder
 ) -> None:
     services.cancel_order(order_id=order.pk, by="customer")
 
@@ -216,7 +218,7 @@ def test_payment_after_the_deadline_expires_the_order_and_is_late(client: Client
     ids=["amount-short", "amount-over", "currency"],
 )
 def test_payment_that_does_not_match_the_order_is_a_mismatch(
-    client: Client, order: Order, changes: dict[str, Any]
+    client: Client, order: AbstractOrder, changes: dict[str, Any]
 ) -> None:
     response = deliver(client, PAYMENT_URL, payment_for(order, **changes))
 
@@ -227,7 +229,7 @@ def test_payment_that_does_not_match_the_order_is_a_mismatch(
     assert Payment.objects.get().outcome == "mismatch"
 
 
-def test_payment_on_a_paid_order_is_a_surplus(client: Client, paid_order: Order) -> None:
+def test_payment_on_a_paid_order_is_a_surplus(client: Client, paid_order: AbstractOrder) -> None:
     response = deliver(client, PAYMENT_URL, payment_for(paid_order, payment_ref="pay-2"))
 
     assert response.status_code == 200
@@ -236,7 +238,7 @@ def test_payment_on_a_paid_order_is_a_surplus(client: Client, paid_order: Order)
 
 
 def test_payment_ref_already_used_for_another_order_is_400(
-    client: Client, paid_order: Order
+    client: Client, paid_order: AbstractOrder
 ) -> None:
     other = services.place_order(amount="12.50")
 
@@ -310,7 +312,7 @@ def with_(headers: dict[str, str], **changes: str) -> dict[str, str]:
     ],
 )
 def test_badly_signed_payment_is_401_and_changes_nothing(
-    client: Client, order: Order, tamper: Callable[[dict[str, str], bytes], dict[str, str]]
+    client: Client, order: AbstractOrder, tamper: Callable[[dict[str, str], bytes], dict[str, str]]
 ) -> None:
     body = encoded(payment_for(order))
     before = database()
@@ -324,7 +326,7 @@ def test_badly_signed_payment_is_401_and_changes_nothing(
 
 
 def test_the_old_scheme_beside_a_good_signature_changes_nothing_either_way(
-    client: Client, order: Order
+    client: Client, order: AbstractOrder
 ) -> None:
     """The old header is ignored, not a second way in: a good Standard Webhooks signature
     is what lets the message through."""
@@ -337,7 +339,9 @@ def test_the_old_scheme_beside_a_good_signature_changes_nothing_either_way(
     assert response.status_code == 200
 
 
-def test_signature_over_a_different_body_is_401(client: Client, shipped_order: Order) -> None:
+def test_signature_over_a_different_body_is_401(
+    client: Client, shipped_order: AbstractOrder
+) -> None:
     signed_body = encoded(parcel(shipped_order, "in_transit"))
     sent = encoded(parcel(shipped_order, "returned"))
     before = database()
@@ -355,7 +359,7 @@ def test_signature_over_a_different_body_is_401(client: Client, shipped_order: O
     ids=["payment-signed-to-logistics", "logistics-signed-to-payment"],
 )
 def test_a_message_signed_for_one_endpoint_is_refused_at_the_other(
-    client: Client, shipped_order: Order, url: str, signed_for: str
+    client: Client, shipped_order: AbstractOrder, url: str, signed_for: str
 ) -> None:
     """The attack seen in the review: a body signed for /webhooks/payment/ posted to
     /webhooks/logistics/ refunded the order. Each provider has its own secret now."""
@@ -383,7 +387,7 @@ def test_a_message_signed_for_one_endpoint_is_refused_at_the_other(
     ids=["6-min-old", "6-min-ahead", "a-year-old", "4-min-old", "4-min-ahead"],
 )
 def test_a_timestamp_more_than_5_minutes_off_is_refused(
-    client: Client, order: Order, skew: timedelta, status: int
+    client: Client, order: AbstractOrder, skew: timedelta, status: int
 ) -> None:
     body = encoded(payment_for(order))
     before = database()
@@ -401,7 +405,7 @@ def test_a_timestamp_more_than_5_minutes_off_is_refused(
 
 
 def test_a_signed_body_that_is_not_utf8_is_refused_and_changes_nothing(
-    client: Client, order: Order
+    client: Client, order: AbstractOrder
 ) -> None:
     body = b'{"order_id": "\xff"}'
     before = database()
@@ -415,7 +419,7 @@ def test_a_signed_body_that_is_not_utf8_is_refused_and_changes_nothing(
 
 @pytest.mark.parametrize("msg_id", ["m" * 256, "tab\tin-id"], ids=["too-long", "control"])
 def test_a_signed_but_unusable_webhook_id_is_400_and_changes_nothing(
-    client: Client, order: Order, msg_id: str
+    client: Client, order: AbstractOrder, msg_id: str
 ) -> None:
     body = encoded(payment_for(order))
     before = database()
@@ -429,7 +433,7 @@ def test_a_signed_but_unusable_webhook_id_is_400_and_changes_nothing(
 
 @pytest.mark.parametrize("url", [PAYMENT_URL, LOGISTICS_URL])
 def test_webhooks_refuse_everything_when_no_secret_is_configured(
-    client: Client, settings: Settings, order: Order, url: str
+    client: Client, settings: Settings, order: AbstractOrder, url: str
 ) -> None:
     settings.ORDERS = settings.ORDERS | {SECRET_OF[url]: ""}
     body = encoded(payment_for(order))
@@ -444,7 +448,7 @@ def test_webhooks_refuse_everything_when_no_secret_is_configured(
 
 
 def test_a_malformed_secret_refuses_with_503(
-    client: Client, settings: Settings, order: Order
+    client: Client, settings: Settings, order: AbstractOrder
 ) -> None:
     headers = signed(PAYMENT_URL, encoded(payment_for(order)))
     settings.ORDERS = settings.ORDERS | {"PAYMENT_WEBHOOK_SECRET": "whsec_"}
@@ -457,7 +461,7 @@ def test_a_malformed_secret_refuses_with_503(
     assert database() == before
 
 
-def test_webhooks_need_no_csrf_token(order: Order) -> None:
+def test_webhooks_need_no_csrf_token(order: AbstractOrder) -> None:
     response = deliver(Client(enforce_csrf_checks=True), PAYMENT_URL, payment_for(order))
 
     assert response.status_code == 200
@@ -476,7 +480,7 @@ def test_get_on_a_webhook_is_405(client: Client, url: str) -> None:
 
 
 def test_a_replayed_payment_gets_the_first_answer_and_changes_nothing(
-    client: Client, order: Order
+    client: Client, order: AbstractOrder
 ) -> None:
     body = encoded(payment_for(order))
     headers = signed(PAYMENT_URL, body)
@@ -496,7 +500,7 @@ def test_a_replayed_payment_gets_the_first_answer_and_changes_nothing(
 
 
 def test_a_retry_re_signed_with_a_new_timestamp_is_still_a_replay(
-    client: Client, shipped_order: Order
+    client: Client, shipped_order: AbstractOrder
 ) -> None:
     """Senders keep the id and sign each attempt anew; the id says it is the same message."""
     body = encoded(parcel(shipped_order, "returned"))
@@ -517,7 +521,7 @@ def test_a_retry_re_signed_with_a_new_timestamp_is_still_a_replay(
 
 
 def test_the_same_id_with_another_body_is_409_and_changes_nothing(
-    client: Client, shipped_order: Order
+    client: Client, shipped_order: AbstractOrder
 ) -> None:
     first = encoded(parcel(shipped_order, "in_transit"))
     deliver(client, LOGISTICS_URL, first, headers=signed(LOGISTICS_URL, first, msg_id="m1"))
@@ -533,7 +537,7 @@ def test_the_same_id_with_another_body_is_409_and_changes_nothing(
     assert database() == before
 
 
-def test_ids_are_kept_per_endpoint(client: Client, shipped_order: Order) -> None:
+def test_ids_are_kept_per_endpoint(client: Client, shipped_order: AbstractOrder) -> None:
     """The same id from the two providers names two messages."""
     pay = encoded(payment_for(shipped_order, payment_ref="pay-2"))
     report = encoded(parcel(shipped_order, "in_transit"))
@@ -555,7 +559,7 @@ def test_ids_are_kept_per_endpoint(client: Client, shipped_order: Order) -> None
     "body", [b"order_id=1", b"", b"[]", b'"pay-1"'], ids=["form", "empty", "array", "string"]
 )
 def test_payment_body_that_is_not_a_json_object_is_400(
-    client: Client, order: Order, body: bytes
+    client: Client, order: AbstractOrder, body: bytes
 ) -> None:
     before = database()
 
@@ -589,7 +593,7 @@ def test_payment_body_that_is_not_a_json_object_is_400(
     ],
 )
 def test_malformed_payment_is_400_and_changes_nothing(
-    client: Client, order: Order, changes: dict[str, Any], mentions: str
+    client: Client, order: AbstractOrder, changes: dict[str, Any], mentions: str
 ) -> None:
     payload = {k: v for k, v in (payment_for(order) | changes).items() if v is not DROP}
     before = database()
@@ -609,7 +613,7 @@ def test_malformed_payment_is_400_and_changes_nothing(
 
 
 def test_returned_parcel_refunds_and_closes_the_shipped_order(
-    client: Client, shipped_order: Order
+    client: Client, shipped_order: AbstractOrder
 ) -> None:
     response = deliver(client, LOGISTICS_URL, parcel(shipped_order, "returned"))
 
@@ -633,7 +637,7 @@ def test_returned_parcel_refunds_and_closes_the_shipped_order(
 
 
 def test_duplicate_returned_parcel_under_a_new_id_refunds_once(
-    client: Client, shipped_order: Order
+    client: Client, shipped_order: AbstractOrder
 ) -> None:
     payload = parcel(shipped_order, "returned")
     deliver(client, LOGISTICS_URL, payload)
@@ -643,13 +647,15 @@ def test_duplicate_returned_parcel_under_a_new_id_refunds_once(
 
     assert response.status_code == 200
     assert response.json()["status"] == "cancelled"
-    assert OrderTransition.objects.filter(order=shipped_order, transition="refund").count() == 1
+    assert (
+        OrderTransition.objects.filter(order_id=shipped_order.pk, transition="refund").count() == 1
+    )
     assert Payment.objects.get().refund_ref == refund_ref
     assert ParcelEvent.objects.count() == 1
 
 
 def test_parcel_in_transit_is_recorded_and_leaves_the_order_delivered(
-    client: Client, shipped_order: Order
+    client: Client, shipped_order: AbstractOrder
 ) -> None:
     response = deliver(client, LOGISTICS_URL, parcel(shipped_order, "in_transit"))
 
@@ -662,7 +668,7 @@ def test_parcel_in_transit_is_recorded_and_leaves_the_order_delivered(
 @pytest.mark.parametrize("terminal", ["returned", "delivered"])
 @pytest.mark.parametrize("late", ["in_transit", "delivered", "returned"])
 def test_no_parcel_status_moves_after_a_terminal_one(
-    client: Client, shipped_order: Order, terminal: str, late: str
+    client: Client, shipped_order: AbstractOrder, terminal: str, late: str
 ) -> None:
     """The review replayed an old in_transit after the refund and moved the cancelled
     order's parcel back. Delivered and returned are the end of a parcel's journey."""
@@ -680,7 +686,7 @@ def test_no_parcel_status_moves_after_a_terminal_one(
 
 
 def test_returned_for_an_order_paid_but_never_shipped_is_409_and_stores_nothing(
-    client: Client, paid_order: Order
+    client: Client, paid_order: AbstractOrder
 ) -> None:
     """The review's returned-for-a-paid-order refunded an order whose parcel never left."""
     before = database()
@@ -697,7 +703,7 @@ def test_returned_for_an_order_paid_but_never_shipped_is_409_and_stores_nothing(
 
 @pytest.mark.parametrize("status", ["returned", "in_transit", "delivered"])
 def test_parcel_status_for_an_unpaid_order_is_409_and_stores_nothing(
-    client: Client, order: Order, status: str
+    client: Client, order: AbstractOrder, status: str
 ) -> None:
     before = database()
 
@@ -708,7 +714,7 @@ def test_parcel_status_for_an_unpaid_order_is_409_and_stores_nothing(
 
 
 def test_parcel_status_with_another_tracking_number_is_409_and_stores_nothing(
-    client: Client, shipped_order: Order
+    client: Client, shipped_order: AbstractOrder
 ) -> None:
     before = database()
 
@@ -735,7 +741,7 @@ def test_parcel_status_with_another_tracking_number_is_409_and_stores_nothing(
     ],
 )
 def test_bad_parcel_report_is_400_and_changes_nothing(
-    client: Client, shipped_order: Order, changes: dict[str, Any], mentions: str
+    client: Client, shipped_order: AbstractOrder, changes: dict[str, Any], mentions: str
 ) -> None:
     payload = {
         k: v for k, v in (parcel(shipped_order, "returned") | changes).items() if v is not DROP
@@ -761,7 +767,7 @@ def test_parcel_status_for_unknown_order_is_404(client: Client, order_id: str) -
 
 
 def test_gateway_failure_is_502_stores_nothing_and_the_retry_refunds(
-    client: Client, settings: Settings, shipped_order: Order
+    client: Client, settings: Settings, shipped_order: AbstractOrder
 ) -> None:
     working = settings.ORDERS
     settings.ORDERS = settings.ORDERS | {"PAYMENT_GATEWAY": "tests.test_webhooks.FailingGateway"}
@@ -789,7 +795,7 @@ def test_gateway_failure_is_502_stores_nothing_and_the_retry_refunds(
 
 
 def test_the_sweep_forgets_webhook_ids_after_twice_the_tolerance(
-    client: Client, order: Order
+    client: Client, order: AbstractOrder
 ) -> None:
     deliver(client, PAYMENT_URL, payment_for(order))
     record = IdempotencyRecord.objects.get()

@@ -11,9 +11,11 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from orders import broker, heartbeat, services
+from orders import broker, get_order_model, heartbeat, services
 from orders.conf import DEFAULTS, get_settings
-from orders.models import CancelReason, Order, OrderTransition, Payment, Status
+from orders.models import AbstractOrder, CancelReason, OrderTransition, Payment, Status
+
+Order = get_order_model()
 
 ACTOR = "demo"
 POLL_INTERVAL = 0.1
@@ -29,7 +31,7 @@ class DemoOrder:
     paid_at_once: bool = False
     refunded_when_delivered: bool = False
     paid_late: bool = False
-    order: Order | None = None
+    order: AbstractOrder | None = None
     seen_transitions: set[int] = field(default_factory=set)
     seen_payments: set[tuple[int, bool]] = field(default_factory=set)
 
@@ -185,7 +187,7 @@ class Command(BaseCommand):
 
     def _print_new_events(self, item: DemoOrder) -> None:
         order = Order.objects.get(pk=item.pk)
-        for step in OrderTransition.objects.filter(order=order).exclude(
+        for step in OrderTransition.objects.filter(order_id=order.pk).exclude(
             pk__in=item.seen_transitions
         ):
             item.seen_transitions.add(step.pk)

@@ -9,9 +9,9 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 from django.utils import timezone
 
-from orders import broker, heartbeat
+from orders import broker, get_order_model, heartbeat
 from orders.conf import get_settings
-from orders.models import Order, Status
+from orders.models import Status
 from orders.selectors import Snapshot, format_duration, read_snapshot, sweep_is_overdue
 
 
@@ -65,9 +65,11 @@ class Command(BaseCommand):
         self._workers()
 
     def _next_deadlines(self, now: datetime, limit: int) -> None:
-        upcoming = Order.objects.filter(status=Status.CREATED, expires_at__gte=now).order_by(
-            "expires_at"
-        )[: max(0, limit)]
+        upcoming = (
+            get_order_model()
+            .objects.filter(status=Status.CREATED, expires_at__gte=now)
+            .order_by("expires_at")[: max(0, limit)]
+        )
         if not upcoming:
             self.stdout.write("Next deadlines: none.")
             return
@@ -88,7 +90,8 @@ class Command(BaseCommand):
 
     def _overdue(self, now: datetime, snap: Snapshot) -> None:
         oldest = (
-            Order.objects.filter(status=Status.CREATED, expires_at__lt=now)
+            get_order_model()
+            .objects.filter(status=Status.CREATED, expires_at__lt=now)
             .order_by("expires_at")
             .first()
         )
