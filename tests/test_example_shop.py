@@ -200,14 +200,15 @@ def test_timers_flushed_from_redis_the_sweep_then_orders_rearm_give_the_stock_ba
     # Placed and flushed before any worker runs: no worker holds a timer in memory.
     swept = [checkout(customer=f"s{i}", items={tea.pk: 1}, timeout=1.5) for i in range(4)]
     server.flushall()
+    # Paid before the worker starts (a slow start must not make the payment late).
+    services.record_payment(order_id=swept[0].pk, payment_ref="flush-s0", amount="1.00")
     with shop_workers(shop_broker, "shop-flush-sweep"):
-        services.record_payment(order_id=swept[0].pk, payment_ref="flush-s0", amount="1.00")
         sleep_past(swept[-1], GRACE + 0.2)
         assert of(swept).filter(status=Status.CREATED).count() == 3, "no timer left to fire"
         assert services.sweep().expired == 3
         wait_for(lambda: not unsettled(of(swept)), 15, "the paid order to ship")
 
-    rearmed = [checkout(customer=f"r{i}", items={tea.pk: 1}, timeout=2) for i in range(4)]
+    rearmed = [checkout(customer=f"r{i}", items={tea.pk: 1}, timeout=3) for i in range(4)]
     server.flushall()
     services.record_payment(order_id=rearmed[0].pk, payment_ref="flush-r0", amount="1.00")
     call_command("orders_rearm", stdout=io.StringIO(), stderr=io.StringIO())
