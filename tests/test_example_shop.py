@@ -8,16 +8,26 @@ outbox to prove, on this same shop.
 
 from __future__ import annotations
 
+import io
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
+from typing import Any
 
 import pytest
+from django import db
+from django.core.management import call_command
+from django.db.models import QuerySet
 from django.utils import timezone
+from pytest_django import Settings
 
 from orders import get_order_model, services
 from orders.models import Payment, Status
-from tests.conftest import WorkerProcess
+from orders.tasks import expire_order_task
+from tests.chaos import expired_by, histories, key_prefix, unsettled, violations, workers
+from tests.conftest import WorkerProcess, worker_env
+from tests.redis_server import RedisServer, publishing_to, queued, unacked
 
 if get_order_model()._meta.label != "shop.Order":
     pytest.skip("only with ORDERS_ORDER_MODEL=shop.Order", allow_module_level=True)
@@ -132,3 +142,142 @@ def test_checkouts_while_a_burst_of_expiries_releases_the_same_products(
         outcome = Payment.objects.get(order_id=order.pk).outcome
         kept = status(order) != Status.CANCELLED
         assert outcome == (Payment.Outcome.ACCEPTED if kept else Payment.Outcome.LATE)
+
+
+# Faults, on a private Redis (tests/redis_server.py) and workers of their own ---------
+
+GRACE = 1  # SWEEP_GRACE for the sweeps these tests run
+
+
+@pytest.fixture
+def shop_broker(settings: Settings) -> Iterator[tuple[RedisServer, str]]:
+    """A private Redis this process publishes to (so that a FLUSHALL never reaches the
+    suite's), with a key prefix of its own."""
+    settings.ORDERS = settings.ORDERS | {"SWEEP_GRACE": GRACE}
+    prefix = key_prefix("shop")
+    with RedisServer() as server, publishing_to(server.url, prefix):
+        yield server, prefix
+
+
+def shop_workers(broker: tuple[RedisServer, str], name: str, concurrency: int = 2) -> Any:
+    server, prefix = broker
+    env = worker_env(REDIS_URL=server.url, CELERY_KEY_PREFIX=prefix)
+    return workers(name, 1, env, concurrency=concurrency)
+
+
+def drained(broker: tuple[RedisServer, str]) -> bool:
+    client, prefix = broker[0].client(), broker[1]
+    return queued(client, prefix) == 0 and unacked(client, prefix) == 0
+
+
+def of(orders: list[Order]) -> QuerySet[Order]:
+    return Order.objects.filter(pk__in=[o.pk for o in orders])
+
+
+def assert_stock_exact(tea: Product, orders: list[Order], initial: int) -> None:
+    """Each order that was not cancelled holds its unit, each cancelled one gave it back,
+    exactly once (the flag is set, and the count is exact)."""
+    cancelled = of(orders).filter(status=Status.CANCELLED)
+    assert not cancelled.filter(stock_released=False).exists()
+    assert not of(orders).exclude(status=Status.CANCELLED).filter(stock_released=True).exists()
+    held = of(orders).exclude(status=Status.CANCELLED).count()
+    assert Product.objects.get(pk=tea.pk).stock == initial - held
+
+
+def sleep_past(order: Order, seconds: float) -> None:
+    time.sleep(max(0.0, (order.expires_at - timezone.now()).total_seconds() + seconds))
+
+
+def test_timers_flushed_from_redis_the_sweep_then_orders_rearm_give_the_stock_back_once(
+    shop_broker: tuple[RedisServer, str],
+) -> None:
+    """FLUSHALL deletes every timer. First round: nobody re-arms, the sweep expires the
+    unpaid orders once their deadline and the grace have passed. Second round:
+    ``orders_rearm`` arms the timers again and the worker fires them. Unpaid orders give
+    their stock back once; paid orders keep theirs; a sweep after all changes nothing."""
+    server = shop_broker[0]
+    tea = Product.objects.create(name="tea", price=Decimal("1.00"), stock=20)
+    # Placed and flushed before any worker runs: no worker holds a timer in memory.
+    swept = [checkout(customer=f"s{i}", items={tea.pk: 1}, timeout=1.5) for i in range(4)]
+    server.flushall()
+    # Paid before the worker starts (a slow start must not make the payment late).
+    services.record_payment(order_id=swept[0].pk, payment_ref="flush-s0", amount="1.00")
+    with shop_workers(shop_broker, "shop-flush-sweep"):
+        sleep_past(swept[-1], GRACE + 0.2)
+        assert of(swept).filter(status=Status.CREATED).count() == 3, "no timer left to fire"
+        assert services.sweep().expired == 3
+        wait_for(lambda: not unsettled(of(swept)), 15, "the paid order to ship")
+
+    rearmed = [checkout(customer=f"r{i}", items={tea.pk: 1}, timeout=3) for i in range(4)]
+    server.flushall()
+    services.record_payment(order_id=rearmed[0].pk, payment_ref="flush-r0", amount="1.00")
+    call_command("orders_rearm", stdout=io.StringIO(), stderr=io.StringIO())
+    with shop_workers(shop_broker, "shop-flush-rearm"):
+        wait_for(lambda: not unsettled(of(rearmed)), 15, "the re-armed timers to fire")
+        wait_for(lambda: drained(shop_broker), 15, "every task to run")
+        assert services.sweep().expired == 0
+
+    assert expired_by(of(swept)) == {"sweep": 3}
+    assert expired_by(of(rearmed)) == {"expiry timer": 3}
+    orders = swept + rearmed
+    assert of(orders).filter(status=Status.CANCELLED).count() == 6
+    assert_stock_exact(tea, orders, initial=20)
+    assert Product.objects.get(pk=tea.pk).stock == 18
+
+
+def test_duplicate_timers_give_the_stock_back_once(
+    shop_broker: tuple[RedisServer, str],
+) -> None:
+    """The expiry task sent many times for the same orders, by many worker processes at
+    once, before and after the deadline: each unpaid order expires and gives its stock
+    back once; the paid one keeps it."""
+    tea = Product.objects.create(name="tea", price=Decimal("1.00"), stock=10)
+    with shop_workers(shop_broker, "shop-dup", concurrency=4):
+        orders = [checkout(customer=f"d{i}", items={tea.pk: 1}, timeout=1.5) for i in range(4)]
+        services.record_payment(order_id=orders[0].pk, payment_ref="dup-0", amount="1.00")
+        for order in orders:
+            for countdown in (0, 0, 1.6, 1.6, 1.6, 1.6, 1.7, 1.7, 2, 2):
+                expire_order_task.apply_async((str(order.pk),), countdown=countdown)
+        wait_for(lambda: drained(shop_broker), 20, "every duplicate timer to run")
+
+    assert of(orders).filter(status=Status.CANCELLED).count() == 3
+    assert all(h.count("expire") == 1 for h in histories(of(orders[1:])).values())
+    assert_stock_exact(tea, orders, initial=10)
+    assert Product.objects.get(pk=tea.pk).stock == 9
+
+
+def test_payments_racing_the_deadline_keep_the_stock_or_give_it_back_never_both(
+    shop_broker: tuple[RedisServer, str],
+) -> None:
+    """A payment per order, each from its own thread, landing right around the
+    deadline while the worker's timers fire: every order is either paid (its stock kept)
+    or expired (its stock back, the losing payment refunded), never both."""
+    tea = Product.objects.create(name="tea", price=Decimal("1.00"), stock=10)
+    with shop_workers(shop_broker, "shop-race", concurrency=4):
+        orders = [checkout(customer=f"p{i}", items={tea.pk: 1}, timeout=2) for i in range(8)]
+
+        def pay(i: int, order: Order) -> None:
+            try:
+                sleep_past(order, (i - 4) * 0.02)  # from 80 ms before to 60 ms after
+                services.record_payment(order_id=order.pk, payment_ref=f"race-{i}", amount="1.00")
+            finally:
+                db.connection.close()
+
+        threads = [threading.Thread(target=pay, args=(i, o)) for i, o in enumerate(orders)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert Payment.objects.filter(order__in=of(orders)).count() == 8
+        wait_for(lambda: not unsettled(of(orders)), 20, "payments refunded, paid orders shipped")
+        wait_for(lambda: drained(shop_broker), 15, "every task to run")
+
+    assert violations(of(orders), late_ok=None) == []
+    # The payments sent after the deadline cannot have won: the race was run.
+    assert of(orders).filter(status=Status.CANCELLED).exists()
+    for order in of(orders):
+        payment = Payment.objects.get(order_id=order.pk)
+        kept = order.status != Status.CANCELLED
+        assert payment.outcome == (Payment.Outcome.ACCEPTED if kept else Payment.Outcome.LATE)
+        assert (payment.refunded_at is None) == kept, "the losing payment, and only it, refunded"
+    assert_stock_exact(tea, orders, initial=10)

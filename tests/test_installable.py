@@ -26,6 +26,7 @@ import time
 import uuid
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -45,11 +46,13 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "shop.settings")
 django.setup()
 
 import orders
+from django.db.migrations.recorder import MigrationRecorder
 from django.test import Client
 from orders import get_order_model, services
 
 Order = get_order_model()
-order = services.place_order(amount="12.50", timeout=2)
+fields = json.loads(os.environ.get("ORDER_FIELDS", "{}"))  # a swapped model's own
+order = services.place_order(amount="12.50", timeout=2, **fields)
 deadline = time.monotonic() + 20
 while Order.objects.get(pk=order.pk).status == "created" and time.monotonic() < deadline:
     time.sleep(0.1)
@@ -65,6 +68,10 @@ health = client.get("/health/")
 print(json.dumps({
     "orders_file": orders.__file__,
     "sys_path": sys.path,
+    "model": Order._meta.label,
+    "migrations": [f"{app}.{name}" for app, name in MigrationRecorder.Migration.objects
+                   .order_by("id").values_list("app", "name")],
+    "fields": {name: getattr(order, name) for name in fields},
     "status": order.status,
     "history": list(order.history.values_list("transition", "actor")),
     "lateness": (order.cancelled_at - order.expires_at).total_seconds()
@@ -77,11 +84,16 @@ print(json.dumps({
 """
 
 
-def readme_section() -> str:
-    """README.md's "Use it in your project" section."""
+def readme_section(heading: str = "## Use it in your project") -> str:
+    """A section of README.md, up to the next heading of its level or above, without
+    its subsections: the project that does not swap the model follows only the section,
+    one with its own order model the "### Your own order model" subsection too."""
     readme = (BASE_DIR / "README.md").read_text()
-    match = re.search(r"^## Use it in your project\n.*?(?=^## |\Z)", readme, re.M | re.S)
-    assert match, 'README.md has no "## Use it in your project" section'
+    level = heading.split(" ", 1)[0]
+    # "## " and "### " only: "# " also starts the first line of the Python blocks.
+    end = "|".join("#" * n + " " for n in range(2, max(len(level), 2) + 2))
+    match = re.search(rf"^{re.escape(heading)}\n.*?(?=^(?:{end})|\Z)", readme, re.M | re.S)
+    assert match, f"README.md has no {heading!r} section"
     return match.group(0)
 
 
@@ -226,9 +238,12 @@ def test_wheel_contains_every_file_of_the_app(wheel: Path) -> None:
     assert not {n for n in names if n.startswith(("config/", "tests/"))}
 
 
-def test_a_new_project_following_the_readme_places_orders_that_expire(
-    wheel: Path, tmp_path: Path
-) -> None:
+def follow_readme(
+    wheel: Path, tmp_path: Path, blocks: list[dict[str, str]], *, own_model: bool
+) -> tuple[dict[str, Any], str, Path]:
+    """startproject, README's Python blocks added to their files (``blocks`` in order),
+    migrate, a worker, and PLACE_ORDER. Returns (its report, the worker's log, the new
+    environment's site-packages)."""
     python, site_packages = fresh_venv(wheel, tmp_path)
     prefix = f"orders-install-test-{uuid.uuid4().hex[:10]}:"
     env = {
@@ -245,20 +260,21 @@ def test_a_new_project_following_the_readme_places_orders_that_expire(
         "PYTHONUNBUFFERED": "1",
     }
 
-    # README, word by word: startproject, then each Python block added to its file.
     run([python, "-m", "django", "startproject", "shop"], cwd=tmp_path, env=env)
     project = tmp_path / "shop"
-    blocks = python_blocks(readme_section())
-    assert set(blocks) == {"shop/settings.py", "shop/celery.py", "shop/__init__.py", "shop/urls.py"}
-    for name, code in blocks.items():
-        with open(project / name, "a") as f:
-            f.write("\n" + code)
+    for group in blocks:
+        for name, code in group.items():
+            with open(project / name, "a") as f:
+                f.write("\n" + code)
     with open(project / "shop" / "settings.py", "a") as f:
         f.write(
             "\n# Test only: this run's own keys on the shared test Redis.\n"
             f'CELERY_BROKER_TRANSPORT_OPTIONS["global_keyprefix"] = {prefix!r}\n'
         )
 
+    if own_model:
+        run([python, "manage.py", "makemigrations", "shop"], cwd=project, env=env)
+        env["ORDER_FIELDS"] = json.dumps({"customer": "c-7"})
     run([python, "manage.py", "migrate"], cwd=project, env=env)
     checked = run([python, "manage.py", "check"], cwd=project, env=env)
     assert "System check identified no issues" in checked
@@ -297,11 +313,22 @@ def test_a_new_project_following_the_readme_places_orders_that_expire(
         finally:
             os.killpg(worker.pid, signal.SIGTERM)
             worker.wait(30)
+    return report, log_path.read_text(), site_packages
 
+
+def test_a_new_project_following_the_readme_places_orders_that_expire(
+    wheel: Path, tmp_path: Path
+) -> None:
+    # README, word by word: startproject, then each Python block added to its file.
+    blocks = python_blocks(readme_section())
+    assert set(blocks) == {"shop/settings.py", "shop/celery.py", "shop/__init__.py", "shop/urls.py"}
+    report, log, site_packages = follow_readme(wheel, tmp_path, [blocks], own_model=False)
+
+    assert report["model"] == "orders.Order"
     assert Path(report["orders_file"]).is_relative_to(site_packages), report["orders_file"]
     assert str(BASE_DIR) not in report["sys_path"]
-    assert ". orders.expire_order" in log_path.read_text(), "autodiscover found the tasks"
-    assert report["status"] == "cancelled", log_path.read_text()
+    assert ". orders.expire_order" in log, "autodiscover found the tasks"
+    assert report["status"] == "cancelled", log
     assert report["history"] == [["expire", "expiry timer"]]
     assert 0 <= report["lateness"] < 1.0
     assert report["metrics_status"] == 200
@@ -315,3 +342,26 @@ def test_a_new_project_following_the_readme_places_orders_that_expire(
         "workers": True,
         "beat": False,
     }
+
+
+def test_a_new_project_with_its_own_order_model_following_the_readme(
+    wheel: Path, tmp_path: Path
+) -> None:
+    """The same project, and README's "Your own order model" on top: ``shop.Order``
+    with a customer, created by the shop's first migration before any of the app's;
+    ``place_order(customer=...)`` stores it, and the project's worker expires it."""
+    blocks = python_blocks(readme_section())
+    own = python_blocks(readme_section("### Your own order model"))
+    assert set(own) == {"shop/models.py", "shop/settings.py"}
+    report, log, _ = follow_readme(wheel, tmp_path, [blocks, own], own_model=True)
+
+    assert (tmp_path / "shop" / "shop" / "migrations" / "0001_initial.py").exists()
+    assert report["model"] == "shop.Order"
+    assert report["fields"] == {"customer": "c-7"}
+    assert report["status"] == "cancelled", log
+    assert report["history"] == [["expire", "expiry timer"]]
+    assert 0 <= report["lateness"] < 1.0
+    assert report["migrations"].index("shop.0001_initial") < report["migrations"].index(
+        "orders.0001_initial"
+    )
+    assert 'orders_expiries_total{actor="timer"} 1.0' in report["metrics"]
