@@ -86,8 +86,8 @@ print(json.dumps({
 
 def readme_section(heading: str = "## Use it in your project") -> str:
     """A section of README.md, up to the next heading of its level or above, without
-    its subsections: the project that does not swap the model follows only the section,
-    one with its own order model the "### Your own order model" subsection too."""
+    its subsections: the project that does not swap the model follows "Use it in your
+    project", one with its own order model the "Your own order model" section too."""
     readme = (BASE_DIR / "README.md").read_text()
     level = heading.split(" ", 1)[0]
     # "## " and "### " only: "# " also starts the first line of the Python blocks.
@@ -351,7 +351,7 @@ def test_a_new_project_with_its_own_order_model_following_the_readme(
     with a customer, created by the shop's first migration before any of the app's;
     ``place_order(customer=...)`` stores it, and the project's worker expires it."""
     blocks = python_blocks(readme_section())
-    own = python_blocks(readme_section("### Your own order model"))
+    own = python_blocks(readme_section("## Your own order model"))
     assert set(own) == {"shop/models.py", "shop/settings.py"}
     report, log, _ = follow_readme(wheel, tmp_path, [blocks, own], own_model=True)
 
