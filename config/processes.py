@@ -72,6 +72,10 @@ class ChildProcess:
         return self.log_path.read_text(errors="replace")
 
 
+#: How every Celery process of the host project is started.
+CELERY = [sys.executable, "-m", "celery", "-A", "config"]
+
+
 class WorkerProcess(ChildProcess):
     """``celery -A config worker``: prefork, production's log level ("ready." is INFO)."""
 
@@ -91,11 +95,7 @@ class WorkerProcess(ChildProcess):
             env=env,
             log_path=log_path,
             args=[
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "config",
+                *CELERY,
                 "worker",
                 "-l",
                 "info",
@@ -110,3 +110,21 @@ class WorkerProcess(ChildProcess):
                 *extra_args,
             ],
         )
+
+
+class BeatProcess(ChildProcess):
+    """``celery -A config beat`` with a schedule file of its own (as on its own machine)."""
+
+    ready_marker = b"beat: Starting..."
+
+    def __init__(self, *, name: str, env: dict[str, str], log_path: Path, schedule: Path):
+        super().__init__(
+            name=name,
+            env=env,
+            log_path=log_path,
+            args=[*CELERY, "beat", "-l", "info", "--schedule", str(schedule)],
+        )
+
+    def sent(self) -> int:
+        """How many sweeps this beat has sent."""
+        return self.log().count("Sending due task orders-sweep")

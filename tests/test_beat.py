@@ -10,7 +10,6 @@ time, all on this test's own Redis keys.
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -32,35 +31,17 @@ Order = get_order_model()
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
-class BeatProcess(processes.ChildProcess):
-    """``celery -A config beat`` with a schedule file of its own, logging to var/."""
+class BeatProcess(processes.BeatProcess):
+    """A beat of this suite, logging to var/test-beat-<name>.log."""
 
-    ready_marker = b"beat: Starting..."
-
-    def __init__(self, *, name: str, env: dict[str, str], extra_args: tuple[str, ...] = ()):
+    def __init__(self, *, name: str, env: dict[str, str]) -> None:
         var = BASE_DIR / "var"
         super().__init__(
             name=name,
             env=env,
             log_path=var / f"test-beat-{name}.log",
-            args=[
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "config",
-                "beat",
-                "-l",
-                "info",
-                "--schedule",
-                str(var / f"test-beat-{name}-schedule"),
-                *extra_args,
-            ],
+            schedule=var / f"test-beat-{name}-schedule",
         )
-
-    def sent(self) -> int:
-        """How many sweeps this beat has sent."""
-        return self.log().count("Sending due task orders-sweep")
 
 
 @contextmanager
