@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from django.conf import settings
@@ -109,3 +110,28 @@ def celery_worker_process(django_db_setup: Any, django_db_blocker: Any) -> Itera
         worker = WorkerProcess(name="suite", env=worker_env()).start()
     yield worker
     worker.stop()
+
+
+T = TypeVar("T")
+
+
+def at_once(n: int, request: Callable[[], T]) -> list[T]:
+    """``request()`` from ``n`` threads released together, each with its own database
+    connection (closed after): what a client that retries while its first request is
+    still running looks like to the server. The answers, in the order they came."""
+    answers: list[T] = []
+    start = threading.Barrier(n)
+
+    def send() -> None:
+        start.wait()
+        try:
+            answers.append(request())
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=send) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return answers

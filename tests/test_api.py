@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -12,12 +11,12 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from django.db import connection
 from django.test import Client
 from pytest_django import DjangoAssertNumQueries, Settings
 
 from orders import get_order_model, services
 from orders.models import AbstractOrder, IdempotencyRecord, OrderTransition, Payment, Status
+from tests.conftest import at_once
 from tests.dbstate import snapshot
 
 Order = get_order_model()
@@ -334,21 +333,9 @@ def test_the_same_key_sent_concurrently_places_one_order(
         return order
 
     monkeypatch.setattr(services, "place_order", slow_place_order)
-    answers: list[Response] = []
-    start = threading.Barrier(8)
-
-    def send() -> None:
-        start.wait()
-        try:
-            answers.append(post(Client(), ORDERS_URL, {"amount": "5.00"}, headers=keyed("k-1")))
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=send) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    answers = at_once(
+        8, lambda: post(Client(), ORDERS_URL, {"amount": "5.00"}, headers=keyed("k-1"))
+    )
 
     assert [a.status_code for a in answers] == [201] * 8
     assert len({a.json()["id"] for a in answers}) == 1

@@ -6,7 +6,6 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -15,7 +14,6 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from django.db import connection
 from django.test import Client
 from django.utils import timezone
 from pytest_django import Settings
@@ -32,6 +30,7 @@ from orders.models import (
     Payment,
     Status,
 )
+from tests.conftest import at_once
 
 Order = get_order_model()
 
@@ -830,21 +829,7 @@ def test_the_same_message_delivered_concurrently_acts_once(
         return payment
 
     monkeypatch.setattr(services, "record_payment", slow_record_payment)
-    answers: list[Response] = []
-    start = threading.Barrier(8)
-
-    def send() -> None:
-        start.wait()
-        try:
-            answers.append(deliver(Client(), PAYMENT_URL, body, headers=headers))
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=send) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    answers = at_once(8, lambda: deliver(Client(), PAYMENT_URL, body, headers=headers))
 
     assert [a.status_code for a in answers] == [200] * 8
     # The payment reference alone would keep the Payment single; the id keeps the
