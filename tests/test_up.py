@@ -88,35 +88,28 @@ def test_up_runs_web_worker_and_beat_its_login_and_token_work_and_a_killed_worke
         assert admin_login(base, *login.groups()), "the printed login must open the admin"
 
         auth = {"Authorization": f"Bearer {token.group(1)}", "Content-Type": "application/json"}
-        status, body = request(
-            f"{base}/api/orders/",
-            headers=auth,
-            data=json.dumps({"amount": "9.99", "timeout_seconds": 2}).encode(),
-        )
-        assert status == 201, body
-        order_url = f"{base}/api/orders/{json.loads(body)['id']}/"
-        wait_until(
-            lambda: json.loads(request(order_url, headers=auth)[1])["status"] == "cancelled",
-            30,
-            "the worker started by `up` to expire the order",
-        )
+
+        def an_order_expires(by: str) -> None:
+            status, body = request(
+                f"{base}/api/orders/",
+                headers=auth,
+                data=json.dumps({"amount": "9.99", "timeout_seconds": 2}).encode(),
+            )
+            assert status == 201, body
+            order_url = f"{base}/api/orders/{json.loads(body)['id']}/"
+            wait_until(
+                lambda: json.loads(request(order_url, headers=auth)[1])["status"] == "cancelled",
+                30,
+                f"{by} to expire the order",
+            )
+
+        an_order_expires("the worker started by `up`")
 
         [worker] = re.findall(r"worker started \(pid=(\d+)\)", log_path.read_text())
         os.killpg(int(worker), signal.SIGKILL)  # the worker and its pool, as a crash would
         wait_for_output(log_path, proc, r"(?s)worker started .*worker started ", timeout=30)
         wait_for_output(log_path, proc, r"(?s)celery@\S+ ready.*celery@\S+ ready", timeout=60)
-        status, body = request(
-            f"{base}/api/orders/",
-            headers=auth,
-            data=json.dumps({"amount": "9.99", "timeout_seconds": 2}).encode(),
-        )
-        assert status == 201, body
-        order_url = f"{base}/api/orders/{json.loads(body)['id']}/"
-        wait_until(
-            lambda: json.loads(request(order_url, headers=auth)[1])["status"] == "cancelled",
-            30,
-            "the restarted worker to expire the next order",
-        )
+        an_order_expires("the restarted worker")
         output = log_path.read_text()
         assert len(re.findall(r"(web|beat) started", output)) == 2, "web and beat kept running"
     finally:
