@@ -29,11 +29,19 @@ import redis
 
 from config.embedded_redis import server_binary
 
+#: Ports this process has handed out: the kernel may offer a port again once the probe
+#: socket is closed, and a group of servers picks its ports before any of them binds.
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 class RedisServer:
@@ -57,8 +65,11 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
 
     def is_up(self) -> bool:
+        """Our own server answers on our port (not another process that took the port)."""
+        if self.proc is None:
+            return False
         try:
-            return bool(self.client().ping())
+            return int(self.client().info("server")["process_id"]) == self.proc.pid
         except (redis.RedisError, OSError):
             return False
 
