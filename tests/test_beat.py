@@ -140,9 +140,10 @@ def test_two_beats_sweep_at_once_and_every_overdue_order_expires_once() -> None:
     assert set(histories(queryset).values()) == {EXPIRED}, "one expiry, one history row each"
     assert sum(expired_by(queryset).values()) == n
     assert sum(SweepRun.objects.values_list("expired", flat=True)) == expired_by(queryset)["sweep"]
-    assert overlapping(sweeps), "the two beats' sweeps never ran at the same time"
     if connection.vendor == "postgresql":
+        assert overlapping(sweeps), "the two beats' sweeps never ran at the same time"
         # A sweep goes on batch after batch until no overdue order is left: two that
         # both found some of the orders committed together shared the work row by row.
-        # (SQLite lets one writer in at a time: the first sweep takes every batch.)
         assert len(expired_per_sweep) >= 2, "the sweeps did not share the work"
+    # (SQLite lets one writer in at a time: a second sweep waits for the first one's
+    # write lock, or finds nothing left; either way each order expired once, above.)
