@@ -726,7 +726,7 @@ def ship_order(
         "Order {order_id} shipped, tracking number {tracking_number}.",
         order=order,
         tracking_number=tracking_number,
-        actor=str(by),
+        by=by,
     )
     return order
 
