@@ -11,7 +11,10 @@ class OrdersConfig(AppConfig):
     def ready(self) -> None:
         from celery.signals import worker_init
 
-        from orders import checks  # noqa: F401  (registers the system checks)
+        from orders import (
+            checks,  # noqa: F401  (registers the system checks)
+            events,  # noqa: F401  (records each transition: the outbox)
+        )
         from orders.heartbeat import add_to_worker
 
         # In every Celery worker of whichever project installs the app, not in web

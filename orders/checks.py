@@ -15,6 +15,9 @@ from django.utils.module_loading import import_string
 
 from orders.conf import DEFAULTS, INTEGER_SETTINGS, user_settings
 
+#: Integer settings for which 0 means something (no grace; no reminder).
+ZERO_ALLOWED = ("SWEEP_GRACE", "REMIND_BEFORE")
+
 TIMER_MODES = ("per_order", "batched")
 # Time kept between the horizon and the visibility timeout, so that a timer is always
 # acknowledged before Redis would hand it to a second worker.
@@ -36,11 +39,17 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
     merged = DEFAULTS | given
     for key in INTEGER_SETTINGS:
         value = merged[key]
-        unit = "orders" if "BATCH" in key or "LIMIT" in key else "seconds"
+        unit = (
+            "orders"
+            if "BATCH" in key or "LIMIT" in key
+            else "attempts"
+            if "ATTEMPTS" in key
+            else "seconds"
+        )
         if (
             isinstance(value, bool)
             or not isinstance(value, int)
-            or value < (0 if key == "SWEEP_GRACE" else 1)
+            or value < (0 if key in ZERO_ALLOWED else 1)
         ):
             errors.append(
                 Error(

@@ -67,6 +67,29 @@ class OrdersSettings:
     # "no Bearer access" (staff with the permission orders.view_order still get in). Keep
     # it apart from API_TOKEN, which places and cancels orders.
     METRICS_TOKEN: str = ""
+    # Events (orders.events). An event whose delivery is this late (seconds) is queued
+    # again by the sweep: its task was lost, or its worker died.
+    EVENT_GRACE: int = 30
+    # A receiver that raises is retried after EVENT_RETRY_BACKOFF seconds, doubling up to
+    # EVENT_RETRY_MAX_BACKOFF; after EVENT_MAX_ATTEMPTS failures it is parked: retried
+    # from the admin only, and shown there and in /metrics.
+    EVENT_RETRY_BACKOFF: int = 10
+    EVENT_RETRY_MAX_BACKOFF: int = 3600
+    EVENT_MAX_ATTEMPTS: int = 10
+    # Delivery records and webhook attempts older than this are deleted by the sweep
+    # (seconds); the history itself stays.
+    EVENT_RETENTION: int = 30 * 24 * 3600
+    # Outbound webhooks: each request's time limit (seconds); retried with exponential
+    # backoff for at most WEBHOOK_GIVE_UP_AFTER seconds. URLs that resolve to loopback,
+    # private or link-local addresses are refused unless WEBHOOK_ALLOW_PRIVATE is True.
+    WEBHOOK_TIMEOUT: int = 10
+    WEBHOOK_RETRY_BACKOFF: int = 30
+    WEBHOOK_RETRY_MAX_BACKOFF: int = 6 * 3600
+    WEBHOOK_GIVE_UP_AFTER: int = 3 * 24 * 3600
+    WEBHOOK_ALLOW_PRIVATE: bool = False
+    # Seconds before the deadline at which order.expiring_soon is sent, once per
+    # deadline (again after an extension); 0 sends none.
+    REMIND_BEFORE: int = 0
 
 
 #: The defaults by name (the system checks and the README read them).

@@ -16,10 +16,10 @@ user model. Everything else reaches the model through ``orders.get_order_model()
 
 from __future__ import annotations
 
+import base64
+import secrets
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar, Self
@@ -28,10 +28,8 @@ from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.validators import MinValueValidator
 from django.db import models
-from django.dispatch import receiver
 from django.utils import timezone
 from django_fsm import FSMField, FSMModelMixin, transition
-from django_fsm.signals import post_transition
 
 from orders import ORDER_MODEL_SETTING, get_order_model_string
 from orders.conf import get_settings
@@ -136,6 +134,9 @@ class AbstractOrder(FSMModelMixin, models.Model):
     # The deadline a timer was last enqueued for. Lets the sweep arm, exactly once,
     # deadlines that were beyond the horizon or whose timer could not be published.
     timer_armed_for = models.DateTimeField(null=True, blank=True, editable=False)
+    # The deadline the order.expiring_soon reminder was last sent for (REMIND_BEFORE):
+    # one reminder per deadline, and again after an extension.
+    reminded_for = models.DateTimeField(null=True, blank=True, editable=False)
 
     # Declared here so that every subclass has it and type checkers see it; a swapped-out
     # model's manager still refuses to be used, as Django's own do.
@@ -288,13 +289,40 @@ class Payment(models.Model):
 #: is a TEXT, but a history is read by people: 2 MB of reason is an attack, not a reason.
 REASON_MAX_LENGTH = 1000
 
+#: What the shop hears, by the history row's ``transition``. Placing an order, refunding a
+#: payment that did not pay it and the reminder before the deadline are no transitions of
+#: the state machine, but are lines of the order's history (and events) all the same.
+PLACE, REFUND_PAYMENT, REMIND = "place", "refund_payment", "remind"
+EVENT_TYPES: dict[str, str] = {
+    PLACE: "order.placed",
+    "pay": "order.paid",
+    "ship": "order.shipped",
+    "expire": "order.expired",
+    "cancel": "order.cancelled",
+    "refund": "order.refunded",
+    "close": "order.cancelled",
+    REFUND_PAYMENT: "payment.refunded",
+    REMIND: "order.expiring_soon",
+}
+
+
+def event_type_of(transition: str) -> str:
+    """The event a history row stands for; a shop's own transition ``x`` is ``order.x``."""
+    return EVENT_TYPES.get(transition, f"order.{transition}")
+
 
 class OrderTransition(models.Model):
-    """One line of an order's history. Our own small model rather than django-fsm-log,
-    whose ``object_id`` is a positive integer (our orders have UUID keys) and whose
-    organisation is winding down; a foreign key also makes the history one indexed join."""
+    """One line of an order's history, and the event the shop hears about it: the outbox.
+
+    Written in the transaction of the transition itself, so an event exists if and only
+    if its transition committed. ``next_dispatch_at`` is set while the event still owes
+    a delivery to some receiver (``orders.events``); the sweep re-queues those that are
+    late. Our own small model rather than django-fsm-log, whose ``object_id`` is a
+    positive integer (our orders have UUID keys)."""
 
     id = models.BigAutoField(primary_key=True)
+    event_id = models.UUIDField(unique=True, default=uuid.uuid4, editable=False)
+    event_type = models.CharField(max_length=64)
     order = models.ForeignKey(
         get_order_model_string(), on_delete=models.CASCADE, related_name="history"
     )
@@ -311,12 +339,64 @@ class OrderTransition(models.Model):
     actor = models.CharField(max_length=150, help_text="The user's name, or the system part.")
     reason = models.TextField(blank=True)
     at = models.DateTimeField(default=timezone.now)
+    # The payment a payment.refunded event is about.
+    payment = models.ForeignKey(
+        "Payment", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    # When the dispatcher should (next) deliver this event; null once nothing is owed
+    # automatically (delivered everywhere, or held by a parked receiver).
+    next_dispatch_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["at", "id"]
+        verbose_name = "history entry"
+        verbose_name_plural = "history"
+        indexes = [
+            # The sweep's query for events owed a delivery; delivered ones are not in it.
+            models.Index(
+                fields=["next_dispatch_at"],
+                name="orders_event_due_idx",
+                condition=models.Q(next_dispatch_at__isnull=False),
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.transition}: {self.source} -> {self.target} by {self.actor}"
+
+
+class EventDelivery(models.Model):
+    """An event delivered to (or owed to) one receiver in the shop's code, known by its
+    dotted path. Written in the receiver's own transaction, so that its work and this row
+    commit together: the unique (event, receiver) makes the work happen once."""
+
+    id = models.BigAutoField(primary_key=True)
+    event = models.ForeignKey(OrderTransition, on_delete=models.CASCADE, related_name="deliveries")
+    receiver = models.CharField(max_length=255)
+    attempts = models.PositiveIntegerField(default=0)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    # After a failure: when to try again, or, after EVENT_MAX_ATTEMPTS, since when it is
+    # parked (retried only from the admin).
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    parked_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name_plural = "event deliveries"
+        constraints = [
+            models.UniqueConstraint(fields=["event", "receiver"], name="orders_eventdelivery_once")
+        ]
+        indexes = [
+            models.Index(
+                fields=["parked_at"],
+                name="orders_delivery_parked_idx",
+                condition=models.Q(parked_at__isnull=False),
+            ),
+            models.Index(fields=["delivered_at"], name="orders_delivery_done_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_id} -> {self.receiver}"
 
 
 class ParcelEvent(models.Model):
@@ -349,6 +429,9 @@ class SweepRun(models.Model):
     timers_armed = models.PositiveIntegerField(default=0)
     shipments_retried = models.PositiveIntegerField(default=0)
     refunds_retried = models.PositiveIntegerField(default=0)
+    events_requeued = models.PositiveIntegerField(
+        default=0, help_text="orders whose late events were queued again"
+    )
     errors = models.PositiveIntegerField(default=0)
 
     class Meta:
@@ -383,53 +466,93 @@ class IdempotencyRecord(models.Model):
         return f"{self.scope} {self.key} -> {self.status}"
 
 
-#: While set, transitions append their history rows here instead of inserting them.
-_history_batch: ContextVar[list[OrderTransition] | None] = ContextVar(
-    "orders_history_batch", default=None
-)
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: ``whsec_`` and base64 of 32 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-@contextmanager
-def history_in_bulk() -> Iterator[None]:
-    """Record the transitions made inside with one INSERT at the end, for batches."""
-    rows: list[OrderTransition] = []
-    token = _history_batch.set(rows)
-    try:
-        yield
-    finally:
-        _history_batch.reset(token)
-    OrderTransition.objects.bulk_create(rows)
+class WebhookEndpoint(models.Model):
+    """A URL outside that hears the order's events, signed per Standard Webhooks: how a
+    shop that is not written in Python (or not deployed with us) subscribes."""
 
-
-@receiver(post_transition)
-def _record_transition(
-    sender: type[models.Model],
-    instance: models.Model,
-    name: str,
-    source: str,
-    target: str,
-    method_kwargs: dict[str, Any],
-    **kwargs: Any,
-) -> None:
-    # Runs inside the service's transaction, before save(): the row and its history
-    # commit together or not at all. Any model of the project may have transitions:
-    # only the order's are ours (whichever model the shop swapped in).
-    if not isinstance(instance, AbstractOrder):
-        return
-    by = method_kwargs.get("by", "system")
-    user = by if isinstance(by, AbstractBaseUser) else None
-    row = OrderTransition(
-        order_id=instance.pk,
-        transition=name,
-        source=source,
-        target=target,
-        user_id=user.pk if user is not None else None,
-        actor=user.get_username() if user is not None else str(by),
-        reason=method_kwargs.get("reason", ""),
-        at=method_kwargs.get("at") or timezone.now(),
+    id = models.BigAutoField(primary_key=True)
+    url = models.URLField("URL", max_length=2000)
+    description = models.CharField(max_length=200, blank=True)
+    secret = models.CharField(
+        max_length=120,
+        default=new_webhook_secret,
+        help_text="The endpoint verifies each delivery's signature with it.",
     )
-    batch = _history_batch.get()
-    if batch is None:
-        row.save(force_insert=True)
-    else:
-        batch.append(row)
+    event_types = models.JSONField(
+        default=list, blank=True, help_text="The event types it hears; none means all."
+    )
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        verbose_name = "webhook endpoint"
+
+    def __str__(self) -> str:
+        return self.description or self.url
+
+    def hears(self, event_type: str) -> bool:
+        return self.active and (not self.event_types or event_type in self.event_types)
+
+
+class WebhookDelivery(models.Model):
+    """One event owed to one endpoint, tried until it answers 2xx or gives up (after
+    WEBHOOK_GIVE_UP_AFTER). The next try's time is kept here, picked up by a periodic
+    task: no countdown lives that long in the broker."""
+
+    id = models.BigAutoField(primary_key=True)
+    event = models.ForeignKey(
+        OrderTransition, on_delete=models.CASCADE, related_name="webhook_deliveries"
+    )
+    endpoint = models.ForeignKey(
+        WebhookEndpoint, on_delete=models.CASCADE, related_name="deliveries"
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    gave_up_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name_plural = "webhook deliveries"
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["event", "endpoint"], name="orders_webhookdelivery_once"
+            )
+        ]
+        indexes = [
+            models.Index(
+                fields=["next_attempt_at"],
+                name="orders_webhook_due_idx",
+                condition=models.Q(next_attempt_at__isnull=False),
+            ),
+            models.Index(fields=["created_at"], name="orders_webhook_created_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_id} -> {self.endpoint_id}"
+
+
+class WebhookAttempt(models.Model):
+    """One HTTP request of a delivery: what came back, how long it took."""
+
+    id = models.BigAutoField(primary_key=True)
+    delivery = models.ForeignKey(
+        WebhookDelivery, on_delete=models.CASCADE, related_name="attempts_made"
+    )
+    at = models.DateTimeField(default=timezone.now)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    latency_ms = models.FloatField(default=0.0)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        indexes = [models.Index(fields=["at"], name="orders_webhook_attempt_at_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.status_code or self.error[:40]} in {self.latency_ms:.0f} ms"

@@ -178,13 +178,14 @@ def _redis() -> redis.Redis:
     return broker.redis_client()
 
 
-def enqueue_on_commit(task: Any, *args: str, what: str) -> None:
-    """Send a follow-up task (shipping, refund) once the caller's transaction commits.
-    If the broker is down the work is not lost: the sweep finds it in the database."""
+def enqueue_on_commit(task: Any, *args: str | list[str], what: str) -> None:
+    """Send a follow-up task (shipping, refund, event dispatch) once the caller's
+    transaction commits. If the broker is down the work is not lost: the sweep finds it
+    in the database."""
     transaction.on_commit(_publisher(task, args, what))
 
 
-def _publisher(task: Any, args: tuple[str, ...], what: str) -> Callable[[], None]:
+def _publisher(task: Any, args: tuple[str | list[str], ...], what: str) -> Callable[[], None]:
     def send() -> None:
         try:
             publish(task, args=args)

@@ -2,9 +2,10 @@
 
 Each function that moves an order locks its row first (``select_for_update``; on SQLite
 every write transaction is IMMEDIATE, which serialises them), re-checks the state under
-the lock, and sends its side effects (tasks, signals) only after the commit. So a
-payment and an expiry cannot both win, and a task or webhook delivered twice does what
-it did once.
+the lock, and queues its follow-up tasks only after the commit. So a payment and an
+expiry cannot both win, and a task or webhook delivered twice does what it did once.
+What the shop hears is the history row each step writes in its own transaction
+(``orders.events``): nothing it must hear rides on an ``on_commit`` hook alone.
 """
 
 from __future__ import annotations
@@ -24,19 +25,20 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q, QuerySet
-from django.dispatch import Signal
 from django.utils import timezone
 from django.utils.module_loading import import_string
 from django_fsm import can_proceed
 
-from orders import get_order_model, scheduling, signals
+from orders import events, get_order_model, scheduling
 from orders.conf import get_settings
 from orders.gateways import GatewayError, logistics_provider, payment_gateway
 from orders.logging import log_event
 from orders.models import (
     LATE_PAYMENT_REASON,
+    PLACE,
     REASON_MAX_LENGTH,
     REFERENCE_MAX_LENGTH,
+    REFUND_PAYMENT,
     SWEEP,
     SYSTEM,
     TIMER,
@@ -49,7 +51,6 @@ from orders.models import (
     Payment,
     Status,
     SweepRun,
-    history_in_bulk,
 )
 
 logger = logging.getLogger("orders")
@@ -73,10 +74,6 @@ class InvalidTransition(OrderError):
 
 class DuplicateReference(OrderError):
     """Another order already has the ``reference`` given (a conflict: a 409)."""
-
-
-def _send_on_commit(signal: Signal, order: AbstractOrder, **extra: Any) -> None:
-    transaction.on_commit(lambda: signal.send(sender=type(order), order=order, **extra))
 
 
 def _locked(order_id: Any) -> AbstractOrder:
@@ -257,6 +254,7 @@ def place_order(
     timeout: timedelta | float | None = None,
     reference: str | None = None,
     metadata: dict[str, Any] | None = None,
+    by: Actor = "shop",
     now: datetime | None = None,
     **fields: Any,
 ) -> AbstractOrder:
@@ -284,7 +282,7 @@ def place_order(
         with transaction.atomic():
             scheduling.arm_expiry_timer(order, now=now)
             order.save(force_insert=True)
-            _send_on_commit(signals.order_placed, order)
+            events.record(order, transition=PLACE, source="", target=order.status, by=by, at=now)
     except IntegrityError:
         # The same reference raced in: the unique index caught it, and nothing was kept.
         _refuse_duplicate_reference(order.reference)
@@ -439,7 +437,6 @@ def _record_payment(
             outcome = Payment.Outcome.ACCEPTED
             order.pay(by=by, payment_ref=payment_ref, at=now)
             order.save()
-            _send_on_commit(signals.order_paid, order)
             _enqueue_shipping(order)
 
         payment = Payment.objects.create(
@@ -527,8 +524,7 @@ def _expire(
 
 
 def _expired(order: AbstractOrder, *, now: datetime, by: Actor, reason: str) -> None:
-    """What follows an expiry, once saved: the signal after commit, and the log."""
-    _send_on_commit(signals.order_expired, order)
+    """What follows an expiry, once saved: the log (the event is its history row)."""
     log_event(
         logger,
         "order.expired",
@@ -563,7 +559,7 @@ def expire_due_orders(
         with transaction.atomic():
             batch = _lock_batch(due, get_settings().SWEEP_BATCH_SIZE)
             stamp = now or timezone.now()  # each batch when it is written, not when we began
-            with history_in_bulk():
+            with events.history_in_bulk():
                 for order in batch:
                     order.expire(by=by, reason=reason, at=stamp)
             get_order_model().objects.filter(pk__in=[order.pk for order in batch]).update(
@@ -652,7 +648,6 @@ def cancel_order(
             )
         order.cancel(by=by, reason=reason, cancel_reason=cancel_reason, at=now or timezone.now())
         order.save()
-        _send_on_commit(signals.order_cancelled, order)
     log_event(
         logger,
         "order.cancelled",
@@ -719,7 +714,6 @@ def ship_order(
             check_in = timedelta(seconds=get_settings().PARCEL_CHECK_INTERVAL)
             order.parcel_next_check_at = now + check_in
         order.save()
-        _send_on_commit(signals.order_delivered, order)
     log_event(
         logger,
         "order.shipped",
@@ -807,11 +801,9 @@ def refund_order(
         order.refund(by=by, reason=reason, refund_ref=refund_ref, at=now)
         order.save()
         Payment.objects.filter(pk=payment.pk).update(refunded_at=now, refund_ref=refund_ref)
-        _send_on_commit(signals.order_refunded, order)
         # A refunded order closes by itself, in the same transaction.
         order.close(by=SYSTEM, reason="closed after refund", at=now)
         order.save()
-        _send_on_commit(signals.order_cancelled, order)
     log_event(
         logger,
         "order.refunded",
@@ -850,10 +842,15 @@ def refund_payment(*, payment_id: Any, now: datetime | None = None) -> Payment:
             return payment
         payment.refunded_at, payment.refund_ref = now or timezone.now(), refund_ref
         payment.save(update_fields=["refunded_at", "refund_ref"])
-        transaction.on_commit(
-            lambda: signals.payment_refunded.send(
-                sender=get_order_model(), order=payment.order, payment=payment
-            )
+        events.record(
+            payment.order,
+            transition=REFUND_PAYMENT,
+            source=payment.order.status,
+            target=payment.order.status,
+            by=SYSTEM,
+            reason=f"payment {payment.reference} ({payment.outcome}) refunded",
+            at=payment.refunded_at,
+            payment=payment,
         )
     log_event(
         logger,
@@ -1045,10 +1042,17 @@ class SweepReport:
     timers_armed: int = 0
     shipments_retried: int = 0
     refunds_retried: int = 0
+    events_requeued: int = 0
     errors: list[str] = field(default_factory=list)
 
 
-SWEEP_STEPS = ("expire overdue orders", "arm timers", "retry shipments", "retry refunds")
+SWEEP_STEPS = (
+    "expire overdue orders",
+    "arm timers",
+    "retry shipments",
+    "retry refunds",
+    "re-queue late events",
+)
 
 
 def sweep(
@@ -1101,6 +1105,9 @@ def sweep(
         report.refunds_retried += 1
         _retry(report, "refund", partial(refund_payment, payment_id=payment_id))
     step(4, SWEEP_STEPS[3])
+    # Events whose dispatch task was lost, or whose receiver's retry is due.
+    report.events_requeued = events.redispatch_late(now=now)
+    step(5, SWEEP_STEPS[4])
 
     if report.expired:
         log_event(
@@ -1120,22 +1127,26 @@ def sweep(
         timers_armed=report.timers_armed,
         shipments_retried=report.shipments_retried,
         refunds_retried=report.refunds_retried,
+        events_requeued=report.events_requeued,
         errors=len(report.errors),
     )
     SweepRun.objects.filter(at__lt=now - timedelta(days=7)).delete()
-    # Webhook ids and idempotency keys whose time is up (orders.idempotency).
+    # Webhook ids and idempotency keys whose time is up (orders.idempotency), and
+    # delivery records past EVENT_RETENTION (the history stays).
     IdempotencyRecord.objects.filter(expires_at__lt=now).delete()
+    events.prune(now=now)
     log_event(
         logger,
         "sweep.done",
         "Sweep done: {expired} expired (up to {max_lateness_s:.1f}s late), {timers_armed} "
         "timers armed, {shipments_retried} shipments and {refunds_retried} refunds retried, "
-        "{errors} errors.",
+        "{events_requeued} orders' events re-queued, {errors} errors.",
         expired=report.expired,
         max_lateness_s=report.max_lateness,
         timers_armed=report.timers_armed,
         shipments_retried=report.shipments_retried,
         refunds_retried=report.refunds_retried,
+        events_requeued=report.events_requeued,
         errors=len(report.errors),
     )
     return report

@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import shared_task
 
-from orders import services
+from orders import events, outbound, services
 from orders.gateways import GatewayError
 
 #: A provider that fails is asked again, backing off up to 10 minutes, until it answers:
@@ -48,3 +48,13 @@ def sweep_task() -> dict[str, object]:
 @shared_task(name="orders.poll_parcels", acks_late=True)
 def poll_parcels_task() -> dict[str, int]:
     return vars(services.poll_parcels())
+
+
+@shared_task(name="orders.dispatch_events", acks_late=True)
+def dispatch_events_task(order_ids: list[str]) -> dict[str, int]:
+    return vars(events.dispatch(order_ids))
+
+
+@shared_task(name="orders.send_webhooks", acks_late=True)
+def send_webhooks_task(delivery_ids: list[str]) -> int:
+    return outbound.send(delivery_ids)

@@ -1,0 +1,436 @@
+"""Events: the order's history is the outbox, and the dispatcher delivers it.
+
+Every line of an order's history (a transition, or placing the order, refunding a
+payment, the reminder before the deadline) is written in the transaction of what it
+records, and is the event the shop hears about. Nothing is sent from an ``on_commit``
+hook alone: after the commit a dispatch task is queued, and if it is lost (broker down,
+worker killed) the sweep queues it again, since the event still says it is owed
+(``next_dispatch_at``).
+
+The dispatcher calls each receiver of the event's signal (``orders.signals``) inside
+its own ``transaction.atomic()``, together with an ``EventDelivery`` row under a unique
+(event, receiver): the receiver's writes and the row commit together or not at all, so
+its effect happens once, whether the dispatcher runs twice at once or dies midway.
+Events of one order reach a receiver in the order they happened; a receiver that raises
+is retried with backoff and holds back only the later events of the same order for
+itself. Outbound webhooks (``orders.outbound``) get one ``WebhookDelivery`` per event and
+endpoint, sent and retried on their own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.db import models, transaction
+from django.db.models import Exists, OuterRef
+from django.dispatch import receiver
+from django.utils import timezone
+from django_fsm.signals import post_transition
+
+from orders import get_order_model, scheduling
+from orders.conf import get_settings
+from orders.logging import log_event
+from orders.models import (
+    AbstractOrder,
+    Actor,
+    EventDelivery,
+    OrderTransition,
+    Payment,
+    WebhookDelivery,
+    WebhookEndpoint,
+    event_type_of,
+)
+from orders.signals import SIGNALS
+
+logger = logging.getLogger("orders.events")
+
+
+# Recording ------------------------------------------------------------------------------
+
+
+def listened(event_type: str, model: type[models.Model] | None = None) -> bool:
+    """Does anything hear events of this type: a receiver, or an active endpoint?"""
+    signal = SIGNALS.get(event_type)
+    if signal is not None and signal.receivers_for(model or get_order_model()):
+        return True
+    return any(endpoint.hears(event_type) for endpoint in _active_endpoints())
+
+
+def _active_endpoints() -> list[WebhookEndpoint]:
+    return list(WebhookEndpoint.objects.filter(active=True).only("event_types", "active"))
+
+
+def history_row(
+    order: AbstractOrder,
+    *,
+    transition: str,
+    source: str,
+    target: str,
+    by: Actor,
+    reason: str = "",
+    at: datetime | None = None,
+    payment: Payment | None = None,
+    listeners: Callable[[str], bool] | None = None,
+) -> OrderTransition:
+    """A history row (unsaved): the event ``transition`` of ``order``, owed to its
+    receivers (``next_dispatch_at``) if anything listens to its type."""
+    user = by if isinstance(by, AbstractBaseUser) else None
+    at = at or timezone.now()
+    event_type = event_type_of(transition)
+    heard = (listeners or (lambda kind: listened(kind, type(order))))(event_type)
+    return OrderTransition(
+        order_id=order.pk,
+        event_type=event_type,
+        transition=transition,
+        source=source,
+        target=target,
+        user_id=user.pk if user is not None else None,
+        actor=user.get_username() if user is not None else str(by),
+        reason=reason,
+        at=at,
+        payment=payment,
+        next_dispatch_at=at if heard else None,
+    )
+
+
+def record(order: AbstractOrder, **row: Any) -> OrderTransition:
+    """Write an event that is not a transition of the state machine (placing the order,
+    a payment refunded, a reminder), in the caller's transaction; queue its dispatch on
+    commit."""
+    event = history_row(order, **row)
+    event.save(force_insert=True)
+    if event.next_dispatch_at is not None:
+        announce([event.order_id])
+    return event
+
+
+#: While set, transitions append their history rows here instead of inserting them.
+_history_batch: ContextVar[list[OrderTransition] | None] = ContextVar(
+    "orders_history_batch", default=None
+)
+
+
+@contextmanager
+def history_in_bulk() -> Iterator[None]:
+    """Record the transitions made inside with one INSERT at the end, for batches; the
+    listeners are looked up once per batch, and one dispatch task is queued for all."""
+    rows: list[OrderTransition] = []
+    token = _history_batch.set(rows)
+    try:
+        yield
+    finally:
+        _history_batch.reset(token)
+    OrderTransition.objects.bulk_create(rows)
+    announce(sorted({row.order_id for row in rows if row.next_dispatch_at is not None}))
+
+
+@receiver(post_transition, dispatch_uid="orders.events.record_transition")
+def _record_transition(
+    sender: type[models.Model],
+    instance: models.Model,
+    name: str,
+    source: str,
+    target: str,
+    method_kwargs: dict[str, Any],
+    **kwargs: Any,
+) -> None:
+    # Runs inside the service's transaction, before save(): the row and its history
+    # commit together or not at all. Any model of the project may have transitions:
+    # only the order's are ours (whichever model the shop swapped in).
+    if not isinstance(instance, AbstractOrder):
+        return
+    batch = _history_batch.get()
+    fields = {
+        "transition": name,
+        "source": source,
+        "target": target,
+        "by": method_kwargs.get("by", "system"),
+        "reason": method_kwargs.get("reason", ""),
+        "at": method_kwargs.get("at"),
+    }
+    if batch is None:
+        record(instance, **fields)
+        return
+    if not batch:  # the first of the batch: who listens is looked up once for all
+        heard: dict[str, bool] = {}
+        _batch_listeners.set(
+            lambda kind: heard[kind] if kind in heard else heard.setdefault(kind, listened(kind))
+        )
+    batch.append(history_row(instance, listeners=_batch_listeners.get(), **fields))
+
+
+_batch_listeners: ContextVar[Callable[[str], bool] | None] = ContextVar(
+    "orders_batch_listeners", default=None
+)
+
+
+def announce(order_ids: Iterable[Any]) -> None:
+    """Queue the dispatch of these orders' events once the caller's transaction
+    commits. If the task is lost, the sweep queues it again (``redispatch_late``)."""
+    from orders.tasks import dispatch_events_task  # tasks import services, which import us
+
+    ids = [str(order_id) for order_id in order_ids]
+    if ids:
+        scheduling.enqueue_on_commit(dispatch_events_task, ids, what="event dispatch")
+
+
+# Dispatching ----------------------------------------------------------------------------
+
+
+@dataclass
+class DispatchReport:
+    delivered: int = 0
+    failed: int = 0
+    parked: int = 0
+    held: int = 0
+    webhooks: int = 0
+
+
+def dispatch(order_ids: Iterable[Any], *, now: datetime | None = None) -> DispatchReport:
+    """Deliver every event these orders still owe to their receivers and endpoints."""
+    report = DispatchReport()
+    for order_id in order_ids:
+        _dispatch_order(order_id, report, now=now)
+    return report
+
+
+def _dispatch_order(order_id: Any, report: DispatchReport, *, now: datetime | None) -> None:
+    owed = list(
+        OrderTransition.objects.filter(order_id=order_id, next_dispatch_at__isnull=False)
+        .select_related("payment")
+        .order_by("id")
+    )
+    if not owed:
+        return
+    model = get_order_model()
+    # A receiver that has not taken an event of this order holds back its later ones:
+    # name -> when it may be tried again (None: parked, only the admin retries it).
+    held: dict[str, datetime | None] = {}
+    webhooks = []
+    for event in owed:
+        signal = SIGNALS.get(event.event_type)
+        receivers = signal.receivers_for(model) if signal is not None else {}
+        retry_at: list[datetime | None] = []
+        # As it is now (the receivers of the previous event may have changed it).
+        order = model.objects.get(pk=order_id) if receivers else None
+        for name, function in receivers.items():
+            if name in held:
+                report.held += 1
+                retry_at.append(held[name])
+                continue
+            assert order is not None
+            outcome = _deliver(event, name, function, order, now=now or timezone.now())
+            if outcome is _DELIVERED:
+                report.delivered += 1
+                continue
+            held[name] = outcome
+            retry_at.append(outcome)
+            if outcome is None:
+                report.parked += 1
+            else:
+                report.failed += 1
+        webhooks += _webhook_deliveries(event, now=now or timezone.now())
+        # Owed again when the first held receiver may be tried; not at all (until the
+        # admin retries it) if only parked ones hold it.
+        waiting = [at for at in retry_at if at is not None]
+        OrderTransition.objects.filter(pk=event.pk).update(
+            next_dispatch_at=min(waiting) if waiting else None
+        )
+    report.webhooks += len(webhooks)
+    if webhooks:
+        from orders.outbound import send_soon  # outbound imports the API's serializer
+
+        send_soon(webhooks)
+
+
+#: ``_deliver``'s answer for "done" (else: when to try again, or None when parked).
+_DELIVERED = timezone.make_aware(datetime(1970, 1, 1))
+
+
+def _deliver(
+    event: OrderTransition,
+    name: str,
+    function: Callable[..., Any],
+    order: AbstractOrder,
+    *,
+    now: datetime,
+) -> datetime | None:
+    """Call one receiver for one event, once in effect: its writes and its delivery row
+    commit together. Returns _DELIVERED, the time of the next try, or None (parked)."""
+    signal = SIGNALS[event.event_type]
+    try:
+        with transaction.atomic():
+            # Insert-or-keep, then lock: a twin dispatcher waits here until this one
+            # commits, and then finds the delivery done.
+            EventDelivery.objects.bulk_create(
+                [EventDelivery(event=event, receiver=name, created_at=now)], ignore_conflicts=True
+            )
+            delivery = EventDelivery.objects.select_for_update().get(event=event, receiver=name)
+            if delivery.delivered_at is not None:
+                return _DELIVERED
+            if delivery.parked_at is not None:
+                return None
+            if delivery.next_attempt_at is not None and delivery.next_attempt_at > now:
+                return delivery.next_attempt_at
+            extra = {"payment": event.payment} if event.payment_id is not None else {}
+            function(
+                signal=signal,
+                sender=type(order),
+                order=order,
+                event_id=event.event_id,
+                event=event,
+                **extra,
+            )
+            delivery.attempts += 1
+            delivery.delivered_at = timezone.now()
+            delivery.next_attempt_at = None
+            delivery.save(update_fields=["attempts", "delivered_at", "next_attempt_at"])
+    except Exception as exc:
+        return _failed(event, name, exc, now=now)
+    log_event(
+        logger,
+        "event.delivered",
+        "Event {event_type} {event_id} of order {order_id} delivered to {receiver}.",
+        level=logging.DEBUG,
+        order_id=str(event.order_id),
+        event_type=event.event_type,
+        event_id=str(event.event_id),
+        receiver=name,
+    )
+    return _DELIVERED
+
+
+def _failed(event: OrderTransition, name: str, exc: Exception, *, now: datetime) -> datetime | None:
+    """Count a receiver's failure: try again after a backoff, or park it."""
+    conf = get_settings()
+    with transaction.atomic():
+        EventDelivery.objects.bulk_create(
+            [EventDelivery(event=event, receiver=name, created_at=now)], ignore_conflicts=True
+        )
+        delivery = EventDelivery.objects.select_for_update().get(event=event, receiver=name)
+        if delivery.delivered_at is not None:  # a twin delivered it meanwhile
+            return _DELIVERED
+        delivery.attempts += 1
+        delivery.last_error = f"{type(exc).__name__}: {exc}"[:2000]
+        if delivery.attempts >= conf.EVENT_MAX_ATTEMPTS:
+            delivery.next_attempt_at, delivery.parked_at = None, now
+        else:
+            backoff = conf.EVENT_RETRY_BACKOFF * 2 ** (delivery.attempts - 1)
+            delivery.next_attempt_at = now + timedelta(
+                seconds=min(backoff, conf.EVENT_RETRY_MAX_BACKOFF)
+            )
+        delivery.save()
+    parked = delivery.parked_at is not None
+    log_event(
+        logger,
+        "event.parked" if parked else "event.failed",
+        "Receiver {receiver} raised on event {event_type} {event_id} of order {order_id} "
+        "(attempt {attempts}): {error}. "
+        + (
+            "Parked: retry it from the admin once fixed."
+            if parked
+            else "Next try at {next_attempt_at}."
+        ),
+        level=logging.ERROR if parked else logging.WARNING,
+        exc_info=True,
+        order_id=str(event.order_id),
+        event_type=event.event_type,
+        event_id=str(event.event_id),
+        receiver=name,
+        attempts=delivery.attempts,
+        error=delivery.last_error,
+        next_attempt_at=delivery.next_attempt_at.isoformat() if delivery.next_attempt_at else None,
+    )
+    return delivery.next_attempt_at
+
+
+def _webhook_deliveries(event: OrderTransition, *, now: datetime) -> list[WebhookDelivery]:
+    """One delivery per active endpoint that hears the event (once: a second dispatch
+    creates none)."""
+    endpoints = [
+        e for e in WebhookEndpoint.objects.filter(active=True) if e.hears(event.event_type)
+    ]
+    if not endpoints:
+        return []
+    WebhookDelivery.objects.bulk_create(
+        [
+            WebhookDelivery(event=event, endpoint=endpoint, next_attempt_at=now, created_at=now)
+            for endpoint in endpoints
+        ],
+        ignore_conflicts=True,
+    )
+    return list(
+        WebhookDelivery.objects.filter(
+            event=event, endpoint__in=endpoints, delivered_at__isnull=True, attempts=0
+        )
+    )
+
+
+# The sweep's part, and the admin's ----------------------------------------------------------
+
+
+def redispatch_late(*, now: datetime | None = None) -> int:
+    """Queue again the dispatch of events owed longer than EVENT_GRACE (their task was
+    lost, or a receiver's retry is due). Returns how many orders were queued."""
+    conf = get_settings()
+    now = now or timezone.now()
+    late = (
+        OrderTransition.objects.filter(
+            next_dispatch_at__lte=now - timedelta(seconds=conf.EVENT_GRACE)
+        )
+        .values_list("order_id", flat=True)
+        .distinct()
+    )
+    order_ids = list(late[: conf.SWEEP_BATCH_SIZE])
+    announce(order_ids)
+    return len(order_ids)
+
+
+def retry_parked(deliveries: Iterable[EventDelivery], *, now: datetime | None = None) -> int:
+    """Un-park deliveries (the receiver was fixed) and queue their orders' events again,
+    from the parked event on. Returns how many were un-parked."""
+    now = now or timezone.now()
+    count = 0
+    with transaction.atomic():
+        for delivery in deliveries:
+            if delivery.parked_at is None:
+                continue
+            EventDelivery.objects.filter(pk=delivery.pk).update(
+                parked_at=None, next_attempt_at=None, attempts=0
+            )
+            event = delivery.event
+            # The parked event and those it held back: the ones this receiver has not taken.
+            taken = EventDelivery.objects.filter(
+                event=OuterRef("pk"), receiver=delivery.receiver, delivered_at__isnull=False
+            )
+            OrderTransition.objects.filter(order_id=event.order_id, id__gte=event.pk).exclude(
+                Exists(taken)
+            ).update(next_dispatch_at=now)
+            announce([event.order_id])
+            count += 1
+    return count
+
+
+def prune(*, now: datetime | None = None) -> tuple[int, int]:
+    """Delete delivery records and webhook attempts older than EVENT_RETENTION. Records
+    of an order with a parked delivery stay: its later events may still be owed to that
+    receiver, and their other records say who already took them."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=get_settings().EVENT_RETENTION)
+    parked_orders = EventDelivery.objects.filter(parked_at__isnull=False).values("event__order_id")
+    records, _ = (
+        EventDelivery.objects.filter(delivered_at__lt=cutoff)
+        .exclude(event__order_id__in=parked_orders)
+        .delete()
+    )
+    webhooks, _ = WebhookDelivery.objects.filter(
+        created_at__lt=cutoff, next_attempt_at=None
+    ).delete()
+    return records, webhooks
