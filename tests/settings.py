@@ -44,6 +44,10 @@ for _option in ("unacked_restore_interval", "unacked_restore_throttle"):
 # outlast the sweep interval.
 if os.environ.get("ORDERS_TEST_EXPIRY_DELAY"):
     INSTALLED_APPS = [*INSTALLED_APPS, "tests.slow_expiry"]  # noqa: F405
+# Receivers that count their effects (tests/effects): the table always, the receivers
+# only where ORDERS_TEST_RECEIVERS is set. Before a shop's app, so that in its workers
+# the test receivers are connected (and called) before the shop's own.
+INSTALLED_APPS = [*INSTALLED_APPS, "tests.effects"]
 # The suite once more with a shop's own order model: set ORDERS_ORDER_MODEL in the
 # environment (the worker processes get it too) to swapshop.Order (tests/swapshop, the
 # least a shop adds) or shop.Order (the example shop, docs/examples/shop).
