@@ -16,8 +16,6 @@ class Product(models.Model):
 
 class Order(AbstractOrder):
     customer = models.CharField(max_length=64)
-    # Set once, by the receiver that gives the reserved units back (receivers.py).
-    stock_released = models.BooleanField(default=False, editable=False)
 
 
 class OrderLine(models.Model):

@@ -3,7 +3,6 @@ reserved stock back, once. (A refunded order is closed too: its goods left, no s
 
 from typing import Any
 
-from django.db import transaction
 from django.db.models import F
 from django.dispatch import receiver
 
@@ -15,12 +14,10 @@ from orders.signals import order_cancelled, order_expired
 @receiver(order_expired, sender=Order, dispatch_uid="shop.release_stock.expired")
 @receiver(order_cancelled, sender=Order, dispatch_uid="shop.release_stock.cancelled")
 def release_stock(sender: Any, order: Order, **kwargs: Any) -> None:
+    # Called once per event in effect: inside a transaction with its delivery record,
+    # which commits with these updates or not at all (orders.events).
     if order.cancel_reason == CancelReason.REFUND:
         return
-    with transaction.atomic():
-        # The flag makes a second delivery of the signal a no-op.
-        if not Order.objects.filter(pk=order.pk, stock_released=False).update(stock_released=True):
-            return
-        # By product id, as checkout locks them: no deadlock between the two.
-        for line in OrderLine.objects.filter(order_id=order.pk).order_by("product_id"):
-            Product.objects.filter(pk=line.product_id).update(stock=F("stock") + line.quantity)
+    # By product id, as checkout locks them: no deadlock between the two.
+    for line in OrderLine.objects.filter(order_id=order.pk).order_by("product_id"):
+        Product.objects.filter(pk=line.product_id).update(stock=F("stock") + line.quantity)
