@@ -33,7 +33,7 @@ from django.utils.html import format_html
 from django.utils.module_loading import import_string
 from django.utils.safestring import SafeString
 
-from orders import get_order_model, selectors, services
+from orders import events, get_order_model, selectors, services
 from orders.conf import get_settings
 from orders.forms import ReasonForm
 from orders.gateways import GatewayError
@@ -41,6 +41,7 @@ from orders.logging import log_event
 from orders.models import (
     AbstractOrder,
     CancelReason,
+    EventDelivery,
     OrderTransition,
     ParcelEvent,
     Payment,
@@ -53,8 +54,9 @@ if TYPE_CHECKING:
     # mixin is a ModelAdmin[Model], so the methods it shares with ours take any Model.
     _ModelAdmin = admin.ModelAdmin[AbstractOrder]
     _Inline = admin.TabularInline[Any, AbstractOrder]
+    _DeliveryAdmin = admin.ModelAdmin[EventDelivery]
 else:
-    _ModelAdmin, _Inline = admin.ModelAdmin, admin.TabularInline
+    _ModelAdmin, _Inline, _DeliveryAdmin = admin.ModelAdmin, admin.TabularInline, admin.ModelAdmin
 
 STATUS_COLOURS = {
     Status.CREATED: "#b26a00",
@@ -108,7 +110,23 @@ class _ReadOnlyInline(_Inline):
 class OrderTransitionInline(_ReadOnlyInline):
     model = OrderTransition
     verbose_name_plural = "history"
-    fields = readonly_fields = ("transition", "source", "target", "actor", "reason", "at")
+    fields = readonly_fields = (
+        "transition",
+        "source",
+        "target",
+        "actor",
+        "reason",
+        "at",
+        "event_type",
+        "delivered",
+    )
+
+    @admin.display(description="heard")
+    def delivered(self, row: OrderTransition) -> str:
+        # What the shop's receivers made of the event (orders.events).
+        if row.next_dispatch_at is not None:
+            return "owed"
+        return "yes" if row.pk else ""
 
 
 class PaymentInline(_ReadOnlyInline):
@@ -440,6 +458,8 @@ class OrderAdmin(_ModelAdmin):
             },
             "sweep": selectors.sweep_health(now=now),
             "sweep_interval": get_settings().SWEEP_INTERVAL,
+            "events": selectors.event_backlog(now=now),
+            "deliveries_url": reverse(f"{self.admin_site.name}:orders_eventdelivery_changelist"),
         }
         return TemplateResponse(request, "admin/orders/order/overview.html", context)
 
@@ -715,3 +735,101 @@ def _chart(activity: Sequence[selectors.HourlyActivity]) -> list[dict[str, Any]]
 
 # The project's order model, whichever it is (ORDERS_ORDER_MODEL).
 admin.site.register(get_order_model(), OrderAdmin)
+
+
+# Events: what the shop's receivers were told ------------------------------------------
+
+
+class DeliveryStateFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("parked", "Parked"), ("retrying", "Retrying"), ("delivered", "Delivered")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        undelivered = queryset.filter(delivered_at__isnull=True)
+        return {
+            "parked": undelivered.filter(parked_at__isnull=False),
+            "retrying": undelivered.filter(parked_at__isnull=True),
+            "delivered": queryset.filter(delivered_at__isnull=False),
+        }.get(self.value() or "", queryset)
+
+
+@admin.register(EventDelivery)
+class EventDeliveryAdmin(_DeliveryAdmin):
+    """Each event as each receiver took it (or did not). Read-only: the one thing staff
+    do here is retry parked deliveries once the receiver is fixed."""
+
+    list_display = (
+        "event_type",
+        "order_link",
+        "receiver",
+        "state",
+        "attempts",
+        "next_attempt_at",
+        "short_error",
+    )
+    list_filter = (DeliveryStateFilter, "receiver")
+    list_select_related = ("event",)
+    search_fields = ("receiver", "=event__event_id", "=event__order__id")
+    ordering = ("-id",)
+    actions = ("retry_selected",)
+    readonly_fields = (
+        "event",
+        "receiver",
+        "attempts",
+        "delivered_at",
+        "next_attempt_at",
+        "parked_at",
+        "last_error",
+        "created_at",
+    )
+
+    @admin.display(description="event", ordering="event__event_type")
+    def event_type(self, delivery: EventDelivery) -> str:
+        return delivery.event.event_type
+
+    @admin.display(description="order")
+    def order_link(self, delivery: EventDelivery) -> SafeString:
+        opts = get_order_model()._meta
+        url = reverse(
+            f"{self.admin_site.name}:{opts.app_label}_{opts.model_name}_change",
+            args=[quote(delivery.event.order_id)],
+        )
+        return format_html('<a href="{}">{}</a>', url, str(delivery.event.order_id)[:8])
+
+    @admin.display(description="state")
+    def state(self, delivery: EventDelivery) -> str:
+        if delivery.delivered_at is not None:
+            return "delivered"
+        return "parked" if delivery.parked_at is not None else "retrying"
+
+    @admin.display(description="last error")
+    def short_error(self, delivery: EventDelivery) -> str:
+        return delivery.last_error[:80]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.action(description="Retry selected parked deliveries", permissions=["change"])
+    def retry_selected(self, request: HttpRequest, queryset: QuerySet[EventDelivery]) -> None:
+        parked = queryset.filter(parked_at__isnull=False, delivered_at__isnull=True)
+        retried = events.retry_parked(parked.select_related("event"))
+        log_event(
+            logger,
+            "admin.retry_parked",
+            "{actor} retried {retried} parked event deliveries.",
+            actor=str(request.user),
+            retried=retried,
+        )
+        skipped = queryset.count() - retried
+        self.message_user(
+            request,
+            f"{retried} parked {'delivery' if retried == 1 else 'deliveries'} queued again"
+            + (f"; {skipped} not parked, left alone." if skipped else "."),
+            messages.SUCCESS if retried else messages.WARNING,
+        )

@@ -132,6 +132,28 @@ class OrdersCollector(Collector):
             "Paid orders still not shipped SHIPPING_RETRY_AFTER seconds after payment.",
             value=snap.shipments_stuck,
         )
+        yield GaugeMetricFamily(
+            "orders_events_owed",
+            "Events (history rows) that still owe a delivery to some receiver.",
+            value=snap.events.owed,
+        )
+        yield GaugeMetricFamily(
+            "orders_events_late",
+            "Of those, the ones owed for more than EVENT_GRACE seconds. Growing: the "
+            "workers do not keep up, or dispatch tasks are lost and the sweep is not running.",
+            value=snap.events.late,
+        )
+        yield GaugeMetricFamily(
+            "orders_event_deliveries_retrying",
+            "Deliveries to a receiver that raised, waiting for their next try.",
+            value=snap.events.retrying,
+        )
+        yield GaugeMetricFamily(
+            "orders_event_deliveries_parked",
+            "Deliveries that failed EVENT_MAX_ATTEMPTS times and wait for a retry from the "
+            "admin (Event deliveries, action Retry). Above zero: a receiver is broken.",
+            value=snap.events.parked,
+        )
 
 
 # The view -------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from orders.models import (
     TIMER,
     AbstractOrder,
     CancelReason,
+    EventDelivery,
     OrderTransition,
     Payment,
     Status,
@@ -212,6 +213,20 @@ class LatenessHistogram:
 
 
 @dataclass(frozen=True)
+class EventBacklog:
+    """What the shop has not heard yet (orders.events)."""
+
+    #: Events that still owe a delivery to some receiver.
+    owed: int
+    #: Of those, the ones owed for longer than EVENT_GRACE (their retry or their task).
+    late: int
+    #: Deliveries to a receiver that raised and will be tried again.
+    retrying: int
+    #: Deliveries that failed EVENT_MAX_ATTEMPTS times: they wait for the admin's retry.
+    parked: int
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """What the shop looks like now, from the database: the numbers behind ``/metrics``
     and ``manage.py orders_status``."""
@@ -229,6 +244,25 @@ class Snapshot:
     shipments_pending: int
     shipments_stuck: int
     stale_after: timedelta
+    events: EventBacklog
+
+
+def event_backlog(now: datetime | None = None) -> EventBacklog:
+    now = now or timezone.now()
+    grace = timedelta(seconds=get_settings().EVENT_GRACE)
+    owed = OrderTransition.objects.filter(next_dispatch_at__isnull=False).aggregate(
+        owed=Count("pk"), late=Count("pk", filter=Q(next_dispatch_at__lt=now - grace))
+    )
+    deliveries = EventDelivery.objects.filter(delivered_at__isnull=True).aggregate(
+        retrying=Count("pk", filter=Q(parked_at__isnull=True)),
+        parked=Count("pk", filter=Q(parked_at__isnull=False)),
+    )
+    return EventBacklog(
+        owed=owed["owed"],
+        late=owed["late"],
+        retrying=deliveries["retrying"],
+        parked=deliveries["parked"],
+    )
 
 
 def expiries_by_actor() -> dict[str, int]:
@@ -306,4 +340,5 @@ def read_snapshot(now: datetime | None = None) -> Snapshot:
         shipments_pending=shipments["pending"],
         shipments_stuck=shipments["stuck"],
         stale_after=stale_after,
+        events=event_backlog(now),
     )

@@ -12,6 +12,8 @@ no unique constraint, so that a doubled effect would show.
 
 from __future__ import annotations
 
+import io
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -20,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.contrib.auth.models import Permission
+from django.core.management import call_command
 from django.db import connection
 from django.db.models import Count
+from django.urls import reverse
 from django.utils import timezone
 from pytest_django import Settings
 
@@ -330,3 +335,74 @@ def test_two_dispatchers_at_once_one_effect(effects: None, monkeypatch: pytest.M
     assert sorted(per_delivery) == [1] * (len(orders) * 2 * 2), "an effect twice, or missing"
     assert all(owed(order) == [] for order in orders)
     assert {order.status for order in Order.objects.filter(pk__in=ids)} == {Status.CANCELLED}
+
+
+# What staff and operators see ------------------------------------------------------------
+
+
+@pytest.fixture
+def parked(calls: Calls, settings: Settings) -> EventDelivery:
+    """A cancelled order whose receiver failed until it was parked."""
+    settings.ORDERS = settings.ORDERS | {"EVENT_MAX_ATTEMPTS": 1}
+    order = services.place_order(amount="10.00", timeout=600)
+    services.cancel_order(order_id=order.pk, by="customer", reason="")
+    calls.failing.add(str(order.pk))
+    events.dispatch([order.pk])
+    calls.failing.clear()
+    return EventDelivery.objects.get(parked_at__isnull=False)
+
+
+@pytest.mark.django_db
+def test_parked_deliveries_are_shown_in_the_overview_metrics_and_status(
+    parked: EventDelivery, admin_client: Any, client: Any
+) -> None:
+    page = admin_client.get(reverse("admin:orders_order_overview")).content.decode()
+    assert "1 delivery is parked" in page
+    assert re.search(r'id="events-parked">1<', page)
+    assert re.search(r'id="events-owed">0<', page)
+
+    metrics = client.get("/metrics", HTTP_AUTHORIZATION="Bearer test-metrics-token")
+    assert "orders_event_deliveries_parked 1.0" in metrics.content.decode()
+
+    out = io.StringIO()
+    call_command("orders_status", stdout=out)
+    assert "1 parked" in out.getvalue()
+
+
+@pytest.mark.django_db
+def test_staff_retry_a_parked_delivery_from_the_admin(
+    parked: EventDelivery, calls: Calls, admin_client: Any
+) -> None:
+    changelist = reverse("admin:orders_eventdelivery_changelist")
+    listed = admin_client.get(f"{changelist}?state=parked").content.decode()
+    assert "tests.calls" in listed
+    assert "cannot handle" in listed
+
+    response = admin_client.post(
+        changelist,
+        {"action": "retry_selected", "_selected_action": [parked.pk]},
+        follow=True,
+    )
+
+    assert "1 parked delivery queued again." in response.content.decode()
+    parked.refresh_from_db()
+    assert parked.parked_at is None
+    events.dispatch([parked.event.order_id])  # what the queued task does
+    assert [kind for kind, _ in calls.seen] == ["order.placed", "order.cancelled"]
+
+
+@pytest.mark.django_db
+def test_staff_without_the_permission_cannot_retry(
+    parked: EventDelivery, client: Any, django_user_model: Any
+) -> None:
+    viewer = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_eventdelivery"))
+    client.force_login(viewer)
+    changelist = reverse("admin:orders_eventdelivery_changelist")
+    response = client.post(
+        changelist, {"action": "retry_selected", "_selected_action": [parked.pk]}
+    )
+    assert response.status_code == 200  # the list again: Django offers no such action
+    parked.refresh_from_db()
+    assert parked.parked_at is not None
+    assert not OrderTransition.objects.filter(next_dispatch_at__isnull=False).exists()

@@ -62,6 +62,18 @@ class Command(BaseCommand):
             f"Refunds of payments that did not pay their order: {snap.refunds_pending} "
             f"waiting, {snap.refunds_failing} of them for more than {stale}."
         )
+        backlog = snap.events
+        write(
+            f"Events: {backlog.owed} owed to a receiver ({backlog.late} late), "
+            f"{backlog.retrying} deliveries retrying, {backlog.parked} parked."
+        )
+        if backlog.parked:
+            write(
+                self.style.WARNING(
+                    "  A receiver failed too often: fix it, then retry its parked deliveries "
+                    "in the admin (Event deliveries)."
+                )
+            )
         self._workers()
 
     def _next_deadlines(self, now: datetime, limit: int) -> None:
