@@ -257,3 +257,23 @@ def _visibility_timeout() -> int:
     # Read from the Celery app the host project configured, whatever its namespace.
     options = current_app.conf.broker_transport_options or {}
     return int(options.get("visibility_timeout", 3600))
+
+
+@register("orders")
+def check_receivers(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """A receiver's name keys its delivery records (orders.events): one that changes
+    between deploys (a lambda, a function defined inside another) would get every event
+    still owed to it again, under its new name."""
+    from orders.signals import SIGNALS
+
+    return [
+        Warning(
+            f"The receiver {name!r} of {signal.event_type} has no stable name.",
+            hint="Connect a module-level function, or give it a dispatch_uid: its name keys "
+            "the records that make each event reach it once.",
+            id="orders.W002",
+        )
+        for signal in SIGNALS.values()
+        for name in signal.connected
+        if "<" in name
+    ]

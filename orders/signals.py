@@ -25,7 +25,9 @@ from django.dispatch import Signal
 def receiver_name(receiver: Callable[..., Any], dispatch_uid: Hashable | None = None) -> str:
     if dispatch_uid is not None:
         return str(dispatch_uid)
-    return f"{receiver.__module__}.{receiver.__qualname__}"
+    # A function or method by its qualified name; any other callable by its class's.
+    qualname = getattr(receiver, "__qualname__", None) or type(receiver).__qualname__
+    return f"{receiver.__module__}.{qualname}"
 
 
 class OrderSignal(Signal):

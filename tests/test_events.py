@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.core.checks import run_checks
 from django.core.management import call_command
 from django.db import connection
 from django.db.models import Count
@@ -406,3 +407,16 @@ def test_staff_without_the_permission_cannot_retry(
     parked.refresh_from_db()
     assert parked.parked_at is not None
     assert not OrderTransition.objects.filter(next_dispatch_at__isnull=False).exists()
+
+
+def test_a_receiver_without_a_stable_name_is_warned_about() -> None:
+    def local(**kwargs: Any) -> None:
+        pass
+
+    order_expired.connect(local)
+    try:
+        [warning] = [m for m in run_checks() if m.id == "orders.W002"]
+    finally:
+        order_expired.disconnect(local)
+    assert "test_a_receiver_without_a_stable_name_is_warned_about.<locals>.local" in warning.msg
+    assert not [m for m in run_checks() if m.id == "orders.W002"]
