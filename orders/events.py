@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -111,24 +111,36 @@ def record(order: AbstractOrder, **row: Any) -> OrderTransition:
     return event
 
 
+@dataclass
+class _Batch:
+    """The history rows of a batch of transitions, and who listens to which event type
+    (looked up once per batch)."""
+
+    rows: list[OrderTransition] = field(default_factory=list)
+    heard: dict[str, bool] = field(default_factory=dict)
+
+    def listened(self, event_type: str) -> bool:
+        if event_type not in self.heard:
+            self.heard[event_type] = listened(event_type)
+        return self.heard[event_type]
+
+
 #: While set, transitions append their history rows here instead of inserting them.
-_history_batch: ContextVar[list[OrderTransition] | None] = ContextVar(
-    "orders_history_batch", default=None
-)
+_history_batch: ContextVar[_Batch | None] = ContextVar("orders_history_batch", default=None)
 
 
 @contextmanager
 def history_in_bulk() -> Iterator[None]:
-    """Record the transitions made inside with one INSERT at the end, for batches; the
-    listeners are looked up once per batch, and one dispatch task is queued for all."""
-    rows: list[OrderTransition] = []
-    token = _history_batch.set(rows)
+    """Record the transitions made inside with one INSERT at the end, for batches; one
+    dispatch task is queued for all of them."""
+    batch = _Batch()
+    token = _history_batch.set(batch)
     try:
         yield
     finally:
         _history_batch.reset(token)
-    OrderTransition.objects.bulk_create(rows)
-    announce(sorted({row.order_id for row in rows if row.next_dispatch_at is not None}))
+    OrderTransition.objects.bulk_create(batch.rows)
+    announce(sorted({row.order_id for row in batch.rows if row.next_dispatch_at is not None}))
 
 
 @receiver(post_transition, dispatch_uid="orders.events.record_transition")
@@ -146,7 +158,6 @@ def _record_transition(
     # only the order's are ours (whichever model the shop swapped in).
     if not isinstance(instance, AbstractOrder):
         return
-    batch = _history_batch.get()
     fields = {
         "transition": name,
         "source": source,
@@ -155,20 +166,11 @@ def _record_transition(
         "reason": method_kwargs.get("reason", ""),
         "at": method_kwargs.get("at"),
     }
+    batch = _history_batch.get()
     if batch is None:
         record(instance, **fields)
-        return
-    if not batch:  # the first of the batch: who listens is looked up once for all
-        heard: dict[str, bool] = {}
-        _batch_listeners.set(
-            lambda kind: heard[kind] if kind in heard else heard.setdefault(kind, listened(kind))
-        )
-    batch.append(history_row(instance, listeners=_batch_listeners.get(), **fields))
-
-
-_batch_listeners: ContextVar[Callable[[str], bool] | None] = ContextVar(
-    "orders_batch_listeners", default=None
-)
+    else:
+        batch.rows.append(history_row(instance, listeners=batch.listened, **fields))
 
 
 def announce(order_ids: Iterable[Any]) -> None:

@@ -201,6 +201,23 @@ def test_a_receiver_failing_too_often_is_parked_until_retried_from_the_admin(
 
 
 @pytest.mark.django_db
+def test_a_batch_of_expiries_queues_one_dispatch_for_all_its_events(
+    calls: Calls, django_capture_on_commit_callbacks: Any
+) -> None:
+    past = timezone.now() - timedelta(minutes=5)
+    orders = [services.place_order(amount="10.00", timeout=60, now=past) for _ in range(3)]
+    events.dispatch([order.pk for order in orders])  # their order.placed
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        expired, _ = services.expire_due_orders(due_by=timezone.now(), by="sweep")
+    assert expired == 3
+    assert len(queued) == 1, "one dispatch task for the whole batch"
+    events.dispatch([order.pk for order in orders])
+    assert sorted(calls.seen) == sorted(
+        [(kind, str(order.pk)) for order in orders for kind in ("order.placed", "order.expired")]
+    )
+
+
+@pytest.mark.django_db
 def test_the_sweep_requeues_events_whose_dispatch_is_late(
     calls: Calls, settings: Settings, django_capture_on_commit_callbacks: Any
 ) -> None:
