@@ -218,6 +218,26 @@ def test_a_batch_of_expiries_queues_one_dispatch_for_all_its_events(
 
 
 @pytest.mark.django_db
+def test_a_receiver_raising_in_a_sweep_costs_neither_the_sweep_nor_the_other_orders(
+    calls: Calls, settings: Settings
+) -> None:
+    """The report that started it: a receiver raising for 2 of the 20 orders a sweep
+    expired stopped the other on-commit hooks (18 receivers never ran) and failed the
+    sweep. Receivers no longer run in the sweep's process, nor in its transaction."""
+    settings.ORDERS = settings.ORDERS | {"SWEEP_GRACE": 0}
+    past = timezone.now() - timedelta(minutes=5)
+    orders = [services.place_order(amount="10.00", timeout=60, now=past) for _ in range(20)]
+    calls.failing.update(str(order.pk) for order in orders[:2])
+
+    assert services.sweep().expired == 20
+    events.dispatch([order.pk for order in orders])
+
+    expired = {order_id for kind, order_id in calls.seen if kind == "order.expired"}
+    assert expired == {str(order.pk) for order in orders[2:]}
+    assert EventDelivery.objects.filter(delivered_at__isnull=True).count() == 2
+
+
+@pytest.mark.django_db
 def test_the_sweep_requeues_events_whose_dispatch_is_late(
     calls: Calls, settings: Settings, django_capture_on_commit_callbacks: Any
 ) -> None:
