@@ -169,6 +169,8 @@ CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE = {
     "orders-sweep": {"task": "orders.sweep", "schedule": float(ORDERS["SWEEP_INTERVAL"])},
     "orders-poll-parcels": {"task": "orders.poll_parcels", "schedule": 60.0},
+    # Webhook retries are due at times kept in the database: this picks them up.
+    "orders-send-due-webhooks": {"task": "orders.send_due_webhooks", "schedule": 10.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULER = "config.celery:BeatScheduler"  # makes the file's folder

@@ -22,20 +22,20 @@ from django.contrib.admin.views.main import ChangeList
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import PermissionDenied
 from django.db import models
-from django.db.models import QuerySet
+from django.db.models import OuterRef, QuerySet, Subquery
 from django.forms import ModelForm
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import dateformat, timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.module_loading import import_string
 from django.utils.safestring import SafeString
 
-from orders import events, get_order_model, selectors, services
+from orders import events, get_order_model, outbound, selectors, services
 from orders.conf import get_settings
-from orders.forms import ReasonForm
+from orders.forms import ReasonForm, WebhookEndpointForm
 from orders.gateways import GatewayError
 from orders.logging import log_event
 from orders.models import (
@@ -46,6 +46,9 @@ from orders.models import (
     ParcelEvent,
     Payment,
     Status,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
     permission_name,
 )
 
@@ -54,9 +57,13 @@ if TYPE_CHECKING:
     # mixin is a ModelAdmin[Model], so the methods it shares with ours take any Model.
     _ModelAdmin = admin.ModelAdmin[AbstractOrder]
     _Inline = admin.TabularInline[Any, AbstractOrder]
-    _DeliveryAdmin = admin.ModelAdmin[EventDelivery]
+    _EventDeliveryAdmin = admin.ModelAdmin[EventDelivery]
 else:
-    _ModelAdmin, _Inline, _DeliveryAdmin = admin.ModelAdmin, admin.TabularInline, admin.ModelAdmin
+    _ModelAdmin, _Inline, _EventDeliveryAdmin = (
+        admin.ModelAdmin,
+        admin.TabularInline,
+        admin.ModelAdmin,
+    )
 
 STATUS_COLOURS = {
     Status.CREATED: "#b26a00",
@@ -284,8 +291,13 @@ class OrderAdmin(_ModelAdmin):
                 )
             },
         ),
+        ("Webhooks", {"fields": ("webhook_deliveries",)}),
     )
-    readonly_fields = (*(f.name for f in get_order_model()._meta.fields), "time_left_display")
+    readonly_fields = (
+        *(f.name for f in get_order_model()._meta.fields),
+        "time_left_display",
+        "webhook_deliveries",
+    )
     inlines = (PaymentInline, ParcelEventInline, OrderTransitionInline)
 
     class Media:
@@ -333,6 +345,10 @@ class OrderAdmin(_ModelAdmin):
             now.isoformat(timespec="milliseconds"),
             selectors.format_duration(seconds) if seconds > 0 else "overdue",
         )
+
+    @admin.display(description="deliveries")
+    def webhook_deliveries(self, obj: AbstractOrder) -> SafeString:
+        return order_webhook_deliveries(self.admin_site, obj)
 
     # Orders are created and changed only by orders.services.
 
@@ -737,10 +753,274 @@ def _chart(activity: Sequence[selectors.HourlyActivity]) -> list[dict[str, Any]]
 admin.site.register(get_order_model(), OrderAdmin)
 
 
-# Events: what the shop's receivers were told ------------------------------------------
+# Outbound webhooks ---------------------------------------------------------------------------
+# Endpoints (managed here, so that a shop in another language subscribes without a deploy),
+# their deliveries with every attempt, and "Send again". Sending is orders.outbound's.
+
+if TYPE_CHECKING:
+    _EndpointAdmin = admin.ModelAdmin[WebhookEndpoint]
+    _DeliveryAdmin = admin.ModelAdmin[WebhookDelivery]
+else:
+    _EndpointAdmin = _DeliveryAdmin = admin.ModelAdmin
+
+#: The deliveries shown on an endpoint's page and on an order's page, newest first.
+RECENT_DELIVERIES = 20
+
+
+def _with_last_attempt(deliveries: QuerySet[WebhookDelivery]) -> QuerySet[WebhookDelivery]:
+    """Each delivery with its last attempt's status, error, latency and time (one query)."""
+    last = WebhookAttempt.objects.filter(delivery=OuterRef("pk")).order_by("-at", "-id")
+    return deliveries.annotate(
+        last_status=Subquery(last.values("status_code")[:1]),
+        last_error=Subquery(last.values("error")[:1]),
+        last_latency=Subquery(last.values("latency_ms")[:1]),
+        last_at=Subquery(last.values("at")[:1]),
+    )
+
+
+def _outcome(status: int | None, error: str | None, latency: float | None = None) -> str:
+    """An attempt in a few words: ``HTTP 500 in 12 ms``, or its error."""
+    if status is None and not error:
+        return "—"
+    said = f"HTTP {status}" if status is not None else (error or "")[:80]
+    return f"{said} in {latency:.0f} ms" if latency is not None else said
+
+
+def _delivery_state(delivery: WebhookDelivery) -> str:
+    if delivery.delivered_at is not None:
+        return "delivered"
+    if delivery.gave_up_at is not None:
+        return "given up"
+    return f"retrying ({delivery.attempts} failed)" if delivery.attempts else "pending"
+
+
+def _deliveries_table(site: admin.AdminSite, deliveries: QuerySet[WebhookDelivery]) -> SafeString:
+    """The most recent deliveries as a small table, each linked to its page."""
+    rows = list(
+        _with_last_attempt(deliveries)
+        .select_related("event", "endpoint")
+        .order_by("-created_at", "-id")[:RECENT_DELIVERIES]
+    )
+    if not rows:
+        return format_html("<p>{}</p>", "No webhook deliveries.")
+    body = format_html_join(
+        "",
+        '<tr><td><a href="{}">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>'
+        "<td>{}</td></tr>",
+        (
+            (
+                reverse(f"{site.name}:orders_webhookdelivery_change", args=[d.pk]),
+                d.event.event_type,
+                d.endpoint,
+                _delivery_state(d),
+                d.attempts,
+                _outcome(d.last_status, d.last_error, d.last_latency),  # type: ignore[attr-defined]
+                _time_cell(d.last_at) if d.last_at else "—",  # type: ignore[attr-defined]
+            )
+            for d in rows
+        ),
+    )
+    return format_html(
+        '<table class="orders-webhooks"><thead><tr><th>event</th><th>endpoint</th>'
+        "<th>state</th><th>failed attempts</th><th>last attempt</th><th>at</th></tr></thead>"
+        "<tbody>{}</tbody></table>",
+        body,
+    )
+
+
+def order_webhook_deliveries(site: admin.AdminSite, order: AbstractOrder) -> SafeString:
+    """The section of the order's page with its webhook deliveries (``OrderAdmin``)."""
+    return _deliveries_table(site, WebhookDelivery.objects.filter(event__order_id=order.pk))
+
+
+class WebhookEndpointAdmin(_EndpointAdmin):
+    form = WebhookEndpointForm
+    list_display = ("url", "description", "active", "event_types_display", "last_attempt")
+    list_filter = ("active",)
+    search_fields = ("url", "description")
+    list_select_related = False  # the last attempt is an annotation: no query per row
+
+    def get_fields(self, request: HttpRequest, obj: WebhookEndpoint | None = None) -> Any:
+        # The secret is made when the endpoint is saved; then shown, for staff to copy.
+        fields = ["url", "description", "event_types", "active"]
+        return fields if obj is None else [*fields, "secret", "recent_deliveries"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: WebhookEndpoint | None = None) -> Any:
+        return () if obj is None else ("secret", "recent_deliveries")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[WebhookEndpoint]:
+        last = WebhookAttempt.objects.filter(delivery__endpoint=OuterRef("pk")).order_by(
+            "-at", "-id"
+        )
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                last_status=Subquery(last.values("status_code")[:1]),
+                last_error=Subquery(last.values("error")[:1]),
+                last_at=Subquery(last.values("at")[:1]),
+            )
+        )
+
+    @admin.display(description="event types")
+    def event_types_display(self, obj: WebhookEndpoint) -> str:
+        return ", ".join(obj.event_types) or "all"
+
+    @admin.display(description="last attempt", ordering="last_at")
+    def last_attempt(self, obj: WebhookEndpoint) -> str:
+        if obj.last_at is None:  # type: ignore[attr-defined]
+            return "—"
+        return format_html(
+            "{} ({})",
+            _outcome(obj.last_status, obj.last_error),  # type: ignore[attr-defined]
+            _time_cell(obj.last_at),  # type: ignore[attr-defined]
+        )
+
+    @admin.display(description="recent deliveries")
+    def recent_deliveries(self, obj: WebhookEndpoint) -> SafeString:
+        return _deliveries_table(self.admin_site, obj.deliveries.all())
+
+
+class WebhookAttemptInline(_ReadOnlyInline):
+    model = WebhookAttempt
+    verbose_name_plural = "attempts"
+    fields = readonly_fields = ("at", "status_code", "latency_ms", "error")
 
 
 class DeliveryStateFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+    _choices: dict[str, dict[str, Any]] = {
+        "delivered": {"delivered_at__isnull": False},
+        "failing": {"delivered_at__isnull": True, "gave_up_at__isnull": True, "attempts__gt": 0},
+        "given_up": {"gave_up_at__isnull": False},
+        "pending": {"delivered_at__isnull": True, "gave_up_at__isnull": True, "attempts": 0},
+    }
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [
+            ("delivered", "Delivered"),
+            ("failing", "Failing, will be retried"),
+            ("given_up", "Given up"),
+            ("pending", "Not tried yet"),
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        return queryset.filter(**self._choices.get(self.value() or "", {}))
+
+
+class WebhookDeliveryAdmin(_DeliveryAdmin):
+    list_display = (
+        "id",
+        "event_type",
+        "order_link",
+        "endpoint",
+        "state",
+        "attempts",
+        "last_attempt",
+        "next_attempt_at",
+        "created_at",
+    )
+    list_filter = (DeliveryStateFilter, "endpoint")
+    search_fields = ("=event__event_id", "=event__order_id", "endpoint__url")
+    list_select_related = ("event", "endpoint")
+    show_full_result_count = False
+    actions = ("send_again",)
+    fields = readonly_fields = (
+        "webhook_id",
+        "event_type",
+        "order_link",
+        "endpoint",
+        "state",
+        "attempts",
+        "next_attempt_at",
+        "delivered_at",
+        "gave_up_at",
+        "created_at",
+    )
+    inlines = (WebhookAttemptInline,)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[WebhookDelivery]:
+        return _with_last_attempt(super().get_queryset(request))
+
+    # Written by orders.outbound only; staff look, and send again.
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(
+        self, request: HttpRequest, obj: WebhookDelivery | None = None
+    ) -> bool:
+        return False
+
+    def has_delete_permission(
+        self, request: HttpRequest, obj: WebhookDelivery | None = None
+    ) -> bool:
+        return False
+
+    def has_send_again_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(permission_name(WebhookDelivery, "change_webhookdelivery"))
+
+    @admin.display(description="webhook-id")
+    def webhook_id(self, obj: WebhookDelivery) -> str:
+        return str(obj.event.event_id)
+
+    @admin.display(description="event", ordering="event__event_type")
+    def event_type(self, obj: WebhookDelivery) -> str:
+        return obj.event.event_type
+
+    @admin.display(description="order")
+    def order_link(self, obj: WebhookDelivery) -> SafeString:
+        opts = get_order_model()._meta
+        url = reverse(
+            f"{self.admin_site.name}:{opts.app_label}_{opts.model_name}_change",
+            args=[quote(obj.event.order_id)],
+        )
+        return format_html('<a href="{}">{}</a>', url, str(obj.event.order_id)[:8])
+
+    @admin.display(description="state")
+    def state(self, obj: WebhookDelivery) -> str:
+        return _delivery_state(obj)
+
+    @admin.display(description="last attempt")
+    def last_attempt(self, obj: WebhookDelivery) -> str:
+        return _outcome(obj.last_status, obj.last_error, obj.last_latency)  # type: ignore[attr-defined]
+
+    @admin.action(description="Send again", permissions=["send_again"])
+    def send_again(self, request: HttpRequest, queryset: QuerySet[WebhookDelivery]) -> None:
+        chosen = list(queryset.select_related(None).only("id"))
+        queued = outbound.send_again(chosen)
+        if queued:
+            self.message_user(
+                request,
+                f"{queued} deliver{'y' if queued == 1 else 'ies'} will be sent again now, "
+                "with the same webhook-id.",
+                messages.SUCCESS,
+            )
+        if len(chosen) > queued:
+            self.message_user(
+                request,
+                f"{len(chosen) - queued} deliver{'y' if len(chosen) - queued == 1 else 'ies'} "
+                "not sent again: their endpoint is inactive. Activate it first.",
+                messages.WARNING,
+            )
+        log_event(
+            logger,
+            "admin.webhooks_sent_again",
+            "{actor} sent {queued} webhook deliveries again.",
+            actor=str(request.user),
+            queued=queued,
+        )
+
+
+admin.site.register(WebhookEndpoint, WebhookEndpointAdmin)
+admin.site.register(WebhookDelivery, WebhookDeliveryAdmin)
+
+
+# Events: what the shop's receivers were told ------------------------------------------
+
+
+class EventDeliveryStateFilter(admin.SimpleListFilter):
     title = "state"
     parameter_name = "state"
 
@@ -757,7 +1037,7 @@ class DeliveryStateFilter(admin.SimpleListFilter):
 
 
 @admin.register(EventDelivery)
-class EventDeliveryAdmin(_DeliveryAdmin):
+class EventDeliveryAdmin(_EventDeliveryAdmin):
     """Each event as each receiver took it (or did not). Read-only: the one thing staff
     do here is retry parked deliveries once the receiver is fixed."""
 
@@ -770,7 +1050,7 @@ class EventDeliveryAdmin(_DeliveryAdmin):
         "next_attempt_at",
         "short_error",
     )
-    list_filter = (DeliveryStateFilter, "receiver")
+    list_filter = (EventDeliveryStateFilter, "receiver")
     list_select_related = ("event",)
     search_fields = ("receiver", "=event__event_id", "=event__order__id")
     ordering = ("-id",)

@@ -58,3 +58,8 @@ def dispatch_events_task(order_ids: list[str]) -> dict[str, int]:
 @shared_task(name="orders.send_webhooks", acks_late=True)
 def send_webhooks_task(delivery_ids: list[str]) -> int:
     return outbound.send(delivery_ids)
+
+
+@shared_task(name="orders.send_due_webhooks", acks_late=True)
+def send_due_webhooks_task() -> int:
+    return outbound.send_due()
