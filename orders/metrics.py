@@ -154,6 +154,17 @@ class OrdersCollector(Collector):
             "admin (Event deliveries, action Retry). Above zero: a receiver is broken.",
             value=snap.events.parked,
         )
+        yield GaugeMetricFamily(
+            "orders_webhook_deliveries_retrying",
+            "Webhook deliveries whose endpoint failed, waiting for their next try.",
+            value=snap.events.webhooks_retrying,
+        )
+        yield GaugeMetricFamily(
+            "orders_webhook_deliveries_given_up",
+            "Webhook deliveries given up after WEBHOOK_GIVE_UP_AFTER (send them again "
+            "from the admin once the endpoint is back).",
+            value=snap.events.webhooks_given_up,
+        )
 
 
 # The view -------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from orders.models import (
     Payment,
     Status,
     SweepRun,
+    WebhookDelivery,
 )
 
 
@@ -224,6 +225,9 @@ class EventBacklog:
     retrying: int
     #: Deliveries that failed EVENT_MAX_ATTEMPTS times: they wait for the admin's retry.
     parked: int
+    #: Webhook deliveries that failed and will be tried again, and those given up.
+    webhooks_retrying: int
+    webhooks_given_up: int
 
 
 @dataclass(frozen=True)
@@ -257,11 +261,17 @@ def event_backlog(now: datetime | None = None) -> EventBacklog:
         retrying=Count("pk", filter=Q(parked_at__isnull=True)),
         parked=Count("pk", filter=Q(parked_at__isnull=False)),
     )
+    webhooks = WebhookDelivery.objects.filter(delivered_at__isnull=True).aggregate(
+        retrying=Count("pk", filter=Q(next_attempt_at__isnull=False, attempts__gt=0)),
+        given_up=Count("pk", filter=Q(gave_up_at__isnull=False)),
+    )
     return EventBacklog(
         owed=owed["owed"],
         late=owed["late"],
         retrying=deliveries["retrying"],
         parked=deliveries["parked"],
+        webhooks_retrying=webhooks["retrying"],
+        webhooks_given_up=webhooks["given_up"],
     )
 
 

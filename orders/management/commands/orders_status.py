@@ -65,7 +65,8 @@ class Command(BaseCommand):
         backlog = snap.events
         write(
             f"Events: {backlog.owed} owed to a receiver ({backlog.late} late), "
-            f"{backlog.retrying} deliveries retrying, {backlog.parked} parked."
+            f"{backlog.retrying} deliveries retrying, {backlog.parked} parked; webhooks: "
+            f"{backlog.webhooks_retrying} retrying, {backlog.webhooks_given_up} given up."
         )
         if backlog.parked:
             write(
