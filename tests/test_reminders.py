@@ -8,13 +8,18 @@ sweeps at once on the real database; then a real worker on real Redis.
 
 from __future__ import annotations
 
+import os
+import random
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 from pytest_django import DjangoCaptureOnCommitCallbacks, Settings
 
@@ -23,9 +28,10 @@ from orders.conf import DEFAULTS
 from orders.models import REMIND, SWEEP, TIMER, AbstractOrder, OrderTransition, Status
 from orders.services import ReminderOutcome
 from orders.tasks import remind_order_task
-from tests.chaos import key_prefix, wait_for, workers
+from tests.chaos import key_prefix, reminder_violations, wait_for, workers
 from tests.conftest import at_once, worker_env
-from tests.redis_server import publishing_to
+from tests.gateways import redis_client
+from tests.redis_server import publishing_to, queued, unacked
 
 Order = get_order_model()
 
@@ -395,3 +401,98 @@ def test_the_reminder_arrives_before_the_deadline_and_then_the_order_expires(
         assert early > WORKER_BEFORE - 1.5, f"reminded {WORKER_BEFORE - early:.3f}s late"
         assert reminders(order)[0][0] == "expiry timer"
     assert reminders(paid) == [], "no reminder for a paid order"
+
+
+# Randomized: payments, cancellations, extensions and duplicate timers at reminder time ----
+
+CHAOS_BEFORE = 3  # REMIND_BEFORE of the randomized run (seconds)
+ACTIONS = ("pay", "cancel", "extend")
+
+
+def act(action: str, order_id: Any, rng: random.Random) -> str:
+    """One customer's move on an order; what it came to."""
+    try:
+        if action == "pay":
+            ref = f"pay-{order_id}"
+            payment = services.record_payment(order_id=order_id, payment_ref=ref, amount="10.00")
+            return f"pay {payment.outcome}"
+        if action == "cancel":
+            services.cancel_order(order_id=order_id, by="customer")
+        else:
+            services.extend_order(order_id=order_id, seconds=rng.uniform(1, 3), by="customer")
+    except services.InvalidTransition:
+        return f"{action} refused"
+    return f"{action} done"
+
+
+@pytest.mark.chaos
+@pytest.mark.django_db(transaction=True)
+def test_randomized_races_keep_one_reminder_per_deadline_and_none_after_pay_or_cancel(
+    settings: Settings,
+) -> None:
+    seed = int(os.environ.get("ORDERS_CHAOS_SEED") or random.randrange(1_000_000))
+    rng = random.Random(seed)
+    mode = rng.choice(["per_order", "batched"])
+    n = 60 if connection.vendor == "postgresql" else 40
+    # Sweeps with no grace: they race the timers at every reminder time and deadline.
+    settings.ORDERS = settings.ORDERS | {
+        "REMIND_BEFORE": CHAOS_BEFORE,
+        "TIMER_MODE": mode,
+        "SWEEP_GRACE": 0,
+    }
+    print(f"\nrandomized reminders: seed {seed}, {n} orders, {mode}, {connection.vendor}")
+    prefix = key_prefix("remind-chaos")
+    env = worker_env(
+        CELERY_KEY_PREFIX=prefix,
+        ORDERS_REMIND_BEFORE=str(CHAOS_BEFORE),
+        ORDERS_LOG_LEVEL="WARNING",
+    )
+    broker = redis_client()
+    made: list[str] = []  # what each move came to (list.append: safe across threads)
+    with workers("remind-chaos", 2, env), publishing_to(settings.CELERY_BROKER_URL, prefix):
+        orders = [services.place_order(amount="10.00", timeout=rng.uniform(4, 8)) for _ in range(n)]
+        scripts: list[list[tuple[float, str, Any]]] = [[], [], []]
+        for order in orders:
+            remind_at = order.expires_at.timestamp() - CHAOS_BEFORE
+            if rng.random() < 0.7:
+                when = remind_at + rng.uniform(-0.3, 0.3)
+                rng.choice(scripts).append((when, rng.choice(ACTIONS), order.pk))
+            for _ in range(2):  # its reminder timer, twice more
+                remind_order_task.apply_async(
+                    args=(str(order.pk), order.expires_at.isoformat()),
+                    countdown=max(0.0, remind_at - time.time() + rng.uniform(-0.2, 0.2)),
+                )
+
+        def run(script: list[tuple[float, str, Any]], seed: int) -> None:
+            own = random.Random(seed)
+            try:
+                for when, action, order_id in sorted(script, key=lambda step: step[0]):
+                    time.sleep(max(0.0, when - time.time()))
+                    made.append(act(action, order_id, own))
+            finally:
+                connection.close()
+
+        actors = [threading.Thread(target=run, args=(s, rng.random())) for s in scripts]
+        for actor in actors:
+            actor.start()
+        ids = [order.pk for order in orders]
+
+        def settled() -> bool:
+            services.sweep()
+            time.sleep(0.2)
+            unpaid = Order.objects.filter(pk__in=ids, status=Status.CREATED).exists()
+            return not unpaid and queued(broker, prefix) == 0 and unacked(broker, prefix) == 0
+
+        wait_for(settled, 60, "every order to settle and every timer to run")
+        for actor in actors:
+            actor.join(timeout=10)
+
+    mine = Order.objects.filter(pk__in=ids)
+    found = reminder_violations(mine, remind_before=CHAOS_BEFORE)
+    sent = OrderTransition.objects.filter(order_id__in=ids, transition=REMIND)
+    print(
+        f"moves {dict(Counter(made))}; reminders {sent.count()} "
+        f"({dict(Counter(sent.values_list('actor', flat=True)))}); violations {len(found)}"
+    )
+    assert len(made) == sum(len(s) for s in scripts), "every move was made"
+    assert found == [], "\n".join(found[:30])
