@@ -87,8 +87,12 @@ class OrdersSettings:
     WEBHOOK_RETRY_MAX_BACKOFF: int = 6 * 3600
     WEBHOOK_GIVE_UP_AFTER: int = 3 * 24 * 3600
     WEBHOOK_ALLOW_PRIVATE: bool = False
-    # Seconds before the deadline at which order.expiring_soon is sent, once per
-    # deadline (again after an extension); 0 sends none.
+    # Seconds before the deadline at which order.expiring_soon is sent to an unpaid
+    # order, once per deadline (again after an extension), never once it is paid,
+    # cancelled or past its deadline; 0 sends none, and arms and queries nothing. An order
+    # placed (or extended) with less than this left is reminded at once. The reminder's
+    # timer is armed with the deadline's, within TIMER_HORIZON: a REMIND_BEFORE beyond
+    # TIMER_HORIZON minus SWEEP_INTERVAL is sent by the sweep, up to SWEEP_INTERVAL late.
     REMIND_BEFORE: int = 0
 
 

@@ -86,7 +86,32 @@ def arm_expiry_timer(
         transaction.on_commit(lambda: publish_bucket_timer(order_id, deadline, rearm_run))
     else:
         transaction.on_commit(lambda: publish_expiry_timer(order_id, deadline))
+    # The reminder rides along: armed with the deadline's timer, so by the same rule.
+    remind_at = reminder_time(order)
+    if remind_at is not None:
+        arm_reminder_timer(order_id, deadline, remind_at, rearm_run=rearm_run)
     return True
+
+
+def reminder_time(order: AbstractOrder) -> datetime | None:
+    """When ``order.expiring_soon`` is owed for the order's current deadline:
+    ``REMIND_BEFORE`` seconds before it; None when reminders are off or it was sent."""
+    before = get_settings().REMIND_BEFORE
+    if not before or order.reminded_for == order.expires_at:
+        return None
+    return order.expires_at - timedelta(seconds=before)
+
+
+def arm_reminder_timer(
+    order_id: str, deadline: datetime, remind_at: datetime, *, rearm_run: str | None = None
+) -> None:
+    """Send the reminder's timer for ``deadline`` once the caller's transaction commits,
+    to fire at ``remind_at`` (at once if that has passed). Only ``arm_expiry_timer``
+    decides to, and ``services.remind_order`` when a timer fired a moment early."""
+    if get_settings().TIMER_MODE == "batched":
+        transaction.on_commit(lambda: publish_reminder_bucket(order_id, remind_at, rearm_run))
+    else:
+        transaction.on_commit(lambda: publish_reminder_timer(order_id, deadline, remind_at))
 
 
 def publish_expiry_timer(order_id: str, deadline: datetime) -> None:
@@ -110,6 +135,29 @@ def publish_expiry_timer(order_id: str, deadline: datetime) -> None:
         )
 
 
+def publish_reminder_timer(order_id: str, deadline: datetime, remind_at: datetime) -> None:
+    """Send the order's reminder countdown task (per-order mode), which names the
+    deadline it reminds of: after an extension it is a no-op, the new one has its own."""
+    from orders.tasks import remind_order_task
+
+    countdown = max(0.0, (remind_at - timezone.now()).total_seconds())
+    try:
+        publish(remind_order_task, args=(order_id, deadline.isoformat()), countdown=countdown)
+    except BROKER_ERRORS as exc:
+        _reminder_not_armed(order_id, remind_at, exc)
+    else:
+        log_event(
+            logger,
+            "timer.reminder_armed",
+            "Reminder timer armed for order {order_id}: fires in {countdown_s:.1f}s at "
+            "{remind_at}.",
+            order_id=order_id,
+            countdown_s=countdown,
+            remind_at=remind_at.isoformat(),
+            expires_at=deadline.isoformat(),
+        )
+
+
 def bucket_of(deadline: datetime) -> int:
     """The second-wide bucket whose timer covers ``deadline``: the next whole second, so
     that a bucket never fires before any of its deadlines."""
@@ -125,25 +173,13 @@ def publish_bucket_timer(order_id: str, deadline: datetime, rearm_run: str | Non
     from orders.tasks import expire_bucket_task
 
     bucket = bucket_of(deadline)
-    countdown = max(0.0, bucket - time.time())
-    key = f"{broker.key_prefix()}orders:timer-bucket:{bucket}"
-    client = _redis()
-    # The key lives until well after the bucket fired, so a late order re-arms nothing.
-    expiry = int(countdown) + 3600
     try:
-        if rearm_run is None:
-            if not client.set(key, order_id, nx=True, ex=expiry):
-                return
-        elif client.set(key, rearm_run, get=True, ex=expiry) == rearm_run.encode():
-            return  # this run re-armed the bucket already
-        try:
-            publish(expire_bucket_task, args=(bucket,), countdown=countdown)
-        except BROKER_ERRORS:
-            client.delete(key)  # let the next order of this bucket try again
-            raise
+        countdown = _arm_bucket(expire_bucket_task, "timer-bucket", bucket, order_id, rearm_run)
     except BROKER_ERRORS as exc:
         _forget_timer(order_id, deadline, exc)
     else:
+        if countdown is None:
+            return
         log_event(
             logger,
             "timer.bucket_armed",
@@ -153,6 +189,69 @@ def publish_bucket_timer(order_id: str, deadline: datetime, rearm_run: str | Non
             countdown_s=countdown,
             expires_at=deadline.isoformat(),
         )
+
+
+def publish_reminder_bucket(order_id: str, remind_at: datetime, rearm_run: str | None) -> None:
+    """Send the countdown task of the reminder's own bucket (batched mode), as
+    ``publish_bucket_timer`` does for deadlines. A reminder time already past goes to
+    the coming second's bucket: a past bucket may have fired already."""
+    from orders.tasks import remind_bucket_task
+
+    bucket = bucket_of(max(remind_at, timezone.now()))
+    try:
+        countdown = _arm_bucket(remind_bucket_task, "remind-bucket", bucket, order_id, rearm_run)
+    except BROKER_ERRORS as exc:
+        _reminder_not_armed(order_id, remind_at, exc)
+    else:
+        if countdown is None:
+            return
+        log_event(
+            logger,
+            "timer.reminder_bucket_armed",
+            "Reminder bucket {bucket} armed by order {order_id}: fires in {countdown_s:.1f}s.",
+            bucket=bucket,
+            order_id=order_id,
+            countdown_s=countdown,
+            remind_at=remind_at.isoformat(),
+        )
+
+
+def _arm_bucket(
+    task: Any, kind: str, bucket: int, order_id: str, rearm_run: str | None
+) -> float | None:
+    """Publish ``task(bucket)`` to fire at the bucket's second, unless its key says it is
+    armed (or re-armed by this run) already; returns the countdown, or None if it was.
+    Raises the broker's error, leaving the key free for the next order to try."""
+    countdown = max(0.0, bucket - time.time())
+    key = f"{broker.key_prefix()}orders:{kind}:{bucket}"
+    client = _redis()
+    # The key lives until well after the bucket fired, so a late order re-arms nothing.
+    expiry = int(countdown) + 3600
+    if rearm_run is None:
+        if not client.set(key, order_id, nx=True, ex=expiry):
+            return None
+    elif client.set(key, rearm_run, get=True, ex=expiry) == rearm_run.encode():
+        return None  # this run re-armed the bucket already
+    try:
+        publish(task, args=(bucket,), countdown=countdown)
+    except BROKER_ERRORS:
+        client.delete(key)
+        raise
+    return countdown
+
+
+def _reminder_not_armed(order_id: str, remind_at: datetime, exc: BaseException) -> None:
+    # Nothing to clear: the sweep sends every reminder that is due and not sent.
+    log_event(
+        logger,
+        "timer.reminder_not_armed",
+        "Reminder timer for order {order_id} NOT armed, the broker is unreachable ({error}); "
+        "the sweep will send the reminder.",
+        level=logging.ERROR,
+        order_id=order_id,
+        remind_at=remind_at.isoformat(),
+        error=str(exc),
+    )
 
 
 def _forget_timer(order_id: str, deadline: datetime, exc: BaseException) -> None:

@@ -39,6 +39,7 @@ from orders.models import (
     REASON_MAX_LENGTH,
     REFERENCE_MAX_LENGTH,
     REFUND_PAYMENT,
+    REMIND,
     SWEEP,
     SYSTEM,
     TIMER,
@@ -46,11 +47,13 @@ from orders.models import (
     Actor,
     CancelReason,
     IdempotencyRecord,
+    OrderTransition,
     ParcelEvent,
     ParcelStatus,
     Payment,
     Status,
     SweepRun,
+    event_type_of,
 )
 
 logger = logging.getLogger("orders")
@@ -659,6 +662,168 @@ def cancel_order(
     return order
 
 
+# Reminders ----------------------------------------------------------------------------
+# ``order.expiring_soon``, REMIND_BEFORE seconds before the deadline of an unpaid order:
+# once per deadline (``reminded_for`` holds the deadline it was sent for, written under
+# the row lock with the event), so timers fired twice, overlapping sweeps and a timer
+# racing the sweep send one. An extension makes it owed again for the new deadline.
+
+
+class ReminderOutcome(enum.StrEnum):
+    SENT = "sent"
+    OFF = "reminders are off"
+    MISSING = "missing"
+    NOT_UNPAID = "not unpaid"
+    ALREADY_SENT = "already sent for this deadline"
+    DEADLINE_MOVED = "deadline moved, its own reminder is armed"
+    NOT_YET_DUE = "not yet due"
+    DEADLINE_PASSED = "deadline passed"
+
+
+def remind_order(
+    *,
+    order_id: Any,
+    deadline: datetime | None = None,
+    by: Actor = TIMER,
+    now: datetime | None = None,
+) -> ReminderOutcome:
+    """Send ``order.expiring_soon`` if, under the row lock, the order is unpaid, its
+    reminder time has come and its deadline has not, and no reminder was sent for this
+    deadline. ``deadline``: the one the timer was armed for. Anything else is a logged
+    no-op, so the timer may fire any number of times."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        try:
+            order = _locked(order_id)
+        except OrderNotFound:
+            outcome, detail = ReminderOutcome.MISSING, "no such order"
+        else:
+            outcome, detail = _remind_if_due(order, deadline=deadline, by=by, now=now)
+    if outcome is not ReminderOutcome.SENT:
+        log_event(
+            logger,
+            "reminder.noop",
+            "Reminder of order {order_id} by the {actor}: no-op, {reason} ({detail}).",
+            order_id=str(order_id),
+            by=by,
+            reason=outcome.value,
+            detail=detail,
+        )
+    return outcome
+
+
+def _remind_if_due(
+    order: AbstractOrder, *, deadline: datetime | None, by: Actor, now: datetime
+) -> tuple[ReminderOutcome, str]:
+    """Under the row lock: send the order's reminder, or say why not."""
+    if not get_settings().REMIND_BEFORE:
+        return ReminderOutcome.OFF, "ORDERS['REMIND_BEFORE'] is 0"
+    remind_at = scheduling.reminder_time(order)
+    if order.status != Status.CREATED:
+        return ReminderOutcome.NOT_UNPAID, f"it is {order.status}"
+    if deadline is not None and deadline != order.expires_at:
+        return ReminderOutcome.DEADLINE_MOVED, f"new deadline {order.expires_at.isoformat()}"
+    if remind_at is None:
+        return ReminderOutcome.ALREADY_SENT, f"deadline {order.expires_at.isoformat()}"
+    if now < remind_at:
+        if deadline is not None:  # this deadline's own timer, a moment early: once more
+            scheduling.arm_reminder_timer(str(order.pk), order.expires_at, remind_at)
+        return ReminderOutcome.NOT_YET_DUE, f"due at {remind_at.isoformat()}"
+    if now >= order.expires_at:
+        return ReminderOutcome.DEADLINE_PASSED, "its expiry is what is owed"
+    order.reminded_for = order.expires_at
+    order.save(update_fields=["reminded_for", "updated_at"])
+    events.record(order, at=now, **_reminder_row(order, by=by))
+    _reminded(order, by=by)
+    return ReminderOutcome.SENT, ""
+
+
+def _reminder_row(order: AbstractOrder, *, by: Actor) -> dict[str, Any]:
+    """The history row of a reminder (its event): the deadline it reminds of is in the
+    reason, since an extension writes no row of its own."""
+    return {
+        "transition": REMIND,
+        "source": order.status,
+        "target": order.status,
+        "by": by,
+        "reason": f"{REMINDER_REASON}{order.expires_at.isoformat()}",
+    }
+
+
+#: A reminder's reason, followed by the deadline in ISO 8601.
+REMINDER_REASON = "payment due by "
+
+
+def _reminded(order: AbstractOrder, *, by: Actor) -> None:
+    log_event(
+        logger,
+        "order.reminded",
+        "Order {order_id} reminded by the {actor}: payment due by {expires_at}.",
+        order=order,
+        by=by,
+        expires_at=order.expires_at.isoformat(),
+    )
+
+
+def remind_due_orders(*, due_by: datetime, by: Actor, now: datetime | None = None) -> int:
+    """Send the reminder of every unpaid order whose reminder time is at or before
+    ``due_by`` (and has come), whose deadline has not passed and that was not reminded
+    for it, in batches of ``SWEEP_BATCH_SIZE`` as ``expire_due_orders`` does (locked with
+    ``skip_locked``, re-checked by the query under the lock). Returns how many were sent.
+    With ``REMIND_BEFORE`` 0 it asks the database nothing."""
+    before = get_settings().REMIND_BEFORE
+    if not before:
+        return 0
+    heard = events.listened(event_type_of(REMIND))  # asked once for all the batches
+    sent = 0
+    while True:
+        with transaction.atomic():
+            stamp = now or timezone.now()  # each batch when it is written
+            due = (
+                get_order_model()
+                .objects.filter(
+                    status=Status.CREATED,
+                    expires_at__lte=min(due_by, stamp) + timedelta(seconds=before),
+                    expires_at__gt=stamp,
+                )
+                .exclude(reminded_for=F("expires_at"))
+                .order_by("expires_at")
+            )
+            batch = _lock_batch(due, get_settings().SWEEP_BATCH_SIZE)
+            if not batch:
+                return sent
+            get_order_model().objects.filter(pk__in=[order.pk for order in batch]).update(
+                reminded_for=F("expires_at"), updated_at=stamp
+            )
+            # One INSERT and one dispatch task for the batch.
+            rows = [
+                events.history_row(
+                    order, at=stamp, listeners=lambda kind: heard, **_reminder_row(order, by=by)
+                )
+                for order in batch
+            ]
+            OrderTransition.objects.bulk_create(rows)
+            if heard:
+                events.announce([order.pk for order in batch])
+            for order in batch:
+                _reminded(order, by=by)
+        sent += len(batch)
+
+
+def remind_bucket(*, bucket: int, now: datetime | None = None) -> int:
+    """The batched reminder timer of one second-wide bucket: remind every order whose
+    reminder is due by the bucket's end (and any earlier straggler)."""
+    reminded = remind_due_orders(due_by=datetime.fromtimestamp(bucket, tz=UTC), by=TIMER, now=now)
+    log_event(
+        logger,
+        "timer.reminder_bucket_fired",
+        "Reminder bucket {bucket} reminded {reminded} orders.",
+        bucket=bucket,
+        reminded=reminded,
+    )
+    return reminded
+
+
 # Shipping -----------------------------------------------------------------------------
 
 
@@ -1043,6 +1208,7 @@ class SweepReport:
     shipments_retried: int = 0
     refunds_retried: int = 0
     events_requeued: int = 0
+    reminders_sent: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -1052,6 +1218,7 @@ SWEEP_STEPS = (
     "retry shipments",
     "retry refunds",
     "re-queue late events",
+    "send late reminders",
 )
 
 
@@ -1108,6 +1275,12 @@ def sweep(
     # Events whose dispatch task was lost, or whose receiver's retry is due.
     report.events_requeued = events.redispatch_late(now=now)
     step(5, SWEEP_STEPS[4])
+    # Reminders whose timer was lost, or that were due before their deadline came within
+    # the horizon (REMIND_BEFORE >= TIMER_HORIZON). No column in SweepRun: logged below.
+    report.reminders_sent = remind_due_orders(
+        due_by=now - timedelta(seconds=conf.SWEEP_GRACE), by=SWEEP, now=now
+    )
+    step(6, SWEEP_STEPS[5])
 
     if report.expired:
         log_event(
@@ -1140,13 +1313,15 @@ def sweep(
         "sweep.done",
         "Sweep done: {expired} expired (up to {max_lateness_s:.1f}s late), {timers_armed} "
         "timers armed, {shipments_retried} shipments and {refunds_retried} refunds retried, "
-        "{events_requeued} orders' events re-queued, {errors} errors.",
+        "{events_requeued} orders' events re-queued, {reminders_sent} late reminders sent, "
+        "{errors} errors.",
         expired=report.expired,
         max_lateness_s=report.max_lateness,
         timers_armed=report.timers_armed,
         shipments_retried=report.shipments_retried,
         refunds_retried=report.refunds_retried,
         events_requeued=report.events_requeued,
+        reminders_sent=report.reminders_sent,
         errors=len(report.errors),
     )
     return report

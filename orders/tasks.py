@@ -3,6 +3,7 @@ acknowledge late (settings), and may run any number of times."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from celery import shared_task
@@ -28,6 +29,16 @@ def expire_order_task(order_id: str) -> str:
 @shared_task(name="orders.expire_bucket", acks_late=True)
 def expire_bucket_task(bucket: int) -> int:
     return services.expire_bucket(bucket=bucket)
+
+
+@shared_task(name="orders.remind_order", acks_late=True)
+def remind_order_task(order_id: str, deadline: str) -> str:
+    return services.remind_order(order_id=order_id, deadline=datetime.fromisoformat(deadline)).value
+
+
+@shared_task(name="orders.remind_bucket", acks_late=True)
+def remind_bucket_task(bucket: int) -> int:
+    return services.remind_bucket(bucket=bucket)
 
 
 @shared_task(name="orders.ship_order", acks_late=True, **RETRY_UNTIL_THE_PROVIDER_ANSWERS)

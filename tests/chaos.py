@@ -15,7 +15,8 @@ from datetime import datetime, timedelta
 from django.db.models import QuerySet
 
 from orders.conf import get_settings
-from orders.models import AbstractOrder, CancelReason, Payment, Status
+from orders.models import REMIND, AbstractOrder, CancelReason, Payment, Status
+from orders.services import REMINDER_REASON
 from tests.conftest import WorkerProcess
 
 #: The histories an order may end with; anything else is a violation.
@@ -226,3 +227,38 @@ def unsettled(orders: QuerySet[AbstractOrder]) -> dict[str, int]:
         "payments to refund": payments_to_refund(orders).count(),
     }
     return {k: v for k, v in counts.items() if v}
+
+
+def reminder_violations(orders: QuerySet[AbstractOrder], *, remind_before: float) -> list[str]:
+    """The promises of the reminder before the deadline (``ORDERS["REMIND_BEFORE"]``),
+    whatever raced (timers fired twice, sweeps, payments, cancellations, extensions):
+
+    - at most one reminder per deadline (the deadline is named in its reason, since an
+      extension writes no history row);
+    - none earlier than REMIND_BEFORE ahead of its deadline, none at or after it;
+    - none once the order was paid, cancelled or expired;
+    - an order that expired unpaid was reminded of its last deadline.
+    """
+    found: list[str] = []
+    before = timedelta(seconds=remind_before)
+    for order in orders.prefetch_related("history"):  # type: ignore[misc]  # reverse relation
+        rows = sorted(order.history.all(), key=lambda row: row.id)
+        where = f"order {order.pk} ({order.status}, history {[r.transition for r in rows]})"
+        settled = next((r for r in rows if r.transition not in ("place", REMIND)), None)
+        reminded: Counter[datetime] = Counter()
+        for row in rows:
+            if row.transition != REMIND:
+                continue
+            deadline = datetime.fromisoformat(row.reason.removeprefix(REMINDER_REASON))
+            reminded[deadline] += 1
+            if not deadline - before <= row.at < deadline:
+                found.append(f"{where}: reminded at {row.at.isoformat()} of {deadline.isoformat()}")
+            if settled is not None and row.id > settled.id:
+                found.append(f"{where}: reminded after its {settled.transition}")
+        for deadline, count in reminded.items():
+            if count > 1:
+                found.append(f"{where}: {count} reminders of {deadline.isoformat()}")
+        expired = settled is not None and settled.transition == "expire"
+        if expired and not reminded[order.expires_at]:
+            found.append(f"{where}: expired without a reminder of {order.expires_at.isoformat()}")
+    return found
