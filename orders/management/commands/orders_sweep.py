@@ -14,7 +14,8 @@ class Command(BaseCommand):
     help = (
         "Run one sweep now: expire unpaid orders past their deadline plus the grace "
         "period whose timers were lost, arm timers that came within the horizon, and "
-        "retry shipments and refunds whose tasks never ran. Beat runs the same every "
+        "retry shipments and refunds whose tasks never ran, send reminders whose timer "
+        "was lost, and queue again events still owed to a receiver. Beat runs the same every "
         "ORDERS['SWEEP_INTERVAL'] seconds."
     )
 
@@ -29,7 +30,9 @@ class Command(BaseCommand):
         self.stdout.write(
             f"Expired {report.expired} overdue orders (up to {report.max_lateness:.1f}s late), "
             f"armed {report.timers_armed} timers, retried {report.shipments_retried} shipments "
-            f"and {report.refunds_retried} refunds; {len(report.errors)} errors."
+            f"and {report.refunds_retried} refunds, sent {report.reminders_sent} late "
+            f"reminders, re-queued the events of {report.events_requeued} orders; "
+            f"{len(report.errors)} errors."
         )
         for error in report.errors:
             self.stderr.write(error)
