@@ -36,7 +36,7 @@ for _key in ("PAYMENT_GATEWAY", "LOGISTICS_PROVIDER"):
         # "none": no logistics provider, the shop ships orders itself.
         _value = os.environ[f"ORDERS_{_key}"]
         ORDERS = ORDERS | {_key: None if _value == "none" else _value}
-for _key in ("SHIPPING_RETRY_AFTER", "SWEEP_BATCH_SIZE", "REMIND_BEFORE"):
+for _key in ("SHIPPING_RETRY_AFTER", "SWEEP_BATCH_SIZE", "REMIND_BEFORE", "EVENT_RETRY_BACKOFF"):
     if os.environ.get(f"ORDERS_{_key}"):
         ORDERS = ORDERS | {_key: int(os.environ[f"ORDERS_{_key}"])}
 # How often kombu puts back messages unacknowledged for longer than the visibility

@@ -1,11 +1,14 @@
 """The test receivers: ``tally`` writes an ``Effect``; ``gate`` does too, after waiting
 while the file named by ``ORDERS_TEST_GATE`` exists (it writes ``<file>.entered`` first,
 so that a test knows a worker is inside it and may kill that worker there). Both sleep
-``ORDERS_TEST_RECEIVER_DELAY`` seconds inside their transaction, if set."""
+``ORDERS_TEST_RECEIVER_DELAY`` seconds inside their transaction, if set, and ``tally``
+raises, after writing its row, for a share ``ORDERS_TEST_RECEIVER_FAILURE_RATE`` of its
+calls (the row must then be rolled back with the failed delivery)."""
 
 from __future__ import annotations
 
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -34,8 +37,14 @@ def gate(sender: Any, order: Any, event: OrderTransition, **kwargs: Any) -> None
     _effect("gate", order, event)
 
 
+class ReceiverFailure(Exception):
+    pass
+
+
 def tally(sender: Any, order: Any, event: OrderTransition, **kwargs: Any) -> None:
     _effect("tally", order, event)
+    if random.random() < float(os.environ.get("ORDERS_TEST_RECEIVER_FAILURE_RATE") or 0):
+        raise ReceiverFailure(f"tally failed on purpose for {event.event_id}")
 
 
 def connect() -> None:
