@@ -123,8 +123,8 @@ def test_orders_sweep_expires_overdue_orders_and_says_how_many() -> None:
 
     assert re.match(r"Expired 1 overdue orders \(up to 50\.\ds late\)", output), output
     assert (
-        "armed 0 timers, retried 0 shipments and 0 refunds, sent 0 late reminders, re-queued the events of 0 orders; 0 errors."
-        in output
+        "armed 0 timers, retried 0 shipments and 0 refunds, sent 0 late reminders, "
+        "re-queued the events of 0 orders; 0 errors." in output
     )
     statuses = dict(Order.objects.values_list("pk", "status"))
     assert statuses == {overdue.pk: Status.CANCELLED, waiting.pk: Status.CREATED}
