@@ -181,8 +181,8 @@ def run(env: object, args: argparse.Namespace) -> None:
     written += report.write_events(results, out)
     if not args.only_events:
         print(report.markdown(results).split("## Lateness")[0].split("## Goals")[1], flush=True)
-    events_md = report.events_markdown(results).split("## 1.", 1)[1].splitlines()
-    print("\n## 1." + "\n".join(ln for ln in events_md if ln[:1] in "#|"), flush=True)
+    events_md = report.events_markdown(results).split("## 1.", 1)[1].split("## Run time")[0]
+    print("\n## 1." + "\n".join(ln for ln in events_md.splitlines() if ln[:1] in "#|-"))
     shown = [p.relative_to(BASE_DIR) if p.is_relative_to(BASE_DIR) else p for p in written]
     print("Wrote " + ", ".join(str(p) for p in shown), flush=True)
 
