@@ -101,6 +101,7 @@ def prepare(name: str = BENCH_DB_NAME) -> BenchEnv:
     """Choose the stack from the environment and create the bench's empty database
     ``name``. Call before Django is imported: it rewrites DATABASE_URL and friends in
     os.environ."""
+    VAR_DIR.mkdir(exist_ok=True)  # logs and status files, whichever the database
     given_db = os.environ.get("DATABASE_URL", "")
     if given_db.startswith(("postgres://", "postgresql://", "pgsql://")):
         parts = urlsplit(given_db)
@@ -113,7 +114,6 @@ def prepare(name: str = BENCH_DB_NAME) -> BenchEnv:
     elif given_db and not given_db.startswith("sqlite"):
         raise SystemExit(f"The bench runs on PostgreSQL or SQLite; DATABASE_URL={given_db!r}.")
     else:
-        VAR_DIR.mkdir(exist_ok=True)
         _remove_sqlite(_sqlite_path(name))
         database_url, admin_url = f"sqlite:///{_sqlite_path(name)}", None
 

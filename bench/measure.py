@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import DatabaseError, connection, reset_queries, transaction
@@ -36,6 +36,9 @@ from bench.procs import (
 )
 from orders import get_order_model, scheduling, services
 from orders.models import Status
+
+if TYPE_CHECKING:
+    from bench.events import EventsResults
 
 Order = get_order_model()
 
@@ -72,6 +75,8 @@ class Profile:
     arming_orders: int  # per variant
     query_orders: int
     settle_seconds: float
+    events_burst: int  # bench/events.py: the burst with and without a receiver
+    dispatch_events: int  # ... and the events queued at once for the dispatcher
     experiments: tuple[str, ...] = ()  # run by default besides the strategies
     concurrency: int = 2
     poll_interval: float = 1.0
@@ -91,6 +96,8 @@ QUICK = Profile(
     arming_orders=160,
     query_orders=100,
     settle_seconds=0.5,
+    events_burst=200,
+    dispatch_events=100,
 )
 FULL = Profile(
     name="full",
@@ -104,6 +111,8 @@ FULL = Profile(
     arming_orders=1_000,
     query_orders=1_000,
     settle_seconds=5.0,
+    events_burst=10_000,
+    dispatch_events=5_000,
     experiments=EXPERIMENTS,
 )
 # A mid-sized run, to check the harness end to end before a full one (about 6 minutes).
@@ -119,6 +128,8 @@ MEDIUM = Profile(
     arming_orders=600,
     query_orders=300,
     settle_seconds=2.0,
+    events_burst=3_000,
+    dispatch_events=2_000,
     experiments=EXPERIMENTS,
 )
 
@@ -234,6 +245,7 @@ class Results:
     lateness: list[LatenessResult] = field(default_factory=list)
     bursts: list[BurstResult] = field(default_factory=list)
     memory: list[MemoryPoint] = field(default_factory=list)
+    events: EventsResults | None = None  # bench/events.py; written to events.md
     notes: list[str] = field(default_factory=list)
     durations: dict[str, float] = field(default_factory=dict)
     loads: dict[str, tuple[float, float]] = field(default_factory=dict)  # 1-min load avg

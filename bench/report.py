@@ -462,6 +462,186 @@ def markdown(results: Results) -> str:
     return "\n".join(lines)
 
 
+# Events (bench/events.py) -------------------------------------------------------------
+
+
+def events_markdown(results: Results) -> str:
+    from bench.events import LABELS as EVENT_LABELS
+    from bench.events import NOBODY
+    from orders.conf import get_settings
+
+    ev = results.events
+    assert ev is not None
+    p = results.profile
+    batch = get_settings().SWEEP_BATCH_SIZE
+    command = "python bench/run.py" + ("" if p.name == "full" else f" --{p.name}")
+    lines = [
+        "# Benchmark results: what events cost",
+        "",
+        f"The events scenario of `{command}` (also alone: `{command} --only-events`), "
+        f"{p.name} run, started {results.started}.",
+        "",
+        f"- **Database:** {results.stack['database']}",
+        f"- **Broker:** {results.stack['redis']} (keys prefixed `{results.stack['key prefix']}`)",
+        *(f"- **{k}:** {v}" for k, v in results.machine.items()),
+        f"- **Worker:** `celery -A config worker --pool prefork --concurrency {p.concurrency} "
+        "-l info`, batched timers (`ORDERS_TIMER_MODE=batched`), one fresh process per "
+        "variant: (a) with the production settings (`config.settings`), (b) with "
+        "`bench.settings_receiver`, the same plus the app `bench.receiver`, whose one "
+        "receiver of `order_expired` inserts one row.",
+        "",
+        "The machine is shared and noisy: read the ratios (against a baseline measured in "
+        "the same run) before the absolute figures. Nothing here is asserted.",
+        "",
+    ]
+    base = next((b for b in ev.bursts if b.variant == NOBODY), None)
+    base_rate = base.orders / base.expired_after if base and base.expired_after else None
+    lines += [
+        "## 1. What events add to a burst of expiries",
+        "",
+        f"{p.events_burst:,} orders due at the same whole second, their batched timer armed "
+        "beforehand, expired by it (`expire_bucket`, that is `services.expire_due_orders`: "
+        f"batches of {batch}, each one UPDATE and one INSERT of history rows) in the "
+        "worker. In (b) each batch also queues one `orders.dispatch_events` task on "
+        "commit, which the same worker runs: for each event, the receiver and its "
+        "delivery record in one transaction. 'expired after': from the deadline until no "
+        "order of the burst is unpaid, as the bench saw it; 'delivered after': until "
+        "every event has its delivery record. 'worker CPU': CPU time of the worker's "
+        "processes from the deadline until done, per order (the database server's CPU is "
+        "not in it). Ratios against (a).",
+        "",
+    ]
+    rows = [
+        [
+            EVENT_LABELS[b.variant],
+            f"{b.orders:,}",
+            _f(b.expired_after, 2),
+            _x(b.expired_after, base.expired_after if base else None, 2),
+            _f(b.delivered_after, 2),
+            _x(b.delivered_after, base.expired_after if base else None, 2),
+            _f(b.cpu_ms_per_order, 2),
+            _x(b.cpu_ms_per_order, base.cpu_ms_per_order if base else None, 2),
+            f"{b.dispatch_tasks:,}",
+            f"{b.history_rows:,}",
+            f"{b.owed:,}",
+            f"{b.delivered:,} / {b.receiver_rows:,}",
+            f"{b.unexpired:,}",
+        ]
+        for b in ev.bursts
+    ]
+    lines += _table(
+        [
+            "variant",
+            "orders",
+            "expired after s",
+            "vs (a)",
+            "delivered after s",
+            "vs (a) expired",
+            "worker CPU ms per order",
+            "vs (a)",
+            "dispatch tasks",
+            "history rows",
+            "owed at end",
+            "delivered / receiver rows",
+            "unexpired",
+        ],
+        rows,
+    )
+    lines += [
+        "## 2. Events delivered per second by the dispatcher",
+        "",
+        f"{p.dispatch_events:,} expired orders, each owing its `order.expired` event to the "
+        "receiver of (b), their dispatch queued through `orders.events.announce` (the "
+        "app's own path): one order per task, as a payment or a per-order timer queues "
+        f"it, or {batch} per task, as a batch of expiries does. On the worker of (b), "
+        f"{p.concurrency} processes. 'delivered after': from the first task queued until "
+        "every event has its delivery record; 'vs expiries/s': events delivered per "
+        "second over orders expired per second in (a).",
+        "",
+    ]
+    rows = [
+        [
+            f"{r.orders_per_task:,}",
+            f"{r.events:,}",
+            f"{r.tasks:,}",
+            _f(r.queued_in, 2),
+            _f(r.delivered_after, 2),
+            _f(r.rate, 0),
+            _x(r.rate, base_rate, 2),
+            _f(r.cpu_ms_per_event, 2),
+            f"{r.delivered:,} / {r.receiver_rows:,}",
+        ]
+        for r in ev.rates
+    ]
+    lines += _table(
+        [
+            "orders per task",
+            "events",
+            "tasks",
+            "queued in s",
+            "delivered after s",
+            "events/s",
+            "vs expiries/s in (a)",
+            "worker CPU ms per event",
+            "delivered / receiver rows",
+        ],
+        rows,
+    )
+    lines += [
+        "## 3. SQL per event delivered",
+        "",
+        "`orders.events.dispatch` in the bench's own process (no worker), with the same "
+        "receiver connected for that step only, over the same owed events, inside Django's "
+        "`CaptureQueriesContext`: SQL statements, all queries with BEGIN and COMMIT, and "
+        "commits (each one a WAL flush on PostgreSQL; a write outside a transaction "
+        "commits on its own).",
+        "",
+    ]
+    rows = [
+        [
+            f"{q.orders_per_call:,}",
+            f"{q.delivered:,} of {q.events:,}",
+            _f(q.statements / q.delivered if q.delivered else None, 2),
+            _f(q.queries / q.delivered if q.delivered else None, 2),
+            _f(q.commits / q.delivered if q.delivered else None, 2),
+            _f(q.ms_per_event, 2),
+        ]
+        for q in ev.queries
+    ]
+    lines += _table(
+        [
+            "orders per call",
+            "delivered",
+            "statements per event",
+            "with BEGIN/COMMIT",
+            "commits per event",
+            "ms per event",
+        ],
+        rows,
+    )
+    if ev.notes:
+        lines += ["## Notes", "", *(f"- {n}" for n in ev.notes), ""]
+    lines += [
+        "## Run time",
+        "",
+        f"{ev.durations.get('events', 0):.0f} s in all; the machine's 1-minute load "
+        "average at the start and end of each worker: "
+        + ", ".join(
+            f"{EVENT_LABELS[k][:2]} {start:.1f} to {end:.1f}"
+            for k, (start, end) in ev.loads.items()
+        )
+        + f" ({results.machine.get('Machine', '').split(',')[0]}).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_events(results: Results, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "events.md").write_text(events_markdown(results))
+    return [out / "events.md"]
+
+
 # Plots --------------------------------------------------------------------------------
 
 

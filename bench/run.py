@@ -2,8 +2,9 @@
 
 Runs the five expiry strategies side by side on the real stack (PostgreSQL and Redis
 when DATABASE_URL / REDIS_URL are set, else SQLite and the embedded Redis), in the
-bench's own database and under its own Redis key prefix, and writes
-``RESULTS.md``, ``results.json``, ``lateness.png`` and ``memory.png`` to
+bench's own database and under its own Redis key prefix, then the events scenario
+(``bench/events.py``; alone with ``--only-events``), and writes ``RESULTS.md``,
+``results.json``, ``lateness.png``, ``memory.png`` and ``events.md`` to
 ``bench/results/`` (``bench/results/quick/`` for ``--quick``). See bench/README.md.
 ``--quick`` asserts nothing and exits 0 whenever the harness itself works.
 """
@@ -20,11 +21,15 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 # Run as a script, Python puts bench/ first on the path; the project root belongs there.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BASE_DIR / "bench"]
 sys.path.insert(0, str(BASE_DIR))
+
+if TYPE_CHECKING:  # imported at run time only once Django is set up
+    from bench.measure import Bench
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,7 +49,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated subset of poll,sweep,per_order,batched,per_order_no_db_reuse "
         "(default: the four strategies, plus the per_order_no_db_reuse experiment in full runs)",
     )
+    parser.add_argument(
+        "--only-events",
+        action="store_true",
+        help="run only the events scenario (bench/events.py) and write only events.md",
+    )
     parser.add_argument("--out", type=Path, help="where to write the results")
+    parser.add_argument(
+        "--note",
+        help="a sentence for the results files, e.g. that other jobs shared the machine",
+    )
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -149,7 +163,35 @@ def run(env: object, args: argparse.Namespace) -> None:
         started=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         machine=_machine(env.is_postgres),
     )
+    if args.note:
+        results.machine["Note"] = args.note
     bench = measure.Bench(env, profile, results, out)
+    if not args.only_events:
+        run_strategies(bench, strategies, out, args.profile)
+    from bench import events
+
+    print("events: what they add to a burst, and the dispatcher's rate", flush=True)
+    results.events = events.EventCost(bench).run()
+    results.durations["events"] = results.events.durations["events"]
+    results.machine["Load at end"] = "1-minute load average {:.1f}, 5-minute {:.1f}".format(
+        *os.getloadavg()[:2]
+    )
+
+    written = [] if args.only_events else report.write(results, out)
+    written += report.write_events(results, out)
+    if not args.only_events:
+        print(report.markdown(results).split("## Lateness")[0].split("## Goals")[1], flush=True)
+    events_md = report.events_markdown(results).split("## 1.", 1)[1].split("## Run time")[0]
+    print("\n## 1." + "\n".join(ln for ln in events_md.splitlines() if ln[:1] in "#|-"))
+    shown = [p.relative_to(BASE_DIR) if p.is_relative_to(BASE_DIR) else p for p in written]
+    print("Wrote " + ", ".join(str(p) for p in shown), flush=True)
+
+
+def run_strategies(bench: Bench, strategies: list[str], out: Path, profile: bool) -> None:
+    """The steps of RESULTS.md: the in-process measurements, then each strategy."""
+    from bench import measure
+
+    results = bench.results
     steps = [
         ("arming cost", bench.arming_cost),
         ("SQL per expired order", bench.queries_per_order),
@@ -163,16 +205,12 @@ def run(env: object, args: argparse.Namespace) -> None:
     for strategy in strategies:
         print(f"strategy {measure.LABELS[strategy]}", flush=True)
         bench.run_strategy(strategy)
-    if args.profile:
+    if profile:
         from bench import profiling
 
         t = time.monotonic()
-        profiling.profile_expiry_paths(out, orders=profile.query_orders)
+        profiling.profile_expiry_paths(out, orders=bench.profile.query_orders)
         results.durations["profiling"] = time.monotonic() - t
-
-    written = report.write(results, out)
-    print(report.markdown(results).split("## Lateness")[0].split("## Goals")[1], flush=True)
-    print("Wrote " + ", ".join(str(p.relative_to(BASE_DIR)) for p in written), flush=True)
 
 
 if __name__ == "__main__":
