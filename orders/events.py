@@ -25,10 +25,11 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import groupby
 from typing import Any
 
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.db import models, transaction
+from django.db import IntegrityError, models, transaction
 from django.db.models import Exists, OuterRef
 from django.dispatch import receiver
 from django.utils import timezone
@@ -179,8 +180,10 @@ def announce(order_ids: Iterable[Any]) -> None:
     from orders.tasks import dispatch_events_task  # tasks import services, which import us
 
     ids = [str(order_id) for order_id in order_ids]
-    if ids:
-        scheduling.enqueue_on_commit(dispatch_events_task, ids, what="event dispatch")
+    for chunk in range(0, len(ids), DISPATCH_CHUNK):
+        scheduling.enqueue_on_commit(
+            dispatch_events_task, ids[chunk : chunk + DISPATCH_CHUNK], what="event dispatch"
+        )
 
 
 # Dispatching ----------------------------------------------------------------------------
@@ -195,65 +198,82 @@ class DispatchReport:
     webhooks: int = 0
 
 
+#: ``_deliver``'s answer for "done" (else: when to try again, or None when parked).
+_DELIVERED = timezone.make_aware(datetime(1970, 1, 1))
+#: Orders per dispatch task: a batch of expiries is spread over the worker's processes.
+DISPATCH_CHUNK = 50
+
+
 def dispatch(order_ids: Iterable[Any], *, now: datetime | None = None) -> DispatchReport:
-    """Deliver every event these orders still owe to their receivers and endpoints."""
+    """Deliver every event these orders still owe to their receivers and endpoints:
+    per order, in the order the events happened. What is owed, what was already taken
+    and the endpoints are read once for all the orders; each delivery is then one
+    transaction, the receiver's writes and its delivery record."""
     report = DispatchReport()
-    for order_id in order_ids:
-        _dispatch_order(order_id, report, now=now)
-    return report
-
-
-def _dispatch_order(order_id: Any, report: DispatchReport, *, now: datetime | None) -> None:
     owed = list(
-        OrderTransition.objects.filter(order_id=order_id, next_dispatch_at__isnull=False)
+        OrderTransition.objects.filter(order_id__in=list(order_ids), next_dispatch_at__isnull=False)
         .select_related("payment")
-        .order_by("id")
+        .order_by("order_id", "id")
     )
     if not owed:
-        return
+        return report
     model = get_order_model()
-    # A receiver that has not taken an event of this order holds back its later ones:
-    # name -> when it may be tried again (None: parked, only the admin retries it).
-    held: dict[str, datetime | None] = {}
-    webhooks = []
-    for event in owed:
-        signal = SIGNALS.get(event.event_type)
-        receivers = signal.receivers_for(model) if signal is not None else {}
-        retry_at: list[datetime | None] = []
-        # As it is now (the receivers of the previous event may have changed it).
-        order = model.objects.get(pk=order_id) if receivers else None
-        for name, function in receivers.items():
-            if name in held:
-                report.held += 1
-                retry_at.append(held[name])
-                continue
-            assert order is not None
-            outcome = _deliver(event, name, function, order, now=now or timezone.now())
-            if outcome is _DELIVERED:
-                report.delivered += 1
-                continue
-            held[name] = outcome
-            retry_at.append(outcome)
-            if outcome is None:
-                report.parked += 1
+    orders = model.objects.in_bulk({event.order_id for event in owed})
+    taken = {
+        (record.event_id, record.receiver): record
+        for record in EventDelivery.objects.filter(event__in=owed)
+    }
+    endpoints = list(WebhookEndpoint.objects.filter(active=True))
+    done: list[int] = []
+    webhooks: list[WebhookDelivery] = []
+    for order_id, events in groupby(owed, key=lambda event: event.order_id):
+        order = orders.get(order_id)
+        if order is None:
+            continue  # deleted meanwhile, with its history
+        # A receiver that has not taken an event of this order holds back its later ones:
+        # name -> when it may be tried again (None: parked, only the admin retries it).
+        held: dict[str, datetime | None] = {}
+        for event in events:
+            signal = SIGNALS.get(event.event_type)
+            receivers = signal.receivers_for(model) if signal is not None else {}
+            waiting: list[datetime | None] = []
+            for name, function in receivers.items():
+                if name in held:
+                    report.held += 1
+                    waiting.append(held[name])
+                    continue
+                record = taken.get((event.pk, name))
+                outcome = _deliver(event, name, function, order, record, now=now or timezone.now())
+                if outcome is _DELIVERED:
+                    report.delivered += 1
+                    continue
+                held[name] = outcome
+                waiting.append(outcome)
+                if outcome is None:
+                    report.parked += 1
+                else:
+                    report.failed += 1
+            webhooks += _webhook_deliveries(event, endpoints, now=now or timezone.now())
+            if not waiting:
+                done.append(event.pk)
             else:
-                report.failed += 1
-        webhooks += _webhook_deliveries(event, now=now or timezone.now())
-        # Owed again when the first held receiver may be tried; not at all (until the
-        # admin retries it) if only parked ones hold it.
-        waiting = [at for at in retry_at if at is not None]
-        OrderTransition.objects.filter(pk=event.pk).update(
-            next_dispatch_at=min(waiting) if waiting else None
-        )
+                # Owed again when the first held receiver may be tried; not at all
+                # (until the admin retries it) if only parked ones hold it.
+                times = [at for at in waiting if at is not None]
+                OrderTransition.objects.filter(pk=event.pk).update(
+                    next_dispatch_at=min(times) if times else None
+                )
+    OrderTransition.objects.filter(pk__in=done).update(next_dispatch_at=None)
     report.webhooks += len(webhooks)
     if webhooks:
         from orders.outbound import send_soon  # outbound imports the API's serializer
 
         send_soon(webhooks)
+    return report
 
 
-#: ``_deliver``'s answer for "done" (else: when to try again, or None when parked).
-_DELIVERED = timezone.make_aware(datetime(1970, 1, 1))
+class _Twin(Exception):
+    """Another dispatcher recorded this delivery first: undo ours."""
 
 
 def _deliver(
@@ -261,39 +281,51 @@ def _deliver(
     name: str,
     function: Callable[..., Any],
     order: AbstractOrder,
+    record: EventDelivery | None,
     *,
     now: datetime,
 ) -> datetime | None:
-    """Call one receiver for one event, once in effect: its writes and its delivery row
-    commit together. Returns _DELIVERED, the time of the next try, or None (parked)."""
-    signal = SIGNALS[event.event_type]
+    """Call one receiver for one event, once in effect: its writes and its delivery
+    record commit together. Returns _DELIVERED, the time of the next try, or None
+    (parked). ``record`` is what the dispatcher read of this delivery before."""
+    if record is not None:
+        if record.delivered_at is not None:
+            return _DELIVERED
+        if record.parked_at is not None:
+            return None
+        if record.next_attempt_at is not None and record.next_attempt_at > now:
+            return record.next_attempt_at
     try:
         with transaction.atomic():
-            # Insert-or-keep, then lock: a twin dispatcher waits here until this one
-            # commits, and then finds the delivery done.
-            EventDelivery.objects.bulk_create(
-                [EventDelivery(event=event, receiver=name, created_at=now)], ignore_conflicts=True
-            )
-            delivery = EventDelivery.objects.select_for_update().get(event=event, receiver=name)
-            if delivery.delivered_at is not None:
-                return _DELIVERED
-            if delivery.parked_at is not None:
-                return None
-            if delivery.next_attempt_at is not None and delivery.next_attempt_at > now:
-                return delivery.next_attempt_at
-            extra = {"payment": event.payment} if event.payment_id is not None else {}
-            function(
-                signal=signal,
-                sender=type(order),
-                order=order,
-                event_id=event.event_id,
-                event=event,
-                **extra,
-            )
-            delivery.attempts += 1
-            delivery.delivered_at = timezone.now()
-            delivery.next_attempt_at = None
-            delivery.save(update_fields=["attempts", "delivered_at", "next_attempt_at"])
+            if record is None:
+                _call(function, event, order)
+                try:
+                    with transaction.atomic():
+                        EventDelivery.objects.create(
+                            event=event,
+                            receiver=name,
+                            attempts=1,
+                            delivered_at=timezone.now(),
+                            created_at=now,
+                        )
+                except IntegrityError:
+                    # A twin dispatcher ran it too and committed first (on PostgreSQL
+                    # the INSERT waited for it): this run's writes are rolled back.
+                    raise _Twin from None
+            else:
+                # A retry: lock the record, so that a twin waits here and then finds
+                # it delivered.
+                locked = EventDelivery.objects.select_for_update().get(pk=record.pk)
+                if locked.delivered_at is not None:
+                    return _DELIVERED
+                if locked.parked_at is not None:
+                    return None
+                _call(function, event, order)
+                locked.attempts += 1
+                locked.delivered_at, locked.next_attempt_at = timezone.now(), None
+                locked.save(update_fields=["attempts", "delivered_at", "next_attempt_at"])
+    except _Twin:
+        return _state_of(event, name)
     except Exception as exc:
         return _failed(event, name, exc, now=now)
     log_event(
@@ -307,6 +339,26 @@ def _deliver(
         receiver=name,
     )
     return _DELIVERED
+
+
+def _call(function: Callable[..., Any], event: OrderTransition, order: AbstractOrder) -> None:
+    extra = {"payment": event.payment} if event.payment_id is not None else {}
+    function(
+        signal=SIGNALS[event.event_type],
+        sender=type(order),
+        order=order,
+        event_id=event.event_id,
+        event=event,
+        **extra,
+    )
+
+
+def _state_of(event: OrderTransition, name: str) -> datetime | None:
+    """What the record a twin dispatcher wrote says: delivered, or when to try again."""
+    record = EventDelivery.objects.get(event=event, receiver=name)
+    if record.delivered_at is not None:
+        return _DELIVERED
+    return record.next_attempt_at
 
 
 def _failed(event: OrderTransition, name: str, exc: Exception, *, now: datetime) -> datetime | None:
@@ -353,24 +405,24 @@ def _failed(event: OrderTransition, name: str, exc: Exception, *, now: datetime)
     return delivery.next_attempt_at
 
 
-def _webhook_deliveries(event: OrderTransition, *, now: datetime) -> list[WebhookDelivery]:
+def _webhook_deliveries(
+    event: OrderTransition, endpoints: list[WebhookEndpoint], *, now: datetime
+) -> list[WebhookDelivery]:
     """One delivery per active endpoint that hears the event (once: a second dispatch
     creates none)."""
-    endpoints = [
-        e for e in WebhookEndpoint.objects.filter(active=True) if e.hears(event.event_type)
-    ]
-    if not endpoints:
+    hearing = [endpoint for endpoint in endpoints if endpoint.hears(event.event_type)]
+    if not hearing:
         return []
     WebhookDelivery.objects.bulk_create(
         [
             WebhookDelivery(event=event, endpoint=endpoint, next_attempt_at=now, created_at=now)
-            for endpoint in endpoints
+            for endpoint in hearing
         ],
         ignore_conflicts=True,
     )
     return list(
         WebhookDelivery.objects.filter(
-            event=event, endpoint__in=endpoints, delivered_at__isnull=True, attempts=0
+            event=event, endpoint__in=hearing, delivered_at__isnull=True, attempts=0
         )
     )
 
