@@ -222,6 +222,7 @@ def test_timers_flushed_from_redis_the_sweep_then_orders_rearm_give_the_stock_ba
         assert of(swept).filter(status=Status.CREATED).count() == 3, "no timer left to fire"
         assert services.sweep().expired == 3
         wait_for(lambda: not unsettled(of(swept)), 15, "the paid order to ship")
+        wait_for(lambda: not owed(swept), 15, "the expiries' events to be delivered")
 
     rearmed = [checkout(customer=f"r{i}", items={tea.pk: 1}, timeout=3) for i in range(4)]
     server.flushall()
@@ -229,6 +230,7 @@ def test_timers_flushed_from_redis_the_sweep_then_orders_rearm_give_the_stock_ba
     call_command("orders_rearm", stdout=io.StringIO(), stderr=io.StringIO())
     with shop_workers(shop_broker, "shop-flush-rearm"):
         wait_for(lambda: not unsettled(of(rearmed)), 15, "the re-armed timers to fire")
+        wait_for(lambda: not owed(rearmed), 15, "the expiries' events to be delivered")
         wait_for(lambda: drained(shop_broker), 15, "every task to run")
         assert services.sweep().expired == 0
 
@@ -254,6 +256,7 @@ def test_duplicate_timers_give_the_stock_back_once(
             for countdown in (0, 0, 1.6, 1.6, 1.6, 1.6, 1.7, 1.7, 2, 2):
                 expire_order_task.apply_async((str(order.pk),), countdown=countdown)
         wait_for(lambda: drained(shop_broker), 20, "every duplicate timer to run")
+        wait_for(lambda: not owed(orders), 15, "every event to be delivered")
 
     assert of(orders).filter(status=Status.CANCELLED).count() == 3
     assert all(h.count("expire") == 1 for h in histories(of(orders[1:])).values())
@@ -285,6 +288,7 @@ def test_payments_racing_the_deadline_keep_the_stock_or_give_it_back_never_both(
             thread.join(30)
         assert Payment.objects.filter(order__in=of(orders)).count() == 8
         wait_for(lambda: not unsettled(of(orders)), 20, "payments refunded, paid orders shipped")
+        wait_for(lambda: not owed(orders), 15, "every event to be delivered")
         wait_for(lambda: drained(shop_broker), 15, "every task to run")
 
     assert violations(of(orders), late_ok=None) == []
