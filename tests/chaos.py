@@ -15,11 +15,25 @@ from datetime import datetime, timedelta
 from django.db.models import QuerySet
 
 from orders.conf import get_settings
-from orders.models import REMIND, AbstractOrder, CancelReason, Payment, Status
+from orders.models import (
+    PLACE,
+    REFUND_PAYMENT,
+    REMIND,
+    AbstractOrder,
+    CancelReason,
+    OrderTransition,
+    Payment,
+    Status,
+)
 from orders.services import REMINDER_REASON
 from tests.conftest import WorkerProcess
 
-#: The histories an order may end with; anything else is a violation.
+#: The lines of a history that are no transitions of the state machine: placing the
+#: order, refunding a payment that did not pay it, the reminder before the deadline.
+NOT_TRANSITIONS = frozenset({PLACE, REFUND_PAYMENT, REMIND})
+
+#: The transitions an order may end with (its history without the lines above);
+#: anything else is a violation.
 EXPIRED = ("expire",)
 KEPT = ("pay", "ship")
 REFUNDED_AFTER_SHIPPING = ("pay", "ship", "refund", "close")
@@ -82,9 +96,15 @@ def restart_if_dead(worker: WorkerProcess) -> str:
     return crash.split(" CRITICAL ")[-1] or f"exited with {code}"
 
 
+def transitions(rows: Iterable[OrderTransition]) -> tuple[str, ...]:
+    """The state machine's transitions among these history rows, in order."""
+    return tuple(row.transition for row in rows if row.transition not in NOT_TRANSITIONS)
+
+
 def histories(orders: QuerySet[AbstractOrder]) -> dict[str, tuple[str, ...]]:
+    """Each order's transitions (see ``transitions``), by order id."""
     return {
-        str(order.pk): tuple(h.transition for h in order.history.all())
+        str(order.pk): transitions(order.history.all())
         for order in orders.prefetch_related("history")  # type: ignore[misc]  # reverse relation
     }
 
@@ -92,21 +112,35 @@ def histories(orders: QuerySet[AbstractOrder]) -> dict[str, tuple[str, ...]]:
 def violations(orders: QuerySet[AbstractOrder], *, late_ok: float | None) -> list[str]:
     """Every way an order (or its payments) can be wrong once all has settled.
 
+    - its history starts with its one "place" line;
     - it ends delivered or cancelled, with one of the FINAL_HISTORIES: one entry per
       transition, never both a payment that kept the order and an expiry;
     - an expired order was cancelled after its deadline (and at most ``late_ok``
       seconds after, unless None);
     - a kept order has exactly one accepted payment, received by the deadline;
     - every payment that did not pay its order (late, surplus, mismatched) and the
-      accepted payment of a refunded order is refunded, and no other.
+      accepted payment of a refunded order is refunded, and no other;
+    - each payment refunded that did not pay its order has one "refund_payment" line in
+      the history, naming it, and no other payment has one.
     """
     found: list[str] = []
     for order in orders.prefetch_related("history", "payments"):  # type: ignore[misc]  # reverse relation
-        history = tuple(h.transition for h in order.history.all())
+        rows = list(order.history.all())
+        history = transitions(rows)
         payments = list(order.payments.all())
         accepted = [p for p in payments if p.outcome == Payment.Outcome.ACCEPTED]
         others = [p for p in payments if p.outcome != Payment.Outcome.ACCEPTED]
-        where = f"order {order.pk} ({order.status}, history {list(history)})"
+        where = f"order {order.pk} ({order.status}, history {[r.transition for r in rows]})"
+        placed = [row for row in rows if row.transition == PLACE]
+        if len(placed) != 1 or rows[0] is not placed[0]:
+            found.append(f"{where}: not one 'place' line, first")
+        refund_lines = Counter(row.payment_id for row in rows if row.transition == REFUND_PAYMENT)
+        refunded_others = Counter(p.pk for p in others if p.refunded_at is not None)
+        if refund_lines != refunded_others:
+            found.append(
+                f"{where}: 'refund_payment' lines name payments {dict(refund_lines)}, "
+                f"refunded non-accepted payments are {sorted(refunded_others)}"
+            )
         if history not in FINAL_HISTORIES:
             found.append(f"{where}: not a final history")
             continue

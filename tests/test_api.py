@@ -81,7 +81,17 @@ def test_create_order_returns_201_with_the_order_and_its_location(client: Client
     assert body["status"] == "created"
     assert body["amount"] == "12.50"
     assert body["currency"] == "USD"
-    assert body["history"] == []
+    # The history starts with the order's placing, by the shop, when it was created.
+    assert body["history"] == [
+        {
+            "from": "",
+            "to": "created",
+            "transition": "place",
+            "by": "shop",
+            "at": body["created_at"],
+            "reason": "",
+        }
+    ]
     for key in (
         "paid_at",
         "delivered_at",
@@ -425,11 +435,12 @@ def test_get_order_returns_it_with_its_history_oldest_first(
     assert body["payment_ref"] == "pay-1"
     assert body["time_left_seconds"] is None
     assert [(s["transition"], s["from"], s["to"], s["by"]) for s in body["history"]] == [
+        ("place", "", "created", "shop"),
         ("pay", "created", "paid", "payment gateway"),
         ("refund", "paid", "refunded", "staff"),
         ("close", "refunded", "cancelled", "system"),
     ]
-    assert body["history"][1]["reason"] == "damaged"
+    assert body["history"][2]["reason"] == "damaged"
     assert all(datetime.fromisoformat(step["at"]) for step in body["history"])
 
 
@@ -441,7 +452,7 @@ def test_get_order_reads_the_history_in_one_query(
     with django_assert_num_queries(2):  # the order, then its whole history
         response = client.get(order_url(paid_order), headers=AUTH)
 
-    assert len(response.json()["history"]) == 3
+    assert len(response.json()["history"]) == 4
 
 
 @pytest.mark.parametrize(
@@ -491,7 +502,8 @@ def test_cancel_unpaid_order_cancels_it_for_the_customer(
     assert (body["status"], body["cancel_reason"]) == ("cancelled", "customer")
     assert body["cancelled_at"] is not None
     assert body["time_left_seconds"] is None
-    assert body["history"] == [
+    assert body["history"][0]["transition"] == "place"
+    assert body["history"][1:] == [
         {
             "from": "created",
             "to": "cancelled",
@@ -509,7 +521,8 @@ def test_cancel_needs_no_body(client: Client, order: AbstractOrder) -> None:
     response = post(client, order_url(order, "cancel"))
 
     assert response.status_code == 200
-    assert response.json()["history"][0]["reason"] == ""
+    [_, cancel] = response.json()["history"]
+    assert (cancel["transition"], cancel["reason"]) == ("cancel", "")
 
 
 @pytest.mark.parametrize(

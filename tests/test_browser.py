@@ -167,12 +167,13 @@ def test_staff_finds_an_order_by_its_payment_reference_and_refunds_it(
 
     expect(page.locator(".messagelist .success")).to_contain_text(f"Order {order.pk} was refunded")
     history = page.locator("#history-group tbody tr.has_original")
-    expect(history).to_have_count(4)  # pay, ship, refund, close
-    expect(history.nth(2)).to_contain_text("refund")
-    expect(history.nth(2)).to_contain_text("alice")
-    expect(history.nth(2)).to_contain_text("Parcel arrived damaged; customer sent photos.")
-    expect(history.nth(3)).to_contain_text("close")
-    expect(history.nth(3)).to_contain_text("closed after refund")
+    expect(history).to_have_count(5)  # place, pay, ship, refund, close
+    expect(history.nth(0)).to_contain_text("place")
+    expect(history.nth(3)).to_contain_text("refund")
+    expect(history.nth(3)).to_contain_text("alice")
+    expect(history.nth(3)).to_contain_text("Parcel arrived damaged; customer sent photos.")
+    expect(history.nth(4)).to_contain_text("close")
+    expect(history.nth(4)).to_contain_text("closed after refund")
     screenshot(page, "order-refunded.png", full_page=True)
     order.refresh_from_db()
     assert order.status == Status.CANCELLED

@@ -443,7 +443,13 @@ def test_returned_parcel_reported_twice_at_once_refunds_once_and_answers_both(
         )
 
     assert answer.status == Status.CANCELLED
-    assert [h.transition for h in answer.history.all()] == ["pay", "ship", "refund", "close"]
+    assert [h.transition for h in answer.history.all()] == [
+        "place",
+        "pay",
+        "ship",
+        "refund",
+        "close",
+    ]
 
 
 def test_a_payment_refused_as_late_was_received_after_the_order_was_cancelled() -> None:

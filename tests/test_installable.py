@@ -329,7 +329,7 @@ def test_a_new_project_following_the_readme_places_orders_that_expire(
     assert str(BASE_DIR) not in report["sys_path"]
     assert ". orders.expire_order" in log, "autodiscover found the tasks"
     assert report["status"] == "cancelled", log
-    assert report["history"] == [["expire", "expiry timer"]]
+    assert report["history"] == [["place", "shop"], ["expire", "expiry timer"]]
     assert 0 <= report["lateness"] < 1.0
     assert report["metrics_status"] == 200
     assert 'orders_expiries_total{actor="timer"} 1.0' in report["metrics"]
@@ -359,7 +359,7 @@ def test_a_new_project_with_its_own_order_model_following_the_readme(
     assert report["model"] == "shop.Order"
     assert report["fields"] == {"customer": "c-7"}
     assert report["status"] == "cancelled", log
-    assert report["history"] == [["expire", "expiry timer"]]
+    assert report["history"] == [["place", "shop"], ["expire", "expiry timer"]]
     assert 0 <= report["lateness"] < 1.0
     assert report["migrations"].index("shop.0001_initial") < report["migrations"].index(
         "orders.0001_initial"

@@ -109,6 +109,7 @@ def test_returned_parcel_found_by_the_poller_is_refunded_once(
     assert order.status == Status.CANCELLED
     assert order.cancel_reason == CancelReason.REFUND
     assert list(order.history.values_list("transition", "actor")) == [
+        ("place", "shop"),
         ("pay", "payment gateway"),
         ("ship", "shipping"),
         ("refund", "logistics poll"),

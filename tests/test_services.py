@@ -19,14 +19,23 @@ import kombu.exceptions
 import pytest
 from django.contrib.auth.models import User
 from django.db import transaction
-from django.dispatch import Signal
 from pytest_django import DjangoCaptureOnCommitCallbacks, Settings
 
-from orders import get_order_model, scheduling, services, signals
+from orders import events, get_order_model, scheduling, services, signals
 from orders.conf import DEFAULTS
 from orders.gateways import GatewayError, LocalLogisticsProvider
-from orders.models import AbstractOrder, CancelReason, OrderTransition, Payment, Status
+from orders.models import (
+    PLACE,
+    REFUND_PAYMENT,
+    AbstractOrder,
+    CancelReason,
+    EventDelivery,
+    OrderTransition,
+    Payment,
+    Status,
+)
 from orders.services import ExpiryOutcome, InvalidInput, InvalidTransition, OrderNotFound
+from orders.signals import OrderSignal
 from orders.tasks import expire_order_task, ship_order_task
 
 Order = get_order_model()
@@ -76,6 +85,10 @@ def history(order: AbstractOrder) -> list[tuple[str, str, str, str, str]]:
     return list(order.history.values_list("transition", "source", "target", "actor", "reason"))
 
 
+#: The first line of every order's history, as ``history()`` lists it: placed by the shop.
+PLACED = (PLACE, "", "created", "shop", "")
+
+
 def transitions(order: AbstractOrder) -> list[str]:
     return list(order.history.values_list("transition", flat=True))
 
@@ -108,10 +121,13 @@ def app_defaults(settings: Settings) -> None:
 
 @dataclass
 class Published:
-    """What would have reached the broker once the transaction committed."""
+    """What would have reached the broker once the transaction committed: expiry timers,
+    follow-up tasks (shipping, refunds), and the event dispatches (by their order ids),
+    queued whenever something listens to an event, whichever receivers the shop has."""
 
     timers: list[tuple[str, datetime]] = field(default_factory=list)
-    tasks: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    tasks: list[tuple[str, tuple[str | list[str], ...]]] = field(default_factory=list)
+    dispatches: list[list[str]] = field(default_factory=list)
 
 
 @pytest.fixture
@@ -121,32 +137,43 @@ def published(monkeypatch: pytest.MonkeyPatch) -> Published:
     def publish_timer(order_id: str, deadline: datetime) -> None:
         record.timers.append((order_id, deadline))
 
-    def enqueue_on_commit(task: Any, *args: str, what: str) -> None:
-        transaction.on_commit(lambda: record.tasks.append((task.name, args)))
+    def enqueue_on_commit(task: Any, *args: str | list[str], what: str) -> None:
+        if task.name == "orders.dispatch_events":
+            [order_ids] = args
+            assert isinstance(order_ids, list)
+            transaction.on_commit(lambda: record.dispatches.append(order_ids))
+        else:
+            transaction.on_commit(lambda: record.tasks.append((task.name, args)))
 
     monkeypatch.setattr(scheduling, "publish_expiry_timer", publish_timer)
     monkeypatch.setattr(scheduling, "enqueue_on_commit", enqueue_on_commit)
     return record
 
 
-@pytest.fixture
-def receipts() -> Iterator[Callable[[Signal], list[dict[str, Any]]]]:
-    """``receipts(signal)`` connects a receiver and returns the list it fills."""
-    connected: list[tuple[Signal, Callable[..., None]]] = []
+#: The name the ``receipts`` receiver of a signal is known by (its delivery records').
+def receipt_name(signal: OrderSignal) -> str:
+    return f"tests.receipts.{signal.event_type}"
 
-    def listen(signal: Signal) -> list[dict[str, Any]]:
+
+@pytest.fixture
+def receipts() -> Iterator[Callable[[OrderSignal], list[dict[str, Any]]]]:
+    """``receipts(signal)`` connects a receiver and returns the list it fills: every
+    call's keyword arguments, ``sender`` included."""
+    connected: list[OrderSignal] = []
+
+    def listen(signal: OrderSignal) -> list[dict[str, Any]]:
         received: list[dict[str, Any]] = []
 
         def receiver(sender: Any, **kwargs: Any) -> None:
             received.append({"sender": sender, **kwargs})
 
-        signal.connect(receiver, weak=False)
-        connected.append((signal, receiver))
+        signal.connect(receiver, weak=False, dispatch_uid=receipt_name(signal))
+        connected.append(signal)
         return received
 
     yield listen
-    for signal, receiver in connected:
-        signal.disconnect(receiver)
+    for signal in connected:
+        signal.disconnect(dispatch_uid=receipt_name(signal))
 
 
 class FailingGateway:
@@ -199,7 +226,18 @@ def test_placed_order_is_due_after_the_default_timeout_of_30_minutes(settings: S
     assert order.expires_at == T0 + timedelta(seconds=1800)
     assert order.amount == Decimal("10.00")
     assert order.currency == "CNY"
-    assert order.history.count() == 0
+    assert history(order) == [PLACED]
+    assert order.history.get().at == T0
+
+
+def test_order_placed_by_a_user_is_recorded_in_their_name() -> None:
+    alice = User.objects.create_user(username="alice")
+
+    order = services.place_order(amount="10.00", by=alice, now=T0)
+
+    assert list(
+        order.history.values_list("transition", "actor", "user_id", "at", "event_type")
+    ) == [(PLACE, "alice", alice.pk, T0, "order.placed")]
 
 
 def test_placed_order_takes_default_timeout_from_settings(settings: Settings) -> None:
@@ -502,7 +540,7 @@ def test_payment_before_the_deadline_pays_the_order(
         at(100),
     )
     assert not payment.needs_refund
-    assert history(order) == [("pay", "created", "paid", "payment gateway", "")]
+    assert history(order) == [PLACED, ("pay", "created", "paid", "payment gateway", "")]
     assert published.tasks == [("orders.ship_order", (str(order.pk),))]
 
 
@@ -524,7 +562,7 @@ def test_duplicate_payment_notification_changes_nothing() -> None:
     assert again.pk == first.pk
     assert again.received_at == at(10)
     assert Payment.objects.count() == 1
-    assert transitions(order) == ["pay"]
+    assert transitions(order) == [PLACE, "pay"]
     assert reloaded(order).paid_at == at(10)
 
 
@@ -550,7 +588,7 @@ def test_payment_reference_already_used_for_another_order_is_refused() -> None:
 
     assert reloaded(second).status == Status.CREATED
     assert Payment.objects.count() == 1
-    assert second.history.count() == 0
+    assert history(second) == [PLACED]
 
 
 @pytest.mark.parametrize("ref", ["", "x" * 129, None, 42, "pay\x00-1", "pay-1\nforged", "\u2028"])
@@ -576,7 +614,8 @@ def test_payment_after_the_deadline_expires_the_order_and_is_refunded(
     assert order.cancel_reason == CancelReason.TIMEOUT
     assert order.cancelled_at == at(601)
     assert order.payment_ref == ""
-    [expiry] = order.history.all()
+    placed, expiry = order.history.all()
+    assert placed.transition == PLACE
     assert (expiry.transition, expiry.source, expiry.target) == ("expire", "created", "cancelled")
     assert "deadline" in expiry.reason
     assert expiry.at == at(601)
@@ -594,7 +633,7 @@ def test_payment_for_a_cancelled_order_is_late() -> None:
     assert payment.outcome == Payment.Outcome.LATE
     assert payment.needs_refund
     assert reloaded(order).status == Status.CANCELLED
-    assert transitions(order) == ["cancel"]
+    assert transitions(order) == [PLACE, "cancel"]
 
 
 def test_second_payment_for_a_paid_order_is_surplus() -> None:
@@ -607,7 +646,7 @@ def test_second_payment_for_a_paid_order_is_surplus() -> None:
     assert surplus.needs_refund
     order = reloaded(order)
     assert (order.status, order.payment_ref, order.paid_at) == (Status.PAID, "pay-1", at(10))
-    assert transitions(order) == ["pay"]
+    assert transitions(order) == [PLACE, "pay"]
 
 
 @pytest.mark.parametrize(
@@ -625,7 +664,7 @@ def test_payment_of_the_wrong_amount_or_currency_is_a_mismatch(
     assert payment.outcome == Payment.Outcome.MISMATCH
     assert payment.needs_refund
     assert reloaded(order).status == Status.CREATED
-    assert order.history.count() == 0
+    assert history(order) == [PLACED]
 
     # The customer can still pay the right amount.
     assert pay(order, ref="pay-1", now=at(20)).outcome == Payment.Outcome.ACCEPTED
@@ -688,7 +727,8 @@ def test_overdue_unpaid_order_is_expired_by_the_timer() -> None:
     assert order.cancel_reason == CancelReason.TIMEOUT
     assert order.cancelled_at == at(600.2)
     assert history(order) == [
-        ("expire", "created", "cancelled", "expiry timer", "not paid in time")
+        PLACED,
+        ("expire", "created", "cancelled", "expiry timer", "not paid in time"),
     ]
 
 
@@ -698,7 +738,7 @@ def test_timer_fired_many_times_expires_the_order_once() -> None:
     outcomes = [services.expire_order(order_id=order.pk, now=at(601 + i)) for i in range(10)]
 
     assert outcomes == [ExpiryOutcome.EXPIRED] + [ExpiryOutcome.NOT_UNPAID] * 9
-    assert OrderTransition.objects.filter(order_id=order.pk).count() == 1
+    assert transitions(order) == [PLACE, "expire"]
     assert reloaded(order).cancelled_at == at(601)
 
 
@@ -710,7 +750,7 @@ def test_timer_before_the_deadline_waits_when_its_timer_is_armed() -> None:
     order = reloaded(order)
     assert order.status == Status.CREATED
     assert order.timer_armed_for == order.expires_at
-    assert order.history.count() == 0
+    assert history(order) == [PLACED]
 
 
 def test_timer_before_an_unarmed_deadline_within_the_horizon_re_arms_it(
@@ -741,7 +781,7 @@ def test_timer_for_a_paid_order_does_nothing() -> None:
     assert services.expire_order(order_id=order.pk, now=at(601)) == ExpiryOutcome.NOT_UNPAID
 
     assert reloaded(order).status == Status.PAID
-    assert transitions(order) == ["pay"]
+    assert transitions(order) == [PLACE, "pay"]
 
 
 def test_timer_for_a_missing_order_reports_it() -> None:
@@ -882,7 +922,10 @@ def test_customer_cancels_an_unpaid_order() -> None:
     assert order.status == Status.CANCELLED
     assert order.cancel_reason == CancelReason.CUSTOMER
     assert order.cancelled_at == at(5)
-    assert history(order) == [("cancel", "created", "cancelled", "customer", "changed my mind")]
+    assert history(order) == [
+        PLACED,
+        ("cancel", "created", "cancelled", "customer", "changed my mind"),
+    ]
 
 
 def test_staff_cancels_an_unpaid_order_in_their_name() -> None:
@@ -899,8 +942,10 @@ def test_staff_cancels_an_unpaid_order_in_their_name() -> None:
 
     order = reloaded(order)
     assert (order.status, order.cancel_reason) == (Status.CANCELLED, CancelReason.STAFF)
-    [row] = order.history.all()
-    assert (row.actor, row.user_id, row.reason, row.at) == (
+    placed, row = order.history.all()
+    assert placed.transition == PLACE
+    assert (row.transition, row.actor, row.user_id, row.reason, row.at) == (
+        "cancel",
         "alice",
         alice.pk,
         "fraud suspected",
@@ -985,7 +1030,7 @@ def test_shipping_again_keeps_the_tracking_number_and_ships_once() -> None:
 
     assert again.tracking_number == first
     assert reloaded(order).delivered_at == at(60)
-    assert transitions(order) == ["pay", "ship"]
+    assert transitions(order) == [PLACE, "pay", "ship"]
 
 
 def test_local_logistics_provider_gives_the_same_number_for_the_same_key() -> None:
@@ -1004,7 +1049,7 @@ def test_shipping_an_unpaid_order_does_nothing() -> None:
 
     assert returned.status == reloaded(order).status == Status.CREATED
     assert reloaded(order).tracking_number == ""
-    assert order.history.count() == 0
+    assert history(order) == [PLACED]
 
 
 # refund_order -------------------------------------------------------------------------
@@ -1043,7 +1088,7 @@ def test_unpaid_order_cannot_be_refunded() -> None:
         services.refund_order(order_id=order.pk, by="staff", reason="why not", now=at(60))
 
     assert reloaded(order).status == Status.CREATED
-    assert order.history.count() == 0
+    assert history(order) == [PLACED]
 
 
 @pytest.mark.parametrize("reason", ["", "   ", "\n"])
@@ -1066,7 +1111,7 @@ def test_refund_the_gateway_refuses_leaves_the_order_paid(settings: Settings) ->
 
     order = reloaded(order)
     assert (order.status, order.refunded_at, order.refund_ref) == (Status.PAID, None, "")
-    assert transitions(order) == ["pay"]
+    assert transitions(order) == [PLACE, "pay"]
     assert Payment.objects.get().refunded_at is None
 
 
@@ -1080,7 +1125,7 @@ def test_refunding_twice_is_refused_and_refunds_once(settings: Settings) -> None
         services.refund_order(order_id=order.pk, by="staff", reason="damaged", now=at(70))
 
     assert RecordingGateway.calls == ["refund:pay-1"]
-    assert transitions(order) == ["pay", "refund", "close"]
+    assert transitions(order) == [PLACE, "pay", "refund", "close"]
     assert reloaded(order).refund_ref == "rf-refund:pay-1"
 
 
@@ -1095,7 +1140,7 @@ def test_concurrent_refunds_ask_the_gateway_with_one_key_and_refund_once(
 
     assert RacingGateway.calls == ["refund:pay-1", "refund:pay-1"]
     assert returned.status == Status.CANCELLED
-    assert history(order)[1:] == [
+    assert history(order)[2:] == [
         ("refund", "paid", "refunded", "other worker", "double click"),
         ("close", "refunded", "cancelled", "system", "closed after refund"),
     ]
@@ -1122,6 +1167,12 @@ def test_late_payment_is_refunded_once() -> None:
     assert again.refund_ref == payment.refund_ref
     assert not payment.needs_refund
     assert reloaded(order).status == Status.CANCELLED
+    # One line of the order's history, naming the payment: the payment.refunded event.
+    assert list(
+        order.history.filter(transition=REFUND_PAYMENT).values_list(
+            "source", "target", "actor", "at", "payment_id", "event_type"
+        )
+    ) == [("cancelled", "cancelled", "system", at(130), late.pk, "payment.refunded")]
 
 
 def test_late_payment_refund_asks_the_gateway_with_its_reference_as_key(
@@ -1150,6 +1201,7 @@ def test_late_payment_refund_the_gateway_refuses_is_left_for_a_retry(
         services.refund_payment(payment_id=late.pk, now=at(130))
 
     assert Payment.objects.get(pk=late.pk).needs_refund
+    assert transitions(order) == [PLACE, "expire"]
 
 
 def test_refunding_an_accepted_payment_does_nothing() -> None:
@@ -1161,6 +1213,7 @@ def test_refunding_an_accepted_payment_does_nothing() -> None:
     payment.refresh_from_db()
     assert (payment.refunded_at, payment.refund_ref) == (None, "")
     assert reloaded(order).status == Status.PAID
+    assert transitions(order) == [PLACE, "pay"]
 
 
 # record_parcel_status -----------------------------------------------------------------
@@ -1198,7 +1251,7 @@ def test_returned_parcel_reported_twice_is_refunded_once() -> None:
         order_id=order.pk, tracking_number=order.tracking_number, status="returned"
     )
 
-    assert transitions(order) == ["pay", "ship", "refund", "close"]
+    assert transitions(order) == [PLACE, "pay", "ship", "refund", "close"]
 
 
 @pytest.mark.parametrize("status", ["in_transit", "delivered"])
@@ -1210,7 +1263,7 @@ def test_parcel_on_its_way_changes_nothing(status: str) -> None:
     )
 
     assert reloaded(order).status == Status.DELIVERED
-    assert transitions(order) == ["pay", "ship"]
+    assert transitions(order) == [PLACE, "pay", "ship"]
 
 
 @pytest.mark.parametrize("status", ["lost", "", "RETURNED", None])
@@ -1241,9 +1294,12 @@ def test_sweep_expires_orders_past_their_grace_but_not_within_it() -> None:
         CancelReason.TIMEOUT,
         at(72),
     )
-    assert history(late) == [("expire", "created", "cancelled", "sweep", "not paid in time")]
+    assert history(late) == [
+        PLACED,
+        ("expire", "created", "cancelled", "sweep", "not paid in time"),
+    ]
     assert reloaded(recent).status == Status.CREATED
-    assert recent.history.count() == 0
+    assert history(recent) == [PLACED]
 
 
 def test_sweep_grace_comes_from_settings(settings: Settings) -> None:
@@ -1261,7 +1317,7 @@ def test_sweep_leaves_paid_and_cancelled_orders_alone() -> None:
 
     assert report.expired == 0
     assert reloaded(paid).status == Status.DELIVERED  # shipped by the retry, not expired
-    assert transitions(cancelled) == ["cancel"]
+    assert transitions(cancelled) == [PLACE, "cancel"]
 
 
 def test_sweep_arms_timers_that_came_within_the_horizon_or_were_lost(
@@ -1348,7 +1404,7 @@ def test_sweep_expires_every_overdue_order_batch_by_batch(settings: Settings) ->
 
     assert (report.expired, report.max_lateness) == (5, 540.0)
     assert {reloaded(o).status for o in orders} == {Status.CANCELLED}
-    assert OrderTransition.objects.count() == 5
+    assert [transitions(o) for o in orders] == [[PLACE, "expire"]] * 5
 
 
 def test_bucket_timer_expires_the_orders_due_within_its_second() -> None:
@@ -1362,7 +1418,8 @@ def test_bucket_timer_expires_the_orders_due_within_its_second() -> None:
 
     for order in in_bucket:
         assert history(reloaded(order)) == [
-            ("expire", "created", "cancelled", "expiry timer", "not paid in time")
+            PLACED,
+            ("expire", "created", "cancelled", "expiry timer", "not paid in time"),
         ]
     assert reloaded(next_bucket).status == Status.CREATED
 
@@ -1376,25 +1433,62 @@ def test_bucket_timer_fired_early_expires_nothing_before_its_deadline() -> None:
 
 
 # Signals ------------------------------------------------------------------------------
+# Nothing is called when a transition commits: a dispatch is queued, and the dispatcher
+# (orders.events) calls each receiver once per event, with a delivery record, however
+# often it runs. Here the dispatch runs in the test, twice, as a task delivered twice.
 
 
-def test_order_placed_is_sent_once_after_commit(
+def dispatch_twice(order: AbstractOrder) -> None:
+    for _ in range(2):
+        events.dispatch([order.pk])
+
+
+def took(received: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Each call of a ``receipts`` receiver: its signal, sender, order and event."""
+    return [
+        (r["signal"], r["sender"], r["order"].pk, r["event_id"], r["event"].pk) for r in received
+    ]
+
+
+def once(signal: OrderSignal, event: OrderTransition) -> list[tuple[Any, ...]]:
+    """``took()`` of a receiver of ``signal`` that was called for ``event`` alone, once;
+    and its delivery record says so."""
+    delivery = EventDelivery.objects.get(event=event, receiver=receipt_name(signal))
+    assert (delivery.attempts, delivery.parked_at) == (1, None)
+    assert delivery.delivered_at is not None
+    return [(signal, Order, event.order_id, event.event_id, event.pk)]
+
+
+def test_order_placed_is_delivered_once_by_the_dispatcher_not_on_commit(
     published: Published,
-    receipts: Callable[[Signal], list[dict[str, Any]]],
+    receipts: Callable[[OrderSignal], list[dict[str, Any]]],
     django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
     placed = receipts(signals.order_placed)
 
     with django_capture_on_commit_callbacks(execute=True):
         order = place()
-        assert placed == []
 
-    assert [(r["sender"], r["order"].pk) for r in placed] == [(Order, order.pk)]
+    assert placed == []
+    assert published.dispatches == [[str(order.pk)]]
+    event = order.history.get()
+    assert (event.transition, event.event_type, event.next_dispatch_at) == (
+        PLACE,
+        "order.placed",
+        T0,
+    )
+
+    dispatch_twice(order)
+
+    assert took(placed) == once(signals.order_placed, event)
+    assert placed[0]["order"].status == Status.CREATED
+    event.refresh_from_db()
+    assert event.next_dispatch_at is None
 
 
-def test_order_paid_is_sent_once_after_commit(
+def test_order_paid_is_delivered_once_by_the_dispatcher_not_on_commit(
     published: Published,
-    receipts: Callable[[Signal], list[dict[str, Any]]],
+    receipts: Callable[[OrderSignal], list[dict[str, Any]]],
     django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
     order = place()
@@ -1405,17 +1499,20 @@ def test_order_paid_is_sent_once_after_commit(
         pay(order, ref="pay-1", now=at(10))
         pay(order, ref="pay-1", now=at(11))  # the webhook, delivered twice
         pay(order, ref="pay-2", now=at(12))  # a surplus payment
-        assert paid == []
 
-    assert [(r["sender"], r["order"].pk, r["order"].status) for r in paid] == [
-        (Order, order.pk, Status.PAID)
-    ]
+    assert paid == []
+    assert published.dispatches == [[str(order.pk)]]
+
+    dispatch_twice(order)
+
+    assert took(paid) == once(signals.order_paid, order.history.get(transition="pay"))
+    assert paid[0]["order"].status == Status.PAID
     assert expired == []
 
 
-def test_order_expired_is_sent_once_after_commit(
+def test_order_expired_is_delivered_once_by_the_dispatcher_not_on_commit(
     published: Published,
-    receipts: Callable[[Signal], list[dict[str, Any]]],
+    receipts: Callable[[OrderSignal], list[dict[str, Any]]],
     django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
     order = place(timeout=600)
@@ -1425,14 +1522,17 @@ def test_order_expired_is_sent_once_after_commit(
         for i in range(10):
             services.expire_order(order_id=order.pk, now=at(601 + i))
         services.sweep(now=at(700))
-        assert expired == []
 
-    assert [(r["sender"], r["order"].pk) for r in expired] == [(Order, order.pk)]
+    assert expired == []
+
+    dispatch_twice(order)
+
+    assert took(expired) == once(signals.order_expired, order.history.get(transition="expire"))
 
 
-def test_late_payment_sends_order_expired_not_order_paid(
+def test_late_payment_delivers_order_expired_not_order_paid(
     published: Published,
-    receipts: Callable[[Signal], list[dict[str, Any]]],
+    receipts: Callable[[OrderSignal], list[dict[str, Any]]],
     django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
     order = place(timeout=600)
@@ -1441,13 +1541,18 @@ def test_late_payment_sends_order_expired_not_order_paid(
     with django_capture_on_commit_callbacks(execute=True):
         pay(order, now=at(601))
 
-    assert [r["order"].pk for r in expired] == [order.pk]
+    assert expired == []
+
+    dispatch_twice(order)
+
+    assert took(expired) == once(signals.order_expired, order.history.get(transition="expire"))
     assert paid == []
+    assert not EventDelivery.objects.filter(receiver=receipt_name(signals.order_paid)).exists()
 
 
-def test_order_refunded_is_sent_once_after_commit(
+def test_order_refunded_is_delivered_once_by_the_dispatcher_not_on_commit(
     published: Published,
-    receipts: Callable[[Signal], list[dict[str, Any]]],
+    receipts: Callable[[OrderSignal], list[dict[str, Any]]],
     django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
     order = services.ship_order(order_id=paid_order().pk, now=at(30))
@@ -1461,15 +1566,20 @@ def test_order_refunded_is_sent_once_after_commit(
         services.record_parcel_status(
             order_id=order.pk, tracking_number=order.tracking_number, status="returned"
         )
-        assert refunded == []
 
-    assert [(r["sender"], r["order"].pk) for r in refunded] == [(Order, order.pk)]
-    assert [r["order"].pk for r in cancelled] == [order.pk]
+    assert refunded == cancelled == []
+
+    dispatch_twice(order)
+
+    assert took(refunded) == once(signals.order_refunded, order.history.get(transition="refund"))
+    # The refunded order closes itself: order.cancelled, with the reason "refund".
+    assert took(cancelled) == once(signals.order_cancelled, order.history.get(transition="close"))
+    assert cancelled[0]["order"].cancel_reason == CancelReason.REFUND
 
 
-def test_payment_refunded_is_sent_once_after_commit(
+def test_payment_refunded_is_delivered_once_by_the_dispatcher_not_on_commit(
     published: Published,
-    receipts: Callable[[Signal], list[dict[str, Any]]],
+    receipts: Callable[[OrderSignal], list[dict[str, Any]]],
     django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
     order = place(timeout=60)
@@ -1480,12 +1590,19 @@ def test_payment_refunded_is_sent_once_after_commit(
         services.refund_payment(payment_id=late.pk, now=at(130))
         services.refund_payment(payment_id=late.pk, now=at(140))
 
-    assert [(r["order"].pk, r["payment"].pk) for r in refunded] == [(order.pk, late.pk)]
+    assert refunded == []
+
+    dispatch_twice(order)
+
+    event = order.history.get(transition=REFUND_PAYMENT)
+    assert took(refunded) == once(signals.payment_refunded, event)
+    assert refunded[0]["payment"].pk == late.pk
+    assert refunded[0]["payment"].refunded_at == at(130)
 
 
-def test_nothing_is_sent_when_the_transaction_rolls_back(
+def test_nothing_is_delivered_when_the_transaction_rolls_back(
     published: Published,
-    receipts: Callable[[Signal], list[dict[str, Any]]],
+    receipts: Callable[[OrderSignal], list[dict[str, Any]]],
     django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
     order = place()
@@ -1498,11 +1615,14 @@ def test_nothing_is_sent_when_the_transaction_rolls_back(
 
     with django_capture_on_commit_callbacks(execute=True), pytest.raises(RuntimeError):
         pay_in_a_failing_transaction()
+    events.dispatch([order.pk])
 
     assert paid == []
-    assert published.tasks == []
+    assert (published.tasks, published.dispatches) == ([], [])
+    assert history(order) == [PLACED]
     assert reloaded(order).status == Status.CREATED
     assert Payment.objects.count() == 0
+    assert EventDelivery.objects.count() == 0
 
 
 # The transition log -------------------------------------------------------------------
@@ -1522,6 +1642,7 @@ def test_every_transition_of_a_lifecycle_leaves_one_history_row() -> None:
     )
 
     assert rows == [
+        (PLACE, "", "created", "shop", T0),
         ("pay", "created", "paid", "payment gateway", at(10)),
         ("ship", "paid", "delivered", "shipping", at(20)),
         ("refund", "delivered", "refunded", "alice", at(30)),
@@ -1555,7 +1676,7 @@ def test_ending_an_unpaid_order_leaves_one_history_row(
     act(order)
 
     rows = list(order.history.values_list("transition", "source", "target", "actor", "at"))
-    assert rows == [expected]
+    assert rows == [(PLACE, "", "created", "shop", T0), expected]
 
 
 def test_status_cannot_be_assigned_directly() -> None:
@@ -1565,7 +1686,7 @@ def test_status_cannot_be_assigned_directly() -> None:
         order.status = Status.PAID
 
     assert reloaded(order).status == Status.CREATED
-    assert order.history.count() == 0
+    assert history(order) == [PLACED]
 
 
 @pytest.mark.django_db

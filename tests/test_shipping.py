@@ -59,6 +59,7 @@ def test_the_shop_ships_a_paid_order_with_its_own_tracking_number() -> None:
     assert (shipped.status, shipped.tracking_number) == (Status.DELIVERED, "SF123")
     assert shipped.parcel_next_check_at is None, "no provider to poll"
     assert list(shipped.history.values_list("transition", "actor")) == [
+        ("place", "shop"),
         ("pay", "payment gateway"),
         ("ship", "warehouse"),
     ]

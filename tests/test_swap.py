@@ -49,7 +49,7 @@ def test_place_order_passes_the_shops_own_fields_and_the_lifecycle_runs_on_them(
 
     stored = Order.objects.get(pk=order.pk)
     assert (stored.customer, stored.status) == ("alice", Status.DELIVERED)  # type: ignore[attr-defined]
-    assert list(stored.history.values_list("transition", flat=True)) == ["pay", "ship"]
+    assert list(stored.history.values_list("transition", flat=True)) == ["place", "pay", "ship"]
     assert Payment.objects.get().order_id == order.pk
 
 

@@ -152,7 +152,7 @@ def test_payment_webhook_pays_the_order(client: Client, order: AbstractOrder) ->
     assert body["order"]["history"][-1]["by"] == "payment webhook"
     order.refresh_from_db()
     assert order.status == Status.PAID
-    assert transitions(order) == ["pay"]
+    assert transitions(order) == ["place", "pay"]
 
 
 def test_duplicate_payment_webhook_changes_nothing(client: Client, order: AbstractOrder) -> None:
@@ -166,7 +166,7 @@ def test_duplicate_payment_webhook_changes_nothing(client: Client, order: Abstra
     assert Payment.objects.count() == 1
     order.refresh_from_db()
     assert (order.status, order.paid_at) == (Status.PAID, paid_at)
-    assert transitions(order) == ["pay"]
+    assert transitions(order) == ["place", "pay"]
 
 
 def test_payment_after_cancellation_is_late_kept_and_refundable(
@@ -206,7 +206,8 @@ def test_payment_after_the_deadline_expires_the_order_and_is_late(client: Client
     assert response.json()["payment"]["outcome"] == "late"
     order.refresh_from_db()
     assert (order.status, order.cancel_reason) == (Status.CANCELLED, "timeout")
-    expiry = order.history.get()
+    placed, expiry = order.history.all()
+    assert placed.transition == "place"
     assert (expiry.transition, expiry.actor) == ("expire", "payment webhook")
     assert Payment.objects.get().outcome == "late"
 
@@ -233,7 +234,7 @@ def test_payment_on_a_paid_order_is_a_surplus(client: Client, paid_order: Abstra
 
     assert response.status_code == 200
     assert response.json()["payment"]["outcome"] == "surplus"
-    assert transitions(paid_order) == ["pay"]
+    assert transitions(paid_order) == ["place", "pay"]
 
 
 def test_payment_ref_already_used_for_another_order_is_400(
@@ -516,7 +517,7 @@ def test_a_retry_re_signed_with_a_new_timestamp_is_still_a_replay(
     assert again.status_code == 200
     assert again.json() == first.json()
     assert database() == before
-    assert transitions(shipped_order) == ["pay", "ship", "refund", "close"]
+    assert transitions(shipped_order) == ["place", "pay", "ship", "refund", "close"]
 
 
 def test_the_same_id_with_another_body_is_409_and_changes_nothing(
@@ -605,7 +606,7 @@ def test_malformed_payment_is_400_and_changes_nothing(
     assert not Payment.objects.exists()
     order.refresh_from_db()
     assert order.status == Status.CREATED
-    assert transitions(order) == []
+    assert transitions(order) == ["place"]
 
 
 # Logistics ----------------------------------------------------------------------------
@@ -621,6 +622,7 @@ def test_returned_parcel_refunds_and_closes_the_shipped_order(
     assert (body["status"], body["cancel_reason"]) == ("cancelled", "refund")
     assert body["refunded_at"] is not None
     assert [(s["transition"], s["by"]) for s in body["history"]] == [
+        ("place", "shop"),
         ("pay", "payment gateway"),
         ("ship", "shipping"),
         ("refund", "logistics webhook"),
@@ -660,7 +662,7 @@ def test_parcel_in_transit_is_recorded_and_leaves_the_order_delivered(
 
     assert response.status_code == 200
     assert response.json()["status"] == "delivered"
-    assert transitions(shipped_order) == ["pay", "ship"]
+    assert transitions(shipped_order) == ["place", "pay", "ship"]
     assert Order.objects.get(pk=shipped_order.pk).parcel_status == ParcelStatus.IN_TRANSIT
 
 
@@ -840,4 +842,4 @@ def test_the_same_message_delivered_concurrently_acts_once(
     assert IdempotencyRecord.objects.count() == 1
     # Paid once. (The suite's worker, when an earlier test started it, may have shipped
     # the paid order meanwhile: these threads commit for real.)
-    assert transitions(order) in (["pay"], ["pay", "ship"])
+    assert transitions(order) in (["place", "pay"], ["place", "pay", "ship"])
