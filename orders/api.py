@@ -27,8 +27,8 @@ from orders.services import OrderNotFound, brief
 
 #: Who the API's transitions are recorded as.
 API_ACTOR = "customer (api)"
-#: Who a shipment through the API is recorded as: the shop, which booked it.
-API_SHIPPER = "shop (api)"
+#: Who an order placed or shipped through the API is recorded as: the shop's systems.
+API_SHOP = "shop (api)"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 
 
@@ -60,6 +60,7 @@ def create_order(request: HttpRequest) -> HttpResponse:
             timeout=optional_number(data, "timeout_seconds"),
             reference=data.get("reference"),
             metadata=data.get("metadata"),
+            by=API_SHOP,
         )
         return Answer(201, order_json(order))
 
@@ -119,6 +120,6 @@ def ship_order(request: HttpRequest, order_id: str) -> HttpResponse:
     order = services.ship_order(
         order_id=order_id_of(order_id),
         tracking_number=required(data, "tracking_number"),
-        by=API_SHIPPER,
+        by=API_SHOP,
     )
     return JsonResponse(order_json(order))

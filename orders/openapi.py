@@ -74,7 +74,13 @@ def _schemas() -> dict[str, JsonSchema]:
             {
                 "from": {"type": "string"},
                 "to": {"type": "string"},
-                "transition": {"type": "string"},
+                "transition": {
+                    "type": "string",
+                    "description": "A transition of the lifecycle (pay, ship, expire, "
+                    "cancel, refund, close), or place (the order was placed), "
+                    "refund_payment (a payment that did not pay it was refunded), remind "
+                    "(the reminder before the deadline was sent).",
+                },
                 "by": {"type": "string", "description": "A user's name, or the system part."},
                 "at": _MOMENT,
                 "reason": {"type": "string"},
@@ -344,7 +350,7 @@ def _paths() -> JsonSchema:
             "get": {
                 "operationId": "getOrder",
                 "tags": ["orders"],
-                "summary": "The order with its history, oldest transition first",
+                "summary": "The order with its history, oldest first",
                 "security": _API,
                 "responses": _responses(_order("The order."), *_API_ERRORS),
             },

@@ -1002,16 +1002,19 @@ def refund_payment(*, payment_id: Any, now: datetime | None = None) -> Payment:
         return payment
     refund_ref = _refund_at_gateway(payment)
     with transaction.atomic():
+        # The order first, as every other step locks it: its status in the history row
+        # is the one it has when the refund is recorded.
+        order = _locked(payment.order_id)
         payment = Payment.objects.select_for_update().get(pk=payment_id)
         if payment.refunded_at is not None:
             return payment
         payment.refunded_at, payment.refund_ref = now or timezone.now(), refund_ref
         payment.save(update_fields=["refunded_at", "refund_ref"])
         events.record(
-            payment.order,
+            order,
             transition=REFUND_PAYMENT,
-            source=payment.order.status,
-            target=payment.order.status,
+            source=order.status,
+            target=order.status,
             by=SYSTEM,
             reason=f"payment {payment.reference} ({payment.outcome}) refunded",
             at=payment.refunded_at,

@@ -47,7 +47,8 @@ class OrderSignal(Signal):
         dispatch_uid: Hashable | None = None,
     ) -> None:
         super().connect(receiver, sender, weak, dispatch_uid)
-        self.connected[receiver_name(receiver, dispatch_uid)] = (receiver, sender)
+        # As Django: connecting a name again keeps the receiver connected first.
+        self.connected.setdefault(receiver_name(receiver, dispatch_uid), (receiver, sender))
 
     def disconnect(
         self,

@@ -87,7 +87,7 @@ def test_create_order_returns_201_with_the_order_and_its_location(client: Client
             "from": "",
             "to": "created",
             "transition": "place",
-            "by": "shop",
+            "by": "shop (api)",
             "at": body["created_at"],
             "reason": "",
         }
