@@ -21,6 +21,7 @@ from orders.models import (
     REMIND,
     AbstractOrder,
     CancelReason,
+    EventDelivery,
     OrderTransition,
     Payment,
     Status,
@@ -295,4 +296,36 @@ def reminder_violations(orders: QuerySet[AbstractOrder], *, remind_before: float
         expired = settled is not None and settled.transition == "expire"
         if expired and not reminded[order.expires_at]:
             found.append(f"{where}: expired without a reminder of {order.expires_at.isoformat()}")
+    return found
+
+
+def event_violations(orders: QuerySet[AbstractOrder]) -> list[str]:
+    """Every event of these orders reached each test receiver (tests/effects, connected in
+    every process of the run) exactly once in effect: one committed ``Effect`` row per
+    (event, receiver), none owed, none parked. Effects have no unique constraint: a
+    receiver's work committed twice, or kept from a failed try, would show here."""
+    from tests.effects.models import Effect
+
+    found = []
+    order_ids = list(orders.values_list("pk", flat=True))
+    events = OrderTransition.objects.filter(order_id__in=order_ids)
+    for event in events.filter(next_dispatch_at__isnull=False):
+        found.append(f"event {event.event_type} {event.event_id}: still owed")
+    for delivery in EventDelivery.objects.filter(
+        event__order_id__in=order_ids, parked_at__isnull=False
+    ):
+        found.append(f"{delivery}: parked ({delivery.last_error})")
+    effects = Counter(
+        Effect.objects.filter(order_id__in=order_ids).values_list("event_id", "receiver")
+    )
+    expected = {
+        (event_id, receiver)
+        for event_id in events.values_list("event_id", flat=True)
+        for receiver in ("gate", "tally")
+    }
+    for key in expected:
+        if effects[key] != 1:
+            found.append(f"event {key[0]}: {effects[key]} effects of {key[1]}")
+    for key in set(effects) - expected:
+        found.append(f"event {key[0]}: an effect of {key[1]}, but no such event")
     return found

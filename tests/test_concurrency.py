@@ -31,10 +31,16 @@ from django.db.models import F
 from django.utils import timezone
 from pytest_django import Settings
 
-from orders import get_order_model, services
-from orders.models import AbstractOrder, Payment, Status
-from orders.tasks import expire_order_task, refund_payment_task, ship_order_task
+from orders import events, get_order_model, services
+from orders.models import AbstractOrder, EventDelivery, OrderTransition, Payment, Status
+from orders.tasks import (
+    dispatch_events_task,
+    expire_order_task,
+    refund_payment_task,
+    ship_order_task,
+)
 from tests.chaos import (
+    event_violations,
     expired_by,
     key_prefix,
     lateness,
@@ -46,6 +52,7 @@ from tests.chaos import (
     workers,
 )
 from tests.conftest import BASE_DIR, database_url, worker_env
+from tests.effects import receivers
 from tests.gateways import Record, redis_client
 from tests.redis_server import RedisServer, publishing_to, queued, unacked
 
@@ -57,6 +64,8 @@ ACTORS = 6  # webhook sender processes
 SPREAD = 15.0  # seconds over which the deadlines are spread
 AMOUNT = "10.00"
 FAILURE_RATE = 0.05  # provider calls that time out after doing the work
+RECEIVER_FAILURE_RATE = 0.05  # receiver calls that raise after writing their row
+EVENT_GRACE = 3  # an event owed longer is queued again by the sweeps of this test
 BACKENDS = {
     "PAYMENT_GATEWAY": "tests.gateways.RecordingPaymentGateway",
     "LOGISTICS_PROVIDER": "tests.gateways.RecordingLogisticsProvider",
@@ -162,6 +171,7 @@ def start_actors(
 
 
 def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
+    request: pytest.FixtureRequest,
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
@@ -175,7 +185,15 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
     records = prefix + "recorded:"
     monkeypatch.setenv("ORDERS_TEST_RECORDS", records)
     monkeypatch.setenv("ORDERS_TEST_FAILURE_RATE", str(FAILURE_RATE))
-    settings.ORDERS = settings.ORDERS | BACKENDS | {"SHIPPING_RETRY_AFTER": SHIPPING_RETRY_AFTER}
+    settings.ORDERS = (
+        settings.ORDERS
+        | BACKENDS
+        | {"SHIPPING_RETRY_AFTER": SHIPPING_RETRY_AFTER, "EVENT_GRACE": EVENT_GRACE}
+    )
+    # Every event goes to the test receivers (tests/effects) in every process of the run,
+    # one of which fails now and then after writing its row (retried a second later).
+    receivers.connect()
+    request.addfinalizer(receivers.disconnect)
     env = worker_env(
         # Persistent connections, as a deployment would configure them: a new
         # PostgreSQL connection per task would halve what the two workers can do.
@@ -187,6 +205,9 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
         ORDERS_SHIPPING_RETRY_AFTER=str(SHIPPING_RETRY_AFTER),
         ORDERS_TEST_RECORDS=records,
         ORDERS_TEST_FAILURE_RATE=str(FAILURE_RATE),
+        ORDERS_TEST_RECEIVERS="1",
+        ORDERS_TEST_RECEIVER_FAILURE_RATE=str(RECEIVER_FAILURE_RATE),
+        ORDERS_EVENT_RETRY_BACKOFF="1",
     )
     broker = redis_client()
     Record.clear(broker, records)
@@ -253,6 +274,9 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
                 for payment_id, order_id, outcome in Payment.objects.filter(
                     pk__gt=last_payment
                 ).values_list("pk", "order_id", "outcome"):
+                    # And the dispatch of the order's events, once more.
+                    dispatch_events_task.apply_async(args=([str(order_id)],))
+                    plan.injected["duplicate dispatch tasks"] += 1
                     if outcome == Payment.Outcome.ACCEPTED:
                         ship_order_task.apply_async(args=(str(order_id),))
                         plan.injected["duplicate shipping tasks"] += 1
@@ -273,7 +297,8 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
             for pk in rng.sample(list(mine.values_list("pk", flat=True)), LATE_SAMPLE):
                 expire_order_task.apply_async(args=(str(pk),))
                 ship_order_task.apply_async(args=(str(pk),))
-                plan.injected["late duplicate expiry and shipping tasks"] += 2
+                dispatch_events_task.apply_async(args=([str(pk)],))
+                plan.injected["late duplicate expiry, shipping and dispatch tasks"] += 3
             payments = list(Payment.objects.filter(order__in=mine).values_list("pk", flat=True))
             for payment_id in rng.sample(payments, min(LATE_SAMPLE, len(payments))):
                 refund_payment_task.apply_async(args=(str(payment_id),))
@@ -282,6 +307,14 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
                 lambda: queued(broker, prefix) == 0 and unacked(broker, prefix) == 0,
                 120,
                 "the workers to run every task",
+            )
+            # Receivers that failed are tried again once their backoff is over and the
+            # sweep (here its events step) queues them.
+            owed = OrderTransition.objects.filter(order__in=mine, next_dispatch_at__isnull=False)
+            wait_for(
+                lambda: events.redispatch_late() >= 0 and not owed.exists(),
+                120,
+                "every event to reach every receiver",
             )
             final = services.sweep()
             assert (final.expired, final.timers_armed) == (0, 0), final
@@ -298,6 +331,12 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
     found += passed_over_by_sweeps(mine, sweep_runs)
     found += provider_violations(mine, Record.read(broker, records))
     found += webhook_violations(mine, plan, actors)
+    found += event_violations(mine)
+    retried = EventDelivery.objects.filter(event__order__in=mine, attempts__gt=1).count()
+    print(
+        f"events: {OrderTransition.objects.filter(order__in=mine).count()}, each to 2 "
+        f"receivers; {retried} deliveries succeeded after a receiver failed on purpose"
+    )
     print_report(mine, plan, sweeps, Record.read(broker, records), actors, found)
     print(f"settled after {settled:.1f}s, whole test {time.monotonic() - started:.1f}s")
     Record.clear(broker, records)
