@@ -753,6 +753,25 @@ def _chart(activity: Sequence[selectors.HourlyActivity]) -> list[dict[str, Any]]
 admin.site.register(get_order_model(), OrderAdmin)
 
 
+class OfAnEvent:
+    """List columns of a delivery (to a receiver or an endpoint): its event, its order."""
+
+    admin_site: admin.AdminSite
+
+    @admin.display(description="event", ordering="event__event_type")
+    def event_type(self, obj: EventDelivery | WebhookDelivery) -> str:
+        return obj.event.event_type
+
+    @admin.display(description="order")
+    def order_link(self, obj: EventDelivery | WebhookDelivery) -> SafeString:
+        opts = get_order_model()._meta
+        url = reverse(
+            f"{self.admin_site.name}:{opts.app_label}_{opts.model_name}_change",
+            args=[quote(obj.event.order_id)],
+        )
+        return format_html('<a href="{}">{}</a>', url, str(obj.event.order_id)[:8])
+
+
 # Outbound webhooks ---------------------------------------------------------------------------
 # Endpoints (managed here, so that a shop in another language subscribes without a deploy),
 # their deliveries with every attempt, and "Send again". Sending is orders.outbound's.
@@ -909,7 +928,7 @@ class DeliveryStateFilter(admin.SimpleListFilter):
         return queryset.filter(**self._choices.get(self.value() or "", {}))
 
 
-class WebhookDeliveryAdmin(_DeliveryAdmin):
+class WebhookDeliveryAdmin(OfAnEvent, _DeliveryAdmin):
     list_display = (
         "id",
         "event_type",
@@ -964,19 +983,6 @@ class WebhookDeliveryAdmin(_DeliveryAdmin):
     @admin.display(description="webhook-id")
     def webhook_id(self, obj: WebhookDelivery) -> str:
         return str(obj.event.event_id)
-
-    @admin.display(description="event", ordering="event__event_type")
-    def event_type(self, obj: WebhookDelivery) -> str:
-        return obj.event.event_type
-
-    @admin.display(description="order")
-    def order_link(self, obj: WebhookDelivery) -> SafeString:
-        opts = get_order_model()._meta
-        url = reverse(
-            f"{self.admin_site.name}:{opts.app_label}_{opts.model_name}_change",
-            args=[quote(obj.event.order_id)],
-        )
-        return format_html('<a href="{}">{}</a>', url, str(obj.event.order_id)[:8])
 
     @admin.display(description="state")
     def state(self, obj: WebhookDelivery) -> str:
@@ -1037,7 +1043,7 @@ class EventDeliveryStateFilter(admin.SimpleListFilter):
 
 
 @admin.register(EventDelivery)
-class EventDeliveryAdmin(_EventDeliveryAdmin):
+class EventDeliveryAdmin(OfAnEvent, _EventDeliveryAdmin):
     """Each event as each receiver took it (or did not). Read-only: the one thing staff
     do here is retry parked deliveries once the receiver is fixed."""
 
@@ -1065,19 +1071,6 @@ class EventDeliveryAdmin(_EventDeliveryAdmin):
         "last_error",
         "created_at",
     )
-
-    @admin.display(description="event", ordering="event__event_type")
-    def event_type(self, delivery: EventDelivery) -> str:
-        return delivery.event.event_type
-
-    @admin.display(description="order")
-    def order_link(self, delivery: EventDelivery) -> SafeString:
-        opts = get_order_model()._meta
-        url = reverse(
-            f"{self.admin_site.name}:{opts.app_label}_{opts.model_name}_change",
-            args=[quote(delivery.event.order_id)],
-        )
-        return format_html('<a href="{}">{}</a>', url, str(delivery.event.order_id)[:8])
 
     @admin.display(description="state")
     def state(self, delivery: EventDelivery) -> str:

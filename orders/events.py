@@ -12,9 +12,11 @@ its own ``transaction.atomic()``, together with an ``EventDelivery`` row under a
 (event, receiver): the receiver's writes and the row commit together or not at all, so
 its effect happens once, whether the dispatcher runs twice at once or dies midway.
 Events of one order reach a receiver in the order they happened; a receiver that raises
-is retried with backoff and holds back only the later events of the same order for
-itself. Outbound webhooks (``orders.outbound``) get one ``WebhookDelivery`` per event and
-endpoint, sent and retried on their own.
+holds back only the later events of the same order for itself, and is tried again after
+a backoff (the event's ``next_dispatch_at``, which the sweep picks up), or parked after
+``EVENT_MAX_ATTEMPTS`` until the admin retries it. Outbound webhooks
+(``orders.outbound``) get one ``WebhookDelivery`` per event and endpoint, sent and
+retried on their own.
 """
 
 from __future__ import annotations
@@ -174,6 +176,10 @@ def _record_transition(
         batch.rows.append(history_row(instance, listeners=batch.listened, **fields))
 
 
+#: Orders per dispatch task: a batch of expiries is spread over the worker's processes.
+DISPATCH_CHUNK = 50
+
+
 def announce(order_ids: Iterable[Any]) -> None:
     """Queue the dispatch of these orders' events once the caller's transaction
     commits. If the task is lost, the sweep queues it again (``redispatch_late``)."""
@@ -200,8 +206,6 @@ class DispatchReport:
 
 #: ``_deliver``'s answer for "done" (else: when to try again, or None when parked).
 _DELIVERED = timezone.make_aware(datetime(1970, 1, 1))
-#: Orders per dispatch task: a batch of expiries is spread over the worker's processes.
-DISPATCH_CHUNK = 50
 
 
 def dispatch(order_ids: Iterable[Any], *, now: datetime | None = None) -> DispatchReport:
