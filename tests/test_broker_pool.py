@@ -81,7 +81,7 @@ def test_an_order_placed_while_every_broker_connection_is_taken_is_saved_and_swe
         "the worker to fire the timer the sweep armed",
     )
     assert list(order.history.values_list("transition", "actor")) == [
-        ("place", "shop"),
+        ("place", "shop (api)"),
         ("expire", services.TIMER),
     ]
 
@@ -141,6 +141,6 @@ def test_a_hundred_concurrent_health_checks_all_answer_and_the_api_still_works(
         "the worker to fire the timer of the order placed after the burst",
     )
     assert list(Order.objects.get(pk=order["id"]).history.values_list("actor", flat=True)) == [
-        "shop",
+        "shop (api)",
         services.TIMER,
     ]
