@@ -58,12 +58,26 @@ logger = logging.getLogger("orders.events")
 # Recording ------------------------------------------------------------------------------
 
 
-def listened(event_type: str, model: type[models.Model] | None = None) -> bool:
-    """Does anything hear events of this type: a receiver, or an active endpoint?"""
+@dataclass(frozen=True)
+class Audience:
+    """Who hears an event of one type, as the process that writes it sees it: the names
+    of the receivers connected here (the event is owed to these, whichever worker
+    delivers it), and whether some active endpoint wants it."""
+
+    receivers: tuple[str, ...]
+    endpoints: bool
+
+    def __bool__(self) -> bool:
+        return bool(self.receivers) or self.endpoints
+
+
+def audience(event_type: str, model: type[models.Model] | None = None) -> Audience:
     signal = SIGNALS.get(event_type)
-    if signal is not None and signal.receivers_for(model or get_order_model()):
-        return True
-    return any(endpoint.hears(event_type) for endpoint in _active_endpoints())
+    names = tuple(signal.receivers_for(model or get_order_model())) if signal else ()
+    return Audience(
+        receivers=names,
+        endpoints=any(endpoint.hears(event_type) for endpoint in _active_endpoints()),
+    )
 
 
 def _active_endpoints() -> list[WebhookEndpoint]:
@@ -80,14 +94,16 @@ def history_row(
     reason: str = "",
     at: datetime | None = None,
     payment: Payment | None = None,
-    listeners: Callable[[str], bool] | None = None,
+    listeners: Callable[[str], Audience] | None = None,
 ) -> OrderTransition:
-    """A history row (unsaved): the event ``transition`` of ``order``, owed to its
-    receivers (``next_dispatch_at``) if anything listens to its type."""
+    """A history row (unsaved): the event ``transition`` of ``order``, owed
+    (``next_dispatch_at``) to the receivers connected in this process and to the
+    endpoints, if any hear its type. ``listeners`` looks the audience up (by default,
+    now)."""
     user = by if isinstance(by, AbstractBaseUser) else None
     at = at or timezone.now()
     event_type = event_type_of(transition)
-    heard = (listeners or (lambda kind: listened(kind, type(order))))(event_type)
+    heard = (listeners or (lambda kind: audience(kind, type(order))))(event_type)
     return OrderTransition(
         order_id=order.pk,
         event_type=event_type,
@@ -99,6 +115,7 @@ def history_row(
         reason=reason,
         at=at,
         payment=payment,
+        owed_to=list(heard.receivers),
         next_dispatch_at=at if heard else None,
     )
 
@@ -120,11 +137,11 @@ class _Batch:
     (looked up once per batch)."""
 
     rows: list[OrderTransition] = field(default_factory=list)
-    heard: dict[str, bool] = field(default_factory=dict)
+    heard: dict[str, Audience] = field(default_factory=dict)
 
-    def listened(self, event_type: str) -> bool:
+    def audience(self, event_type: str) -> Audience:
         if event_type not in self.heard:
-            self.heard[event_type] = listened(event_type)
+            self.heard[event_type] = audience(event_type)
         return self.heard[event_type]
 
 
@@ -173,7 +190,7 @@ def _record_transition(
     if batch is None:
         record(instance, **fields)
     else:
-        batch.rows.append(history_row(instance, listeners=batch.listened, **fields))
+        batch.rows.append(history_row(instance, listeners=batch.audience, **fields))
 
 
 #: Orders per dispatch task: a batch of expiries is spread over the worker's processes.
@@ -201,6 +218,7 @@ class DispatchReport:
     failed: int = 0
     parked: int = 0
     held: int = 0
+    missing: int = 0
     webhooks: int = 0
 
 
@@ -241,10 +259,16 @@ def dispatch(order_ids: Iterable[Any], *, now: datetime | None = None) -> Dispat
             signal = SIGNALS.get(event.event_type)
             receivers = signal.receivers_for(model) if signal is not None else {}
             waiting: list[datetime | None] = []
-            for name, function in receivers.items():
+            for name in event.owed_to:
                 if name in held:
                     report.held += 1
                     waiting.append(held[name])
+                    continue
+                function = receivers.get(name)
+                if function is None:
+                    held[name] = _missing(event, name, now=now or timezone.now())
+                    waiting.append(held[name])
+                    report.missing += 1
                     continue
                 record = taken.get((event.pk, name))
                 outcome = _deliver(event, name, function, order, record, now=now or timezone.now())
@@ -274,6 +298,24 @@ def dispatch(order_ids: Iterable[Any], *, now: datetime | None = None) -> Dispat
 
         send_soon(webhooks)
     return report
+
+
+def _missing(event: OrderTransition, name: str, *, now: datetime) -> datetime:
+    """The event is owed to a receiver this process does not have (a worker of an older
+    deploy, or one that does not load the shop's app): leave it to a worker that has it,
+    and look again after EVENT_GRACE."""
+    log_event(
+        logger,
+        "event.receiver_missing",
+        "Event {event_type} {event_id} of order {order_id} is owed to {receiver}, which is "
+        "not connected in this process; left for a worker that has it.",
+        level=logging.WARNING,
+        order_id=str(event.order_id),
+        event_type=event.event_type,
+        event_id=str(event.event_id),
+        receiver=name,
+    )
+    return now + timedelta(seconds=get_settings().EVENT_GRACE)
 
 
 class _Twin(Exception):

@@ -343,8 +343,10 @@ class OrderTransition(models.Model):
     payment = models.ForeignKey(
         "Payment", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
-    # When the dispatcher should (next) deliver this event; null once nothing is owed
+    # The receivers (by name) the event is owed to: those connected in the process that
+    # wrote it. When the dispatcher should (next) deliver it; null once nothing is owed
     # automatically (delivered everywhere, or held by a parked receiver).
+    owed_to = models.JSONField(default=list, blank=True, editable=False)
     next_dispatch_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:

@@ -774,7 +774,7 @@ def remind_due_orders(*, due_by: datetime, by: Actor, now: datetime | None = Non
     before = get_settings().REMIND_BEFORE
     if not before:
         return 0
-    heard = events.listened(event_type_of(REMIND))  # asked once for all the batches
+    heard = events.audience(event_type_of(REMIND))  # asked once for all the batches
     sent = 0
     while True:
         with transaction.atomic():

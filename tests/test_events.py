@@ -201,6 +201,30 @@ def test_a_receiver_failing_too_often_is_parked_until_retried_from_the_admin(
 
 
 @pytest.mark.django_db
+def test_a_worker_without_the_receiver_leaves_the_event_to_one_that_has_it(
+    calls: Calls, settings: Settings
+) -> None:
+    """An event is owed to the receivers connected where it was written. A worker of an
+    older deploy, which lacks one, must not count the event as delivered."""
+    order = services.place_order(amount="10.00", timeout=600)
+    [placed] = order.history.all()
+    assert placed.owed_to == ["tests.calls"]
+    order_placed.disconnect(dispatch_uid="tests.calls")  # the old worker
+    try:
+        report = events.dispatch([order.pk])
+    finally:
+        order_placed.connect(calls, dispatch_uid="tests.calls")
+    assert report.missing == 1
+    assert owed(order) == ["order.placed"], "counted as delivered by a worker without it"
+
+    later = timezone.now() + timedelta(seconds=settings.ORDERS.get("EVENT_GRACE", 30) + 1)
+    assert events.redispatch_late(now=later + timedelta(seconds=30)) == 1
+    events.dispatch([order.pk], now=later)
+    assert calls.seen == [("order.placed", str(order.pk))]
+    assert owed(order) == []
+
+
+@pytest.mark.django_db
 def test_a_batch_of_expiries_queues_one_dispatch_for_all_its_events(
     calls: Calls, django_capture_on_commit_callbacks: Any
 ) -> None:

@@ -135,6 +135,11 @@ class Migration(migrations.Migration):
         ),
         migrations.AddField(
             model_name='ordertransition',
+            name='owed_to',
+            field=models.JSONField(blank=True, default=list, editable=False),
+        ),
+        migrations.AddField(
+            model_name='ordertransition',
             name='next_dispatch_at',
             field=models.DateTimeField(blank=True, editable=False, null=True),
         ),
