@@ -22,6 +22,7 @@ retried on their own.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -33,6 +34,7 @@ from typing import Any
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import IntegrityError, models, transaction
 from django.db.models import Exists, OuterRef
+from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from django.utils import timezone
 from django_fsm.signals import post_transition
@@ -80,8 +82,27 @@ def audience(event_type: str, model: type[models.Model] | None = None) -> Audien
     )
 
 
+#: How long a process trusts its list of active endpoints (seconds): looking it up on
+#: every transition would add a query to each. An endpoint saved or deleted in this
+#: process is seen at once; one saved elsewhere (staff in the admin) within this time.
+ENDPOINTS_TTL = 5.0
+_endpoints: tuple[float, list[WebhookEndpoint]] = (0.0, [])
+
+
 def _active_endpoints() -> list[WebhookEndpoint]:
-    return list(WebhookEndpoint.objects.filter(active=True).only("event_types", "active"))
+    global _endpoints
+    read_at, endpoints = _endpoints
+    if time.monotonic() - read_at > ENDPOINTS_TTL:
+        endpoints = list(WebhookEndpoint.objects.filter(active=True).only("event_types", "active"))
+        _endpoints = (time.monotonic(), endpoints)
+    return endpoints
+
+
+@receiver([post_save, post_delete], sender=WebhookEndpoint, dispatch_uid="orders.events.endpoints")
+def forget_endpoints(**kwargs: Any) -> None:
+    """Read the active endpoints afresh next time (an endpoint changed; a test began)."""
+    global _endpoints
+    _endpoints = (0.0, [])
 
 
 def history_row(

@@ -299,11 +299,14 @@ def reminder_violations(orders: QuerySet[AbstractOrder], *, remind_before: float
     return found
 
 
-def event_violations(orders: QuerySet[AbstractOrder]) -> list[str]:
-    """Every event of these orders reached each test receiver (tests/effects, connected in
-    every process of the run) exactly once in effect: one committed ``Effect`` row per
-    (event, receiver), none owed, none parked. Effects have no unique constraint: a
-    receiver's work committed twice, or kept from a failed try, would show here."""
+def event_violations(
+    orders: QuerySet[AbstractOrder], *, receivers: tuple[str, ...] = ("gate", "tally")
+) -> list[str]:
+    """Every event of these orders reached each of the test ``receivers`` (tests/effects,
+    connected in every process of the run) exactly once in effect: one committed
+    ``Effect`` row per (event, receiver), none owed, none parked. Effects have no unique
+    constraint: a receiver's work committed twice, or kept from a failed try, would show
+    here."""
     from tests.effects.models import Effect
 
     found = []
@@ -321,7 +324,7 @@ def event_violations(orders: QuerySet[AbstractOrder]) -> list[str]:
     expected = {
         (event_id, receiver)
         for event_id in events.values_list("event_id", flat=True)
-        for receiver in ("gate", "tally")
+        for receiver in receivers
     }
     for key in expected:
         if effects[key] != 1:

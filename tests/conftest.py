@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import connection
 
 from config import embedded_redis, processes
-from orders import services
+from orders import events, services
 from orders.models import AbstractOrder
 
 # Tests reach the order model as everything else does, through get_order_model(), and
@@ -44,6 +44,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"orders: database {db['ENGINE'].rsplit('.', 1)[-1]} ({db.get('HOST') or db['NAME']})",
         f"orders: redis {redis}, keys prefixed {prefix}",
     ]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_endpoint_list() -> None:
+    """The process's list of active webhook endpoints is trusted for a few seconds
+    (orders.events); a test starts with the database's own (a previous test's may have
+    been truncated away, which sends no signal)."""
+    events.forget_endpoints()
 
 
 @pytest.fixture

@@ -190,9 +190,9 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
         | BACKENDS
         | {"SHIPPING_RETRY_AFTER": SHIPPING_RETRY_AFTER, "EVENT_GRACE": EVENT_GRACE}
     )
-    # Every event goes to the test receivers (tests/effects) in every process of the run,
-    # one of which fails now and then after writing its row (retried a second later).
-    receivers.connect()
+    # Every event goes to a test receiver (tests/effects) in every process of the run,
+    # which fails now and then after writing its row (retried a second later).
+    receivers.connect(with_gate=False)
     request.addfinalizer(receivers.disconnect)
     env = worker_env(
         # Persistent connections, as a deployment would configure them: a new
@@ -205,7 +205,7 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
         ORDERS_SHIPPING_RETRY_AFTER=str(SHIPPING_RETRY_AFTER),
         ORDERS_TEST_RECORDS=records,
         ORDERS_TEST_FAILURE_RATE=str(FAILURE_RATE),
-        ORDERS_TEST_RECEIVERS="1",
+        ORDERS_TEST_RECEIVERS="tally",
         ORDERS_TEST_RECEIVER_FAILURE_RATE=str(RECEIVER_FAILURE_RATE),
         ORDERS_EVENT_RETRY_BACKOFF="1",
     )
@@ -331,11 +331,11 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
     found += passed_over_by_sweeps(mine, sweep_runs)
     found += provider_violations(mine, Record.read(broker, records))
     found += webhook_violations(mine, plan, actors)
-    found += event_violations(mine)
+    found += event_violations(mine, receivers=("tally",))
     retried = EventDelivery.objects.filter(event__order__in=mine, attempts__gt=1).count()
     print(
-        f"events: {OrderTransition.objects.filter(order__in=mine).count()}, each to 2 "
-        f"receivers; {retried} deliveries succeeded after a receiver failed on purpose"
+        f"events: {OrderTransition.objects.filter(order__in=mine).count()}, each to a "
+        f"receiver; {retried} deliveries succeeded after it failed on purpose"
     )
     print_report(mine, plan, sweeps, Record.read(broker, records), actors, found)
     print(f"settled after {settled:.1f}s, whole test {time.monotonic() - started:.1f}s")

@@ -47,9 +47,10 @@ def tally(sender: Any, order: Any, event: OrderTransition, **kwargs: Any) -> Non
         raise ReceiverFailure(f"tally failed on purpose for {event.event_id}")
 
 
-def connect() -> None:
+def connect(*, with_gate: bool = True) -> None:
     for signal in SIGNALS.values():
-        signal.connect(gate, dispatch_uid=GATE)
+        if with_gate:
+            signal.connect(gate, dispatch_uid=GATE)
         signal.connect(tally, dispatch_uid=TALLY)
 
 
