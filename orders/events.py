@@ -280,7 +280,11 @@ def dispatch(order_ids: Iterable[Any], *, now: datetime | None = None) -> Dispat
             signal = SIGNALS.get(event.event_type)
             receivers = signal.receivers_for(model) if signal is not None else {}
             waiting: list[datetime | None] = []
-            for name in event.owed_to:
+            # In the order they are connected here; then any this process lacks.
+            owed_to = set(event.owed_to)
+            names = [name for name in receivers if name in owed_to]
+            names += [name for name in event.owed_to if name not in receivers]
+            for name in names:
                 if name in held:
                     report.held += 1
                     waiting.append(held[name])

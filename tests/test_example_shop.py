@@ -30,6 +30,7 @@ from orders.models import EventDelivery, OrderTransition, Payment, Status
 from orders.tasks import expire_order_task
 from tests.chaos import expired_by, histories, key_prefix, kill, unsettled, violations, workers
 from tests.conftest import WorkerProcess, worker_env
+from tests.effects import receivers
 from tests.redis_server import RedisServer, publishing_to, queued, unacked
 
 if get_order_model()._meta.label != "shop.Order":
@@ -303,7 +304,7 @@ def test_payments_racing_the_deadline_keep_the_stock_or_give_it_back_never_both(
 
 
 def test_a_worker_killed_inside_the_receivers_the_stock_comes_back_once(
-    shop_broker: tuple[RedisServer, str], tmp_path: Path
+    shop_broker: tuple[RedisServer, str], tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """The worker is killed after the cancellation committed, while delivering its event
     (inside the test receiver that runs before the shop's): the stock is given back
@@ -318,6 +319,9 @@ def test_a_worker_killed_inside_the_receivers_the_stock_comes_back_once(
         ORDERS_TEST_GATE=str(gate),
     )
     cup = Product.objects.create(name="cup", price=Decimal("12.00"), stock=4)
+    # Here too, so that the events are owed to them (to those connected where written).
+    receivers.connect()
+    request.addfinalizer(receivers.disconnect)
     with workers("shop-kill-a", 1, env) as [worker]:
         order = checkout(customer="kim", items={cup.pk: 3}, timeout=600)
         services.cancel_order(order_id=order.pk, by="kim")
