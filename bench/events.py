@@ -239,13 +239,14 @@ class EventCost:
     # 2. The dispatcher's rate -----------------------------------------------------------
 
     def owed_events(self, n: int) -> list[Any]:
-        """``n`` expired orders whose ``order.expired`` events are owed. Expired here,
-        where nothing listens: real history rows, owed to nobody until marked."""
+        """``n`` expired orders whose ``order.expired`` events are owed to the receiver.
+        Expired here, where nothing listens: real history rows, owed to nobody until
+        marked (an event is owed to the receivers connected where it was written)."""
         self.clear()
         ids = data.insert_orders([timezone.now() - timedelta(seconds=1)] * n, armed=False)
         services.expire_due_orders(due_by=timezone.now(), by=services.SWEEP)
         OrderTransition.objects.filter(event_type=order_expired.event_type).update(
-            next_dispatch_at=timezone.now()
+            next_dispatch_at=timezone.now(), owed_to=[RECEIVER]
         )
         return ids
 
