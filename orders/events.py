@@ -510,6 +510,7 @@ def redispatch_late(*, now: datetime | None = None) -> int:
         OrderTransition.objects.filter(
             next_dispatch_at__lte=now - timedelta(seconds=conf.EVENT_GRACE)
         )
+        .order_by()  # not the history's own ordering, which DISTINCT would include
         .values_list("order_id", flat=True)
         .distinct()
     )

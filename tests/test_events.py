@@ -266,16 +266,17 @@ def test_the_sweep_requeues_events_whose_dispatch_is_late(
     calls: Calls, settings: Settings, django_capture_on_commit_callbacks: Any
 ) -> None:
     settings.ORDERS = settings.ORDERS | {"EVENT_GRACE": 30}
-    with django_capture_on_commit_callbacks(execute=False):
-        order = services.place_order(amount="10.00", timeout=600)  # its task is lost
+    with django_capture_on_commit_callbacks(execute=False):  # their tasks are lost
+        order = services.place_order(amount="10.00", timeout=600)
+        services.cancel_order(order_id=order.pk, by="customer", reason="")
     now = timezone.now()
     assert events.redispatch_late(now=now) == 0, "within the grace: its task may be on its way"
     with django_capture_on_commit_callbacks(execute=False) as queued:
-        assert events.redispatch_late(now=now + timedelta(seconds=31)) == 1
+        assert events.redispatch_late(now=now + timedelta(seconds=31)) == 1, "one order"
     assert len(queued) == 1
     queued[0]()  # the sweep's task, published (to the session's Redis; nobody must run it)
     events.dispatch([order.pk])
-    assert calls.seen == [("order.placed", str(order.pk))]
+    assert calls.seen == [("order.placed", str(order.pk)), ("order.cancelled", str(order.pk))]
 
 
 @pytest.mark.django_db
