@@ -130,10 +130,16 @@ class OrderTransitionInline(_ReadOnlyInline):
 
     @admin.display(description="heard")
     def delivered(self, row: OrderTransition) -> str:
-        # What the shop's receivers made of the event (orders.events).
+        # What the shop's receivers made of the event (orders.events): a parked delivery
+        # leaves the event not owed, yet not heard either.
         if row.next_dispatch_at is not None:
             return "owed"
-        return "yes" if row.pk else ""
+        if any(delivery.parked_at is not None for delivery in row.deliveries.all()):
+            return "parked"
+        return "yes" if row.owed_to else "no receiver"
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        return super().get_queryset(request).prefetch_related("deliveries")
 
 
 class PaymentInline(_ReadOnlyInline):

@@ -424,6 +424,11 @@ def test_parked_deliveries_are_shown_in_the_overview_metrics_and_status(
     assert re.search(r'id="events-parked">1<', page)
     assert re.search(r'id="events-owed">0<', page)
 
+    order_page = admin_client.get(
+        reverse("admin:orders_order_change", args=[parked.event.order_id])
+    ).content.decode()
+    assert "<p>parked</p>" in order_page, "the order's history says which event is parked"
+
     metrics = client.get("/metrics", HTTP_AUTHORIZATION="Bearer test-metrics-token")
     assert "orders_event_deliveries_parked 1.0" in metrics.content.decode()
 
