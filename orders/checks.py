@@ -13,7 +13,7 @@ from django.core.checks import CheckMessage, Error, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from orders.conf import DEFAULTS, INTEGER_SETTINGS, user_settings
+from orders.conf import DEFAULTS, INTEGER_SETTINGS, PAYMENT_METHOD_PATTERN, user_settings
 
 #: Integer settings for which 0 means something (no grace; no reminder).
 ZERO_ALLOWED = ("SWEEP_GRACE", "REMIND_BEFORE")
@@ -118,6 +118,7 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
                 id="orders.E008",
             )
         )
+    errors += _check_payment_hold(merged["PAYMENT_HOLD"], merged["MAX_TIMEOUT"])
     if merged["TIMER_MODE"] not in TIMER_MODES:
         errors.append(
             Error(
@@ -276,4 +277,33 @@ def check_receivers(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage
         for signal in SIGNALS.values()
         for name in signal.connected
         if "<" in name
+    ]
+
+
+def _check_payment_hold(hold: Any, max_timeout: int) -> list[CheckMessage]:
+    """PAYMENT_HOLD: payment methods (as start_payment takes them) to whole seconds, with
+    a "default", none longer than MAX_TIMEOUT."""
+    problem = None
+    if not isinstance(hold, dict) or "default" not in hold:
+        problem = f'must be a dict of payment methods to seconds with a "default", got {hold!r}'
+    else:
+        for method, seconds in hold.items():
+            if not isinstance(method, str) or not re.fullmatch(PAYMENT_METHOD_PATTERN, method):
+                problem = f"has a method name {method!r} that is not {PAYMENT_METHOD_PATTERN}"
+            elif isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 1:
+                problem = (
+                    f"holds {method!r} for {seconds!r}, not a positive whole number of seconds"
+                )
+            elif seconds > max_timeout:
+                problem = (
+                    f"holds {method!r} for {seconds}s, longer than MAX_TIMEOUT ({max_timeout}s)"
+                )
+    if problem is None:
+        return []
+    return [
+        Error(
+            f"ORDERS['PAYMENT_HOLD'] {problem}.",
+            hint=f"The default is {DEFAULTS['PAYMENT_HOLD']!r}.",
+            id="orders.E014",
+        )
     ]

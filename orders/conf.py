@@ -10,6 +10,9 @@ from django.conf import settings
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
+#: A payment method's name, as ``PAYMENT_HOLD`` and ``start_payment`` take it.
+PAYMENT_METHOD_PATTERN = "[a-z0-9_.-]{1,32}"
+
 
 @dataclasses.dataclass(frozen=True)
 class OrdersSettings:
@@ -94,11 +97,28 @@ class OrdersSettings:
     # timer is armed with the deadline's, within TIMER_HORIZON: a REMIND_BEFORE beyond
     # TIMER_HORIZON minus SWEEP_INTERVAL is sent by the sweep, up to SWEEP_INTERVAL late.
     REMIND_BEFORE: int = 0
+    # Payment attempts (services.start_payment): the longest each payment method may hold
+    # an unpaid order past its deadline, in seconds from the attempt's start, by method;
+    # "default" for any other method. A caller may ask for a shorter hold (a QR code's own
+    # expiry); past the hold the provider is asked, and asked again every
+    # PAYMENT_STATUS_RECHECK seconds while it says "pending", until this cap.
+    PAYMENT_HOLD: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {
+            "card": 15 * 60,  # a 3-D Secure challenge, a bank redirect
+            "qr_code": 2 * 3600,  # WeChat Pay / Alipay: the QR code's validity
+            "bank_transfer": 3 * 24 * 3600,
+            "default": 15 * 60,
+        }
+    )
+    PAYMENT_STATUS_RECHECK: int = 60
 
 
 #: The defaults by name (the system checks and the README read them).
 DEFAULTS: dict[str, Any] = {
-    field.name: field.default for field in dataclasses.fields(OrdersSettings)
+    field.name: field.default
+    if field.default_factory is dataclasses.MISSING
+    else field.default_factory()
+    for field in dataclasses.fields(OrdersSettings)
 }
 #: The settings that are whole numbers (seconds, or counts of orders).
 INTEGER_SETTINGS = tuple(

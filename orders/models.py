@@ -9,6 +9,10 @@ The diagram is the code: each ``@transition`` below is one arrow of
 Transitions only change the instance in memory; ``orders.services`` wraps each one
 with its row lock, ``save()`` and side effects.
 
+A customer in the middle of paying (``PaymentAttempt``) holds an unpaid order: no new
+state, only a later ``expires_at`` (the effective deadline), the shop's own deadline kept
+beside it in ``original_expires_at`` until the hold ends.
+
 The lifecycle lives in ``AbstractOrder``. ``Order`` is the default concrete model; a shop
 may swap in its own subclass with the setting ``ORDERS_ORDER_MODEL``, as Django swaps its
 user model. Everything else reaches the model through ``orders.get_order_model()``.
@@ -137,6 +141,9 @@ class AbstractOrder(FSMModelMixin, models.Model):
     # The deadline the order.expiring_soon reminder was last sent for (REMIND_BEFORE):
     # one reminder per deadline, and again after an extension.
     reminded_for = models.DateTimeField(null=True, blank=True, editable=False)
+    # While a payment attempt holds the order past its deadline: the deadline the shop
+    # gave (expires_at is then the hold's end). Null when the order is not held.
+    original_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     # Declared here so that every subclass has it and type checkers see it; a swapped-out
     # model's manager still refuses to be used, as Django's own do.
@@ -145,6 +152,7 @@ class AbstractOrder(FSMModelMixin, models.Model):
         # The reverse sides of the foreign keys to ORDERS_ORDER_MODEL below.
         history: RelatedManager[OrderTransition]
         payments: RelatedManager[Payment]
+        payment_attempts: RelatedManager[PaymentAttempt]
         parcel_events: RelatedManager[ParcelEvent]
 
     class Meta:
@@ -181,6 +189,28 @@ class AbstractOrder(FSMModelMixin, models.Model):
         if self.status != Status.CREATED:
             return None
         return (self.expires_at - (now or timezone.now())).total_seconds()
+
+    @property
+    def deadline(self) -> datetime:
+        """The deadline the shop gave (placed or extended), whether or not a payment
+        attempt holds the order past it."""
+        return self.original_expires_at or self.expires_at
+
+    def hold_until(self, until: datetime) -> bool:
+        """Let a payment attempt hold the order until ``until``, if that is later than its
+        effective deadline; returns whether the deadline moved. The caller saves."""
+        if until <= self.expires_at:
+            return False
+        self.original_expires_at = self.deadline
+        self.expires_at = until
+        return True
+
+    def end_hold(self, until: datetime | None = None) -> None:
+        """The hold is over (``until`` None) or lasts until ``until`` now: the effective
+        deadline becomes the later of that and the shop's own. The caller saves."""
+        deadline = self.deadline
+        self.expires_at = max(deadline, until) if until is not None else deadline
+        self.original_expires_at = deadline if self.expires_at != deadline else None
 
     # The lifecycle. Keyword arguments are recorded by the transition log below.
 
@@ -285,6 +315,70 @@ class Payment(models.Model):
         return self.outcome != self.Outcome.ACCEPTED and self.refunded_at is None
 
 
+class PaymentAttempt(models.Model):
+    """A customer in the middle of paying: a 3-D Secure challenge, a bank redirect, a QR
+    code on a phone, a bank transfer on its way. While it is open it holds the order:
+    its deadline waits until ``hold_until``; past that, the provider is asked
+    (``payment_status``) before the order expires, and asked again while it says
+    "pending", until ``cap_at`` (``ORDERS["PAYMENT_HOLD"]`` of the method)."""
+
+    class Outcome(models.TextChoices):
+        OPEN = "open", "Open: the customer is paying"
+        PAID = "paid", "Paid the order"
+        FAILED = "failed", "Failed or expired at the provider"
+        TIMED_OUT = "timed_out", "Still pending when its hold ran out"
+        CLOSED = "closed", "Closed: the order was paid otherwise, expired or cancelled"
+
+    #: The outcomes of an attempt that the provider may still take money for: it is closed
+    #: there too (the gateway's ``close_payment``), once.
+    CLOSE_AT_PROVIDER = (Outcome.TIMED_OUT, Outcome.CLOSED)
+
+    id = models.BigAutoField(primary_key=True)
+    order = models.ForeignKey(
+        get_order_model_string(), on_delete=models.PROTECT, related_name="payment_attempts"
+    )
+    reference = models.CharField(
+        "attempt reference", max_length=128, unique=True, help_text="The provider's id for it."
+    )
+    method = models.CharField(max_length=32, help_text="A key of ORDERS['PAYMENT_HOLD'].")
+    started_at = models.DateTimeField(default=timezone.now)
+    hold_until = models.DateTimeField(help_text="The order's deadline waits at least until then.")
+    cap_at = models.DateTimeField(help_text="Asked no longer than this; then the order expires.")
+    outcome = models.CharField(max_length=16, choices=Outcome.choices, default=Outcome.OPEN)
+    closed_at = models.DateTimeField(null=True, blank=True)
+    detail = models.TextField(blank=True, help_text="Why it closed, as the provider said.")
+    # When the provider was told to stop taking money for it (close_payment).
+    closed_at_provider = models.DateTimeField(null=True, blank=True)
+    payment = models.ForeignKey(
+        Payment, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["started_at", "id"]
+        indexes = [
+            # Is an order held? (the sweep and the set-based expiry ask for each batch)
+            models.Index(
+                fields=["order"],
+                name="orders_attempt_open_idx",
+                condition=models.Q(outcome="open"),
+            ),
+            # Attempts still to be closed at the provider (the sweep retries them).
+            models.Index(
+                fields=["closed_at"],
+                name="orders_attempt_unclosed_idx",
+                condition=models.Q(outcome__in=["timed_out", "closed"])
+                & models.Q(closed_at_provider__isnull=True),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.method} attempt {self.reference} ({self.outcome})"
+
+    @property
+    def is_open(self) -> bool:
+        return self.outcome == self.Outcome.OPEN
+
+
 #: The longest reason a staff member or a customer may give for a transition. The column
 #: is a TEXT, but a history is read by people: 2 MB of reason is an attack, not a reason.
 REASON_MAX_LENGTH = 1000
@@ -293,6 +387,8 @@ REASON_MAX_LENGTH = 1000
 #: payment that did not pay it and the reminder before the deadline are no transitions of
 #: the state machine, but are lines of the order's history (and events) all the same.
 PLACE, REFUND_PAYMENT, REMIND = "place", "refund_payment", "remind"
+#: A payment attempt started (it holds the order), or ended without paying it.
+PAYMENT_PENDING, PAYMENT_FAILED = "payment_pending", "payment_failed"
 EVENT_TYPES: dict[str, str] = {
     PLACE: "order.placed",
     "pay": "order.paid",
@@ -303,6 +399,8 @@ EVENT_TYPES: dict[str, str] = {
     "close": "order.cancelled",
     REFUND_PAYMENT: "payment.refunded",
     REMIND: "order.expiring_soon",
+    PAYMENT_PENDING: "order.payment_pending",
+    PAYMENT_FAILED: "order.payment_failed",
 }
 
 

@@ -95,9 +95,12 @@ def arm_expiry_timer(
 
 def reminder_time(order: AbstractOrder) -> datetime | None:
     """When ``order.expiring_soon`` is owed for the order's current deadline:
-    ``REMIND_BEFORE`` seconds before it; None when reminders are off or it was sent."""
+    ``REMIND_BEFORE`` seconds before it; None when reminders are off, it was sent, or a
+    payment attempt holds the order."""
     before = get_settings().REMIND_BEFORE
-    if not before or order.reminded_for == order.expires_at:
+    # A customer in the middle of paying (a payment attempt holds the order) is not
+    # reminded to pay.
+    if not before or order.reminded_for == order.expires_at or order.original_expires_at:
         return None
     return order.expires_at - timedelta(seconds=before)
 

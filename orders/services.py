@@ -24,17 +24,26 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q, QuerySet
+from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.utils import timezone
 from django.utils.module_loading import import_string
 from django_fsm import can_proceed
 
 from orders import events, get_order_model, scheduling
-from orders.conf import get_settings
-from orders.gateways import GatewayError, logistics_provider, payment_gateway
+from orders.conf import PAYMENT_METHOD_PATTERN, get_settings
+from orders.gateways import (
+    AsksPaymentStatus,
+    AttemptStatus,
+    ClosesPayments,
+    GatewayError,
+    logistics_provider,
+    payment_gateway,
+)
 from orders.logging import log_event
 from orders.models import (
     LATE_PAYMENT_REASON,
+    PAYMENT_FAILED,
+    PAYMENT_PENDING,
     PLACE,
     REASON_MAX_LENGTH,
     REFERENCE_MAX_LENGTH,
@@ -51,6 +60,7 @@ from orders.models import (
     ParcelEvent,
     ParcelStatus,
     Payment,
+    PaymentAttempt,
     Status,
     SweepRun,
     event_type_of,
@@ -158,11 +168,23 @@ def parse_reason(value: Any, *, required: bool = False) -> str:
     return value
 
 
-def parse_payment_ref(value: Any) -> str:
-    # A reference names a payment at the gateway: no control characters, so that it
-    # cannot carry a NUL to the database or a line break into a log line.
+def parse_payment_ref(value: Any, *, name: str = "payment_ref") -> str:
+    # A reference names a payment (or a payment attempt) at the gateway: no control
+    # characters, so that it cannot carry a NUL to the database or a line break into a log.
     if not isinstance(value, str) or not _PAYMENT_REF.fullmatch(value):
-        raise InvalidInput("payment_ref must be 1 to 128 characters, without control characters.")
+        raise InvalidInput(f"{name} must be 1 to 128 characters, without control characters.")
+    return value
+
+
+_PAYMENT_METHOD = re.compile(PAYMENT_METHOD_PATTERN)
+
+
+def parse_payment_method(value: Any) -> str:
+    if not isinstance(value, str) or not _PAYMENT_METHOD.fullmatch(value):
+        raise InvalidInput(
+            "method must be 1 to 32 lowercase letters, digits, '_', '.' or '-' "
+            '(a key of ORDERS["PAYMENT_HOLD"], e.g. "card").'
+        )
     return value
 
 
@@ -366,26 +388,40 @@ def record_payment(
     payment_ref: str,
     amount: Any,
     currency: str | None = None,
+    attempt_ref: str | None = None,
     by: Actor = "payment gateway",
     now: datetime | None = None,
 ) -> Payment:
     """Record money received for an order. It pays the order only if the order is still
-    unpaid, the deadline has not passed and the amount matches; any other payment is
-    kept and refunded. The same ``payment_ref`` again changes nothing."""
+    unpaid, its deadline has not passed (or a payment attempt still holds it) and the
+    amount matches; any other payment is kept and refunded. ``attempt_ref`` names the
+    attempt it ends (``start_payment``), if the provider says. The same ``payment_ref``
+    again changes nothing."""
     payment_ref = parse_payment_ref(payment_ref)
     paid_amount = parse_amount(amount)
+    if attempt_ref is not None:
+        attempt_ref = parse_payment_ref(attempt_ref, name="attempt_ref")
     try:
-        return _record_payment(
-            order_id=order_id,
-            payment_ref=payment_ref,
-            amount=paid_amount,
-            currency=currency,
-            by=by,
-            now=now,
-        )
+        with transaction.atomic():
+            order = _locked(order_id)
+            # Received now, once we hold the lock: an expiry that held it first came first.
+            now = now or timezone.now()
+            attempt = order.payment_attempts.filter(reference=attempt_ref).first()
+            payment, fresh = _take_payment(
+                order,
+                payment_ref=payment_ref,
+                amount=paid_amount,
+                currency=parse_currency(currency) if currency is not None else order.currency,
+                attempt=attempt,
+                by=by,
+                now=now,
+            )
     except IntegrityError:
         # The same reference raced in for another order: the unique index caught it.
         return _existing_payment(_get(order_id), payment_ref) or _raise_reused(payment_ref)
+    if fresh:
+        _payment_recorded(order, payment, by=by)
+    return payment
 
 
 def _existing_payment(order: AbstractOrder, payment_ref: str) -> Payment | None:
@@ -399,75 +435,424 @@ def _raise_reused(payment_ref: str) -> Payment:
     raise InvalidInput(f"payment_ref {payment_ref!r} was already used for another order.")
 
 
-def _record_payment(
+def _take_payment(
+    order: AbstractOrder,
     *,
-    order_id: Any,
     payment_ref: str,
     amount: Decimal,
-    currency: str | None,
+    currency: str,
+    attempt: PaymentAttempt | None,
     by: Actor,
-    now: datetime | None,
-) -> Payment:
-    with transaction.atomic():
-        order = _locked(order_id)
-        # Received now, once we hold the lock: an expiry that held it first came first.
-        now = now or timezone.now()
-        duplicate = _existing_payment(order, payment_ref)
-        if duplicate is not None:
-            log_event(
-                logger,
-                "payment.duplicate",
-                "Payment {payment_ref} for order {order_id} is a duplicate; nothing to do.",
-                order=order,
-                payment_ref=payment_ref,
-            )
-            return duplicate
-        currency = parse_currency(currency) if currency is not None else order.currency
-
-        if can_proceed(order.expire) and now > order.expires_at:
-            # The timer has not fired yet, but the deadline is the deadline.
-            _expire(order, now=now, by=by, reason=LATE_PAYMENT_REASON)
-
-        if not can_proceed(order.pay):
-            outcome = (
-                Payment.Outcome.LATE
-                if order.status == Status.CANCELLED
-                else Payment.Outcome.SURPLUS
-            )
-        elif (amount, currency) != (order.amount, order.currency):
-            outcome = Payment.Outcome.MISMATCH
-        else:
-            outcome = Payment.Outcome.ACCEPTED
-            order.pay(by=by, payment_ref=payment_ref, at=now)
-            order.save()
-            _enqueue_shipping(order)
-
-        payment = Payment.objects.create(
-            order_id=order.pk,
-            reference=payment_ref,
-            amount=amount,
-            currency=currency,
-            outcome=outcome,
-            received_at=now,
+    now: datetime,
+) -> tuple[Payment, bool]:
+    """Under the order's row lock: record a payment, and pay the order with it if it
+    may. Returns the payment and whether it is new (the same reference again is the same
+    payment: a webhook bringing what the provider already told us when asked)."""
+    duplicate = _existing_payment(order, payment_ref)
+    if duplicate is not None:
+        log_event(
+            logger,
+            "payment.duplicate",
+            "Payment {payment_ref} for order {order_id} is a duplicate; nothing to do.",
+            order=order,
+            payment_ref=payment_ref,
         )
-        if payment.needs_refund:
-            _enqueue_payment_refund(payment)
-    accepted = outcome == Payment.Outcome.ACCEPTED
+        return duplicate, False
+    held = _open_attempts(order).exists()
+    if can_proceed(order.expire) and now > order.expires_at and not held:
+        # The timer has not fired yet, but the deadline is the deadline. (While an
+        # attempt is open, a payment is what the order waits for, even past its hold.)
+        _expire(order, now=now, by=by, reason=LATE_PAYMENT_REASON)
+
+    if not can_proceed(order.pay):
+        outcome = (
+            Payment.Outcome.LATE if order.status == Status.CANCELLED else Payment.Outcome.SURPLUS
+        )
+    elif (amount, currency) != (order.amount, order.currency):
+        outcome = Payment.Outcome.MISMATCH
+    else:
+        outcome = Payment.Outcome.ACCEPTED
+        order.pay(by=by, payment_ref=payment_ref, at=now)
+        order.save()
+        _enqueue_shipping(order)
+
+    payment = Payment.objects.create(
+        order_id=order.pk,
+        reference=payment_ref,
+        amount=amount,
+        currency=currency,
+        outcome=outcome,
+        received_at=now,
+    )
+    if payment.needs_refund:
+        _enqueue_payment_refund(payment)
+    if attempt is not None and attempt.is_open:
+        if outcome == Payment.Outcome.ACCEPTED:
+            _close_attempt(attempt, PaymentAttempt.Outcome.PAID, now=now, payment=payment)
+        else:
+            _close_attempt(
+                attempt,
+                PaymentAttempt.Outcome.FAILED,
+                now=now,
+                payment=payment,
+                detail=f"its payment {payment_ref} was {outcome} and is refunded",
+            )
+    if outcome == Payment.Outcome.ACCEPTED:
+        _close_open_attempts(order, now=now, detail=f"the order was paid by {payment_ref}")
+    return payment, True
+
+
+def _payment_recorded(order: AbstractOrder, payment: Payment, *, by: Actor) -> None:
+    accepted = payment.outcome == Payment.Outcome.ACCEPTED
     log_event(
         logger,
         "payment.recorded",
         "Payment {payment_ref} of {amount} {currency} for order {order_id}: {outcome_text}.",
         level=logging.INFO if accepted else logging.WARNING,
         order=order,
-        payment_ref=payment_ref,
-        outcome=str(outcome),
+        payment_ref=payment.reference,
+        outcome=str(payment.outcome),
         outcome_text=payment.get_outcome_display().lower()
         + ("" if accepted else "; it will be refunded"),
-        amount=str(amount),
-        currency=currency,
+        amount=str(payment.amount),
+        currency=payment.currency,
         by=by,
     )
+
+
+# Payment attempts ---------------------------------------------------------------------
+# A customer who pressed "Pay" is in the middle of paying: a 3-D Secure challenge, a bank
+# redirect, a QR code on a phone, a bank transfer. The attempt holds the order: its
+# deadline (expires_at) waits until the attempt's hold ends; past it, the provider is
+# asked before the order expires (paid: the order is paid; failed: it expires; pending
+# or no answer: asked again, until the attempt's cap). An attempt still open when its
+# order ends otherwise is closed at the provider, so that a QR code stops being payable.
+
+
+def start_payment(
+    *,
+    order_id: Any,
+    attempt_ref: Any,
+    method: Any,
+    hold_for: Any = None,
+    by: Actor = "customer",
+    now: datetime | None = None,
+) -> PaymentAttempt:
+    """Record that the customer started paying the order (pressed "Pay"): the provider's
+    ``attempt_ref`` for it, and its ``method``. The order is held for ``hold_for``
+    seconds from now, at most (and by default) ``ORDERS["PAYMENT_HOLD"]`` of the method:
+    its deadline becomes the later of its own and the hold's end. The same
+    ``attempt_ref`` again returns the attempt as it is."""
+    attempt_ref = parse_payment_ref(attempt_ref, name="attempt_ref")
+    method = parse_payment_method(method)
+    holds = get_settings().PAYMENT_HOLD
+    cap = timedelta(seconds=holds.get(method, holds["default"]))
+    hold = cap
+    if hold_for is not None:  # a hold longer than the method's cap is cut to the cap
+        maximum = get_settings().MAX_TIMEOUT
+        hold = min(cap, parse_seconds(hold_for, name="hold_for", minimum=1, maximum=maximum))
+    try:
+        with transaction.atomic():
+            order = _locked(order_id)
+            now = now or timezone.now()
+            existing = PaymentAttempt.objects.filter(reference=attempt_ref).first()
+            if existing is not None:
+                return _same_attempt(order, existing)
+            if not can_proceed(order.pay):
+                raise InvalidTransition(
+                    f"Only an unpaid order can be paid; this one is {order.status}."
+                )
+            if order.expires_at <= now:
+                raise InvalidTransition("The deadline has passed; the order is expiring.")
+            attempt = PaymentAttempt.objects.create(
+                order_id=order.pk,
+                reference=attempt_ref,
+                method=method,
+                started_at=now,
+                hold_until=now + hold,
+                cap_at=now + cap,
+            )
+            if order.hold_until(attempt.hold_until):
+                scheduling.arm_expiry_timer(order, now=now)
+                order.save(
+                    update_fields=[
+                        "expires_at",
+                        "original_expires_at",
+                        "timer_armed_for",
+                        "updated_at",
+                    ]
+                )
+            events.record(
+                order,
+                transition=PAYMENT_PENDING,
+                source=order.status,
+                target=order.status,
+                by=by,
+                reason=f"{method} payment {attempt_ref} started: the order waits for it until "
+                f"{order.expires_at.isoformat()}",
+                at=now,
+            )
+    except IntegrityError:
+        # The same attempt reference raced in (for this order or another).
+        return _same_attempt(_get(order_id), PaymentAttempt.objects.get(reference=attempt_ref))
+    log_event(
+        logger,
+        "payment.started",
+        "Order {order_id}: {method} payment {attempt_ref} started by {actor}; the order "
+        "waits for it until {expires_at}, asks no longer than {cap_at}.",
+        order=order,
+        by=by,
+        method=method,
+        attempt_ref=attempt_ref,
+        expires_at=order.expires_at.isoformat(),
+        cap_at=attempt.cap_at.isoformat(),
+    )
+    return attempt
+
+
+def _same_attempt(order: AbstractOrder, attempt: PaymentAttempt) -> PaymentAttempt:
+    if attempt.order_id != order.pk:
+        raise InvalidInput(f"attempt_ref {attempt.reference!r} was already used for another order.")
+    log_event(
+        logger,
+        "payment.start_duplicate",
+        "Payment attempt {attempt_ref} for order {order_id} is a duplicate; nothing to do.",
+        order=order,
+        attempt_ref=attempt.reference,
+    )
+    return attempt
+
+
+def _open_attempts(order: AbstractOrder) -> QuerySet[PaymentAttempt]:
+    return PaymentAttempt.objects.filter(order_id=order.pk, outcome=PaymentAttempt.Outcome.OPEN)
+
+
+def _close_attempt(
+    attempt: PaymentAttempt,
+    outcome: PaymentAttempt.Outcome,
+    *,
+    now: datetime,
+    detail: str = "",
+    payment: Payment | None = None,
+) -> None:
+    attempt.outcome, attempt.closed_at, attempt.detail = outcome, now, detail
+    attempt.payment = payment or attempt.payment
+    attempt.save(update_fields=["outcome", "closed_at", "detail", "payment"])
+    if outcome in PaymentAttempt.CLOSE_AT_PROVIDER and isinstance(
+        payment_gateway(), ClosesPayments
+    ):
+        from orders.tasks import close_payment_task
+
+        scheduling.enqueue_on_commit(close_payment_task, str(attempt.pk), what="closing a payment")
+
+
+def _close_open_attempts(order: AbstractOrder, *, now: datetime, detail: str) -> None:
+    """The order no longer waits for its open attempts (paid otherwise, cancelled): close
+    each, here and at the provider."""
+    for attempt in _open_attempts(order):
+        _close_attempt(attempt, PaymentAttempt.Outcome.CLOSED, now=now, detail=detail)
+
+
+def _ask(attempt: PaymentAttempt) -> AttemptStatus | None:
+    """What the provider says of an open attempt; None if it cannot say (no
+    ``payment_status``, an error, a time-out): "pending" until the attempt's cap."""
+    gateway = payment_gateway()
+    if not isinstance(gateway, AsksPaymentStatus):
+        return None
+    try:
+        return gateway.payment_status(attempt_ref=attempt.reference)
+    except Exception as exc:  # whatever it is, it must not keep the order past the cap
+        log_event(
+            logger,
+            "payment.status_unknown",
+            "The payment gateway did not say what became of attempt {attempt_ref} of order "
+            "{order_id} ({error}); asked again until {cap_at}.",
+            level=logging.WARNING,
+            order_id=str(attempt.order_id),
+            attempt_ref=attempt.reference,
+            cap_at=attempt.cap_at.isoformat(),
+            error=str(exc) or type(exc).__name__,
+        )
+        return None
+
+
+def _settle_held(order_id: Any, *, by: Actor, now: datetime | None) -> tuple[ExpiryOutcome, str]:
+    """A held order past its deadline: ask the provider about each open attempt (with no
+    lock held: it may take seconds), then act on the answers under the row lock."""
+    attempts = PaymentAttempt.objects.filter(order_id=order_id, outcome=PaymentAttempt.Outcome.OPEN)
+    answers = {attempt.pk: _ask(attempt) for attempt in attempts}
+    with transaction.atomic():
+        try:
+            order = _locked(order_id)
+        except OrderNotFound:
+            return ExpiryOutcome.MISSING, "no such order"
+        return _act_on_answers(order, answers, by=by, now=now or timezone.now())
+
+
+def _act_on_answers(
+    order: AbstractOrder,
+    answers: dict[int, AttemptStatus | None],
+    *,
+    by: Actor,
+    now: datetime,
+) -> tuple[ExpiryOutcome, str]:
+    """Under the row lock, whatever happened since the provider was asked: a paid attempt
+    pays the order (even past its deadline: the customer paid while it waited); a failed
+    one closes; one still pending (or unanswered) at its cap closes too. The order then
+    waits for the attempts left open, or expires."""
+    if not can_proceed(order.expire):
+        return ExpiryOutcome.NOT_UNPAID, f"it is {order.status}"
+    for attempt in list(_open_attempts(order)):
+        answer = answers.get(attempt.pk)
+        if answer is not None and answer.status == "paid":
+            payment = _paid_by_answer(order, attempt, answer, by=by, now=now)
+            if payment is not None and order.status == Status.PAID:
+                return (
+                    ExpiryOutcome.PAID,
+                    f"attempt {attempt.reference} paid by {payment.reference}",
+                )
+        elif answer is not None and answer.status in ("failed", "expired"):
+            _attempt_failed(
+                order,
+                attempt,
+                PaymentAttempt.Outcome.FAILED,
+                by=by,
+                now=now,
+                detail=answer.detail or f"{answer.status} at the provider",
+            )
+        elif now >= attempt.cap_at:
+            _attempt_failed(
+                order,
+                attempt,
+                PaymentAttempt.Outcome.TIMED_OUT,
+                by=by,
+                now=now,
+                detail="still pending at the provider when its hold ran out"
+                if answer is not None
+                else "the provider did not answer before its hold ran out",
+            )
+    recheck = timedelta(seconds=get_settings().PAYMENT_STATUS_RECHECK)
+    # Each attempt left open holds the order to its hold's end, or, past that, until it
+    # is asked again (never past its cap).
+    waits = [
+        attempt.hold_until if attempt.hold_until > now else min(now + recheck, attempt.cap_at)
+        for attempt in _open_attempts(order)
+    ]
+    if not waits and order.deadline <= now:
+        # Expired at the end of its hold: expires_at stays the (effective) deadline that
+        # passed, original_expires_at the shop's own.
+        _expire(order, now=now, by=by)
+        return ExpiryOutcome.EXPIRED, ""
+    order.end_hold(until=max(waits) if waits else None)
+    scheduling.arm_expiry_timer(order, now=now)
+    order.save(update_fields=["expires_at", "original_expires_at", "timer_armed_for", "updated_at"])
+    if not waits:
+        return ExpiryOutcome.REARMED, f"deadline {order.expires_at.isoformat()}, no longer held"
+    return ExpiryOutcome.HELD, f"waiting for a payment until {order.expires_at.isoformat()}"
+
+
+def _paid_by_answer(
+    order: AbstractOrder,
+    attempt: PaymentAttempt,
+    answer: AttemptStatus,
+    *,
+    by: Actor,
+    now: datetime,
+) -> Payment | None:
+    """The provider says the attempt was paid: record that payment, as its webhook would
+    (whose later arrival is then a duplicate, not a surplus payment)."""
+    try:
+        payment_ref = parse_payment_ref(answer.payment_ref)
+        amount = parse_amount(answer.amount)
+        currency = parse_currency(answer.currency or order.currency)
+    except InvalidInput as exc:
+        log_event(
+            logger,
+            "payment.status_unreadable",
+            "The payment gateway says attempt {attempt_ref} of order {order_id} was paid, "
+            "but not with what: {error}; asked again.",
+            level=logging.ERROR,
+            order=order,
+            attempt_ref=attempt.reference,
+            error=str(exc),
+        )
+        return None
+    payment, fresh = _take_payment(
+        order,
+        payment_ref=payment_ref,
+        amount=amount,
+        currency=currency,
+        attempt=attempt,
+        by=f"{by}, asking the payment gateway",
+        now=now,
+    )
+    if fresh:
+        transaction.on_commit(partial(_payment_recorded, order, payment, by=by))
+    elif attempt.is_open and payment.outcome == Payment.Outcome.ACCEPTED:
+        # Its webhook was quicker, but named no attempt.
+        _close_attempt(attempt, PaymentAttempt.Outcome.PAID, now=now, payment=payment)
     return payment
+
+
+def _attempt_failed(
+    order: AbstractOrder,
+    attempt: PaymentAttempt,
+    outcome: PaymentAttempt.Outcome,
+    *,
+    by: Actor,
+    now: datetime,
+    detail: str,
+) -> None:
+    """An attempt ended without paying: closed, written in the history (its event,
+    ``order.payment_failed``) and logged."""
+    _close_attempt(attempt, outcome, now=now, detail=detail)
+    events.record(
+        order,
+        transition=PAYMENT_FAILED,
+        source=order.status,
+        target=order.status,
+        by=by,
+        reason=f"{attempt.method} payment {attempt.reference}: {detail}",
+        at=now,
+    )
+    log_event(
+        logger,
+        "payment.failed",
+        "Order {order_id}: {method} payment {attempt_ref} ended unpaid ({detail}).",
+        level=logging.INFO,
+        order=order,
+        by=by,
+        method=attempt.method,
+        attempt_ref=attempt.reference,
+        detail=detail,
+        outcome=str(outcome),
+    )
+
+
+def close_payment(*, attempt_id: Any, now: datetime | None = None) -> PaymentAttempt:
+    """Tell the provider to stop taking money for an attempt its order no longer waits
+    for (``ClosesPayments``), once: the row stays locked while it is asked, and says
+    afterwards that it was. A ``GatewayError`` leaves it to be retried."""
+    with transaction.atomic():
+        attempt = PaymentAttempt.objects.select_for_update().get(pk=attempt_id)
+        gateway = payment_gateway()
+        if (
+            attempt.closed_at_provider is not None
+            or attempt.outcome not in PaymentAttempt.CLOSE_AT_PROVIDER
+            or not isinstance(gateway, ClosesPayments)
+        ):
+            return attempt
+        gateway.close_payment(attempt_ref=attempt.reference)
+        attempt.closed_at_provider = now or timezone.now()
+        attempt.save(update_fields=["closed_at_provider"])
+    log_event(
+        logger,
+        "payment.closed_at_provider",
+        "Payment attempt {attempt_ref} of order {order_id} closed at the provider.",
+        order_id=str(attempt.order_id),
+        attempt_ref=attempt.reference,
+    )
+    return attempt
 
 
 # Expiring -----------------------------------------------------------------------------
@@ -479,20 +864,25 @@ class ExpiryOutcome(enum.StrEnum):
     NOT_UNPAID = "not unpaid"
     REARMED = "deadline moved, timer re-armed"
     WAITING = "deadline moved, timer already armed or beyond the horizon"
+    ASK = "held by a payment attempt: the provider is asked"
+    HELD = "held by a payment attempt the provider says is pending"
+    PAID = "paid: the provider says so"
 
 
 def expire_order(*, order_id: Any, by: Actor = TIMER, now: datetime | None = None) -> ExpiryOutcome:
-    """Cancel the order if, under its row lock, it is still unpaid and past its deadline.
+    """Cancel the order if, under its row lock, it is still unpaid and past its deadline;
+    if a payment attempt holds it, only after asking the provider (``_settle_held``).
     Anything else is a logged no-op, so the timer may fire any number of times."""
-    now = now or timezone.now()
     with transaction.atomic():
         try:
             order = _locked(order_id)
         except OrderNotFound:
             outcome, detail = ExpiryOutcome.MISSING, "no such order"
         else:
-            outcome, detail = _expire_if_due(order, by=by, now=now)
-    if outcome is not ExpiryOutcome.EXPIRED:
+            outcome, detail = _expire_if_due(order, by=by, now=now or timezone.now())
+    if outcome is ExpiryOutcome.ASK:
+        outcome, detail = _settle_held(order_id, by=by, now=now)
+    if outcome not in (ExpiryOutcome.EXPIRED, ExpiryOutcome.PAID):
         log_event(
             logger,
             "timer.noop",
@@ -514,6 +904,8 @@ def _expire_if_due(order: AbstractOrder, *, by: Actor, now: datetime) -> tuple[E
             return ExpiryOutcome.WAITING, f"new deadline {order.expires_at.isoformat()}"
         order.save(update_fields=["timer_armed_for", "updated_at"])
         return ExpiryOutcome.REARMED, f"new deadline {order.expires_at.isoformat()}"
+    if _open_attempts(order).exists():
+        return ExpiryOutcome.ASK, "asked with the row unlocked"
     _expire(order, now=now, by=by)
     return ExpiryOutcome.EXPIRED, ""
 
@@ -556,6 +948,22 @@ def expire_due_orders(
         .objects.filter(status=Status.CREATED, expires_at__lte=min(due_by, now or timezone.now()))
         .order_by("expires_at")
     )
+    # An order a payment attempt holds is asked about, one by one, after the batches.
+    held = Exists(
+        PaymentAttempt.objects.filter(order=OuterRef("pk"), outcome=PaymentAttempt.Outcome.OPEN)
+    )
+    expired, max_lateness = _expire_in_batches(due.filter(~held), by=by, now=now)
+    for order_id in due.filter(held).values_list("pk", flat=True)[
+        : get_settings().SWEEP_BATCH_SIZE
+    ]:
+        if expire_order(order_id=order_id, by=by, now=now) is ExpiryOutcome.EXPIRED:
+            expired += 1
+    return expired, max_lateness
+
+
+def _expire_in_batches(
+    due: QuerySet[AbstractOrder], *, by: Actor, now: datetime | None
+) -> tuple[int, float]:
     reason = "not paid in time"
     expired, max_lateness = 0, 0.0
     while True:
@@ -610,17 +1018,23 @@ def extend_order(
             )
         if order.expires_at <= now:
             raise InvalidTransition("The deadline has already passed; the order is expiring.")
-        new_deadline = order.expires_at + delta
+        new_deadline = order.deadline + delta
         if new_deadline - now > timedelta(seconds=conf.MAX_TIMEOUT):
             # A conflict with the order's present deadline, not a malformed request: the
             # same extension of a younger deadline would be fine.
             raise InvalidTransition(
                 f"The new deadline would be more than MAX_TIMEOUT ({conf.MAX_TIMEOUT}s) away."
             )
-        order.expires_at = new_deadline
+        # The shop's own deadline moves; a payment attempt's hold, if any, stays.
+        held_until = order.expires_at if order.original_expires_at is not None else None
+        order.expires_at, order.original_expires_at = new_deadline, None
+        if held_until is not None:
+            order.hold_until(held_until)
         # The old timer, when it fires, sees the later deadline and does nothing.
         scheduling.arm_expiry_timer(order, now=now)
-        order.save(update_fields=["expires_at", "timer_armed_for", "updated_at"])
+        order.save(
+            update_fields=["expires_at", "original_expires_at", "timer_armed_for", "updated_at"]
+        )
     log_event(
         logger,
         "order.extended",
@@ -649,8 +1063,10 @@ def cancel_order(
             raise InvalidTransition(
                 f"Only an unpaid order can be cancelled; this one is {order.status}."
             )
-        order.cancel(by=by, reason=reason, cancel_reason=cancel_reason, at=now or timezone.now())
+        now = now or timezone.now()
+        order.cancel(by=by, reason=reason, cancel_reason=cancel_reason, at=now)
         order.save()
+        _close_open_attempts(order, now=now, detail=f"the order was cancelled ({cancel_reason})")
     log_event(
         logger,
         "order.cancelled",
@@ -787,6 +1203,7 @@ def remind_due_orders(*, due_by: datetime, by: Actor, now: datetime | None = Non
                     expires_at__gt=stamp,
                 )
                 .exclude(reminded_for=F("expires_at"))
+                .filter(original_expires_at__isnull=True)  # not while a payment is on its way
                 .order_by("expires_at")
             )
             batch = _lock_batch(due, get_settings().SWEEP_BATCH_SIZE)
@@ -1210,6 +1627,7 @@ class SweepReport:
     timers_armed: int = 0
     shipments_retried: int = 0
     refunds_retried: int = 0
+    payments_closed: int = 0
     events_requeued: int = 0
     reminders_sent: int = 0
     errors: list[str] = field(default_factory=list)
@@ -1219,7 +1637,7 @@ SWEEP_STEPS = (
     "expire overdue orders",
     "arm timers",
     "retry shipments",
-    "retry refunds",
+    "retry refunds and payment closes",
     "re-queue late events",
     "send late reminders",
 )
@@ -1274,6 +1692,16 @@ def sweep(
     for payment_id in unrefunded.values_list("pk", flat=True)[: conf.SWEEP_BATCH_SIZE]:
         report.refunds_retried += 1
         _retry(report, "refund", partial(refund_payment, payment_id=payment_id))
+    unclosed = PaymentAttempt.objects.filter(
+        outcome__in=PaymentAttempt.CLOSE_AT_PROVIDER,
+        closed_at_provider__isnull=True,
+        closed_at__lt=stale,
+    )
+    if not isinstance(payment_gateway(), ClosesPayments):
+        unclosed = unclosed.none()
+    for attempt_id in unclosed.values_list("pk", flat=True)[: conf.SWEEP_BATCH_SIZE]:
+        report.payments_closed += 1
+        _retry(report, "payment close", partial(close_payment, attempt_id=attempt_id))
     step(4, SWEEP_STEPS[3])
     # Events whose dispatch task was lost, or whose receiver's retry is due.
     report.events_requeued = events.redispatch_late(now=now)
@@ -1316,13 +1744,15 @@ def sweep(
         "sweep.done",
         "Sweep done: {expired} expired (up to {max_lateness_s:.1f}s late), {timers_armed} "
         "timers armed, {shipments_retried} shipments and {refunds_retried} refunds retried, "
-        "{events_requeued} orders' events re-queued, {reminders_sent} late reminders sent, "
+        "{payments_closed} payments closed at the provider, {events_requeued} orders' events "
+        "re-queued, {reminders_sent} late reminders sent, "
         "{errors} errors.",
         expired=report.expired,
         max_lateness_s=report.max_lateness,
         timers_armed=report.timers_armed,
         shipments_retried=report.shipments_retried,
         refunds_retried=report.refunds_retried,
+        payments_closed=report.payments_closed,
         events_requeued=report.events_requeued,
         reminders_sent=report.reminders_sent,
         errors=len(report.errors),

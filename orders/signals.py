@@ -84,6 +84,11 @@ payment_refunded = OrderSignal("payment.refunded")
 #: ``ORDERS["REMIND_BEFORE"]`` seconds before the deadline of an unpaid order, once per
 #: deadline.
 order_expiring_soon = OrderSignal("order.expiring_soon")
+#: The customer started paying (``services.start_payment``): the order waits for it.
+order_payment_pending = OrderSignal("order.payment_pending")
+#: A payment attempt ended without paying: failed or expired at the provider, or still
+#: pending when its hold ran out (the reason says which).
+order_payment_failed = OrderSignal("order.payment_failed")
 
 #: The signal of each event type.
 SIGNALS: dict[str, OrderSignal] = {
@@ -97,5 +102,7 @@ SIGNALS: dict[str, OrderSignal] = {
         order_refunded,
         payment_refunded,
         order_expiring_soon,
+        order_payment_pending,
+        order_payment_failed,
     )
 }

@@ -51,6 +51,11 @@ def refund_payment_task(payment_id: str) -> str:
     return services.refund_payment(payment_id=payment_id).refund_ref
 
 
+@shared_task(name="orders.close_payment", acks_late=True, **RETRY_UNTIL_THE_PROVIDER_ANSWERS)
+def close_payment_task(attempt_id: str) -> str:
+    return services.close_payment(attempt_id=attempt_id).outcome
+
+
 @shared_task(name="orders.sweep", acks_late=True)
 def sweep_task() -> dict[str, object]:
     return vars(services.sweep())
