@@ -87,7 +87,8 @@ def test_an_attempt_holds_the_order_past_its_deadline_and_keeps_the_original() -
     assert attempt.outcome == PaymentAttempt.Outcome.OPEN
     [row] = rows(order, PAYMENT_PENDING)
     assert row.event_type == "order.payment_pending"
-    assert "card payment" in row.reason and at(1400).isoformat() in row.reason
+    assert "card payment" in row.reason
+    assert at(1400).isoformat() in row.reason
 
 
 def test_a_hold_shorter_than_the_time_left_moves_no_deadline() -> None:
@@ -120,7 +121,8 @@ def test_the_same_attempt_again_changes_nothing() -> None:
     first = start(order, attempt_ref, when=60)
     before = snapshot()
     again = start(order, attempt_ref, hold_for=30, when=120)
-    assert again.pk == first.pk and again.hold_until == first.hold_until
+    assert again.pk == first.pk
+    assert again.hold_until == first.hold_until
     assert snapshot() == before
 
 
@@ -188,9 +190,7 @@ def test_a_held_order_is_not_expired_before_its_hold_ends() -> None:
     assert fresh(order).status == Status.CREATED
 
 
-def test_paid_at_the_provider_after_the_deadline_pays_the_order_and_its_webhook_is_the_same_payment() -> (
-    None
-):
+def test_paid_at_the_provider_after_the_deadline_pays_and_its_webhook_is_no_surplus() -> None:
     order = place(timeout=60)
     attempt_ref, payment_ref = ref(), ref()
     start(order, attempt_ref, hold_for=120, when=50)
@@ -200,7 +200,8 @@ def test_paid_at_the_provider_after_the_deadline_pays_the_order_and_its_webhook_
     order = fresh(order)
     assert (order.status, order.payment_ref) == (Status.PAID, payment_ref)
     attempt = PaymentAttempt.objects.get(reference=attempt_ref)
-    assert attempt.outcome == PaymentAttempt.Outcome.PAID and attempt.payment is not None
+    assert attempt.outcome == PaymentAttempt.Outcome.PAID
+    assert attempt.payment is not None
     # The webhook that brings the same payment later is a duplicate: nothing to refund.
     again = services.record_payment(
         order_id=order.pk, payment_ref=payment_ref, amount="10.00", now=at(200)
@@ -225,7 +226,8 @@ def test_failed_at_the_provider_the_attempt_closes_and_the_order_expires() -> No
     assert attempt.outcome == PaymentAttempt.Outcome.FAILED
     assert attempt.closed_at_provider is None  # failed there: nothing to close
     [failed] = rows(order, PAYMENT_FAILED)
-    assert failed.event_type == "order.payment_failed" and "failed at the provider" in failed.reason
+    assert failed.event_type == "order.payment_failed"
+    assert "failed at the provider" in failed.reason
     assert [r.transition for r in order.history.all()] == [  # type: ignore[misc]  # reverse relation
         "place",
         PAYMENT_PENDING,
@@ -338,7 +340,8 @@ def test_a_payment_for_a_closed_attempt_is_late_and_refunded() -> None:
     payment = services.record_payment(
         order_id=order.pk, payment_ref=ref(), amount="10.00", attempt_ref=attempt_ref, now=at(200)
     )
-    assert payment.outcome == Payment.Outcome.LATE and payment.needs_refund
+    assert payment.outcome == Payment.Outcome.LATE
+    assert payment.needs_refund
 
 
 def test_paid_otherwise_the_other_open_attempts_close_here_and_at_the_provider() -> None:
@@ -353,7 +356,8 @@ def test_paid_otherwise_the_other_open_attempts_close_here_and_at_the_provider()
     other = PaymentAttempt.objects.get(reference=qr)
     assert other.outcome == PaymentAttempt.Outcome.CLOSED
     services.close_payment(attempt_id=other.pk)
-    assert _close_calls(qr) == 1 and _close_calls(card) == 0
+    assert _close_calls(qr) == 1
+    assert _close_calls(card) == 0
 
 
 def test_cancelling_closes_the_open_attempts() -> None:
@@ -362,7 +366,8 @@ def test_cancelling_closes_the_open_attempts() -> None:
     start(order, attempt_ref, when=10)
     services.cancel_order(order_id=order.pk, by="customer", now=at(20))
     attempt = PaymentAttempt.objects.get(reference=attempt_ref)
-    assert attempt.outcome == PaymentAttempt.Outcome.CLOSED and "cancelled" in attempt.detail
+    assert attempt.outcome == PaymentAttempt.Outcome.CLOSED
+    assert "cancelled" in attempt.detail
 
 
 def test_close_payment_leaves_the_attempt_to_retry_when_the_gateway_fails(
