@@ -624,7 +624,13 @@ def _same_attempt(order: AbstractOrder, attempt: PaymentAttempt) -> PaymentAttem
 
 
 def _open_attempts(order: AbstractOrder) -> QuerySet[PaymentAttempt]:
-    return PaymentAttempt.objects.filter(order_id=order.pk, outcome=PaymentAttempt.Outcome.OPEN)
+    return _open_attempts_of([order.pk])
+
+
+def _open_attempts_of(order_ids: list[Any]) -> QuerySet[PaymentAttempt]:
+    return PaymentAttempt.objects.filter(
+        order_id__in=order_ids, outcome=PaymentAttempt.Outcome.OPEN
+    )
 
 
 def _close_attempt(
@@ -679,8 +685,7 @@ def _ask(attempt: PaymentAttempt) -> AttemptStatus | None:
 def _settle_held(order_id: Any, *, by: Actor, now: datetime | None) -> tuple[ExpiryOutcome, str]:
     """A held order past its deadline: ask the provider about each open attempt (with no
     lock held: it may take seconds), then act on the answers under the row lock."""
-    attempts = PaymentAttempt.objects.filter(order_id=order_id, outcome=PaymentAttempt.Outcome.OPEN)
-    answers = {attempt.pk: _ask(attempt) for attempt in attempts}
+    answers = {attempt.pk: _ask(attempt) for attempt in _open_attempts_of([order_id])}
     with transaction.atomic():
         try:
             order = _locked(order_id)
@@ -968,7 +973,13 @@ def _expire_in_batches(
     expired, max_lateness = 0, 0.0
     while True:
         with transaction.atomic():
-            batch = _lock_batch(due, get_settings().SWEEP_BATCH_SIZE)
+            locked = _lock_batch(due, get_settings().SWEEP_BATCH_SIZE)
+            # Asked again under the locks: an attempt started while the query ran (and
+            # committed before its lock was taken) is not in the query's snapshot.
+            held = set(
+                _open_attempts_of([order.pk for order in locked]).values_list("order_id", flat=True)
+            )
+            batch = [order for order in locked if order.pk not in held]
             stamp = now or timezone.now()  # each batch when it is written, not when we began
             with events.history_in_bulk():
                 for order in batch:
@@ -981,10 +992,11 @@ def _expire_in_batches(
             )
             for order in batch:
                 _expired(order, now=stamp, by=by, reason=reason)
-        if not batch:
+        if not locked:
             return expired, max_lateness
         expired += len(batch)
-        max_lateness = max(max_lateness, (stamp - batch[0].expires_at).total_seconds())
+        if batch:
+            max_lateness = max(max_lateness, (stamp - batch[0].expires_at).total_seconds())
 
 
 def expire_bucket(*, bucket: int, now: datetime | None = None) -> int:

@@ -426,3 +426,13 @@ def test_a_held_order_is_not_reminded(settings: Settings) -> None:
     assert (
         services.remind_order(order_id=order.pk, now=at(850)) is not services.ReminderOutcome.SENT
     )
+
+
+def test_a_batch_asks_again_under_its_locks_whether_an_attempt_holds_an_order() -> None:
+    # An attempt that committed while the batch's query ran is not in that query's
+    # snapshot: here, a query that did not see it at all.
+    order = place(timeout=60)
+    start(order, ref(), hold_for=20, when=10)  # a short hold: expires_at stays at 60
+    stale_query = Order.objects.filter(pk=order.pk)
+    assert services._expire_in_batches(stale_query, by="sweep", now=at(100)) == (0, 0.0)
+    assert fresh(order).status == Status.CREATED
