@@ -971,12 +971,13 @@ def _expire_in_batches(
 ) -> tuple[int, float]:
     reason = "not paid in time"
     expired, max_lateness = 0, 0.0
+    held: set[Any] = set()
     while True:
         with transaction.atomic():
-            locked = _lock_batch(due, get_settings().SWEEP_BATCH_SIZE)
+            locked = _lock_batch(due.exclude(pk__in=held), get_settings().SWEEP_BATCH_SIZE)
             # Asked again under the locks: an attempt started while the query ran (and
             # committed before its lock was taken) is not in the query's snapshot.
-            held = set(
+            held |= set(
                 _open_attempts_of([order.pk for order in locked]).values_list("order_id", flat=True)
             )
             batch = [order for order in locked if order.pk not in held]
