@@ -118,7 +118,7 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
                 id="orders.E008",
             )
         )
-    errors += _check_payment_hold(merged["PAYMENT_HOLD"], merged["MAX_TIMEOUT"])
+    errors += _check_payment_hold(merged["PAYMENT_HOLD"])
     if merged["TIMER_MODE"] not in TIMER_MODES:
         errors.append(
             Error(
@@ -280,9 +280,10 @@ def check_receivers(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage
     ]
 
 
-def _check_payment_hold(hold: Any, max_timeout: int) -> list[CheckMessage]:
+def _check_payment_hold(hold: Any) -> list[CheckMessage]:
     """PAYMENT_HOLD: payment methods (as start_payment takes them) to whole seconds, with
-    a "default", none longer than MAX_TIMEOUT."""
+    a "default". (Not bound by MAX_TIMEOUT, which bounds the timeouts orders are placed
+    with: a bank transfer may hold an order for days where no order is placed for so long.)"""
     problem = None
     if not isinstance(hold, dict) or "default" not in hold:
         problem = f'must be a dict of payment methods to seconds with a "default", got {hold!r}'
@@ -293,10 +294,6 @@ def _check_payment_hold(hold: Any, max_timeout: int) -> list[CheckMessage]:
             elif isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 1:
                 problem = (
                     f"holds {method!r} for {seconds!r}, not a positive whole number of seconds"
-                )
-            elif seconds > max_timeout:
-                problem = (
-                    f"holds {method!r} for {seconds}s, longer than MAX_TIMEOUT ({max_timeout}s)"
                 )
     if problem is None:
         return []

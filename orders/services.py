@@ -549,7 +549,7 @@ def start_payment(
     cap = timedelta(seconds=holds.get(method, holds["default"]))
     hold = cap
     if hold_for is not None:  # a hold longer than the method's cap is cut to the cap
-        maximum = get_settings().MAX_TIMEOUT
+        maximum = max(get_settings().MAX_TIMEOUT, cap.total_seconds())
         hold = min(cap, parse_seconds(hold_for, name="hold_for", minimum=1, maximum=maximum))
     try:
         with transaction.atomic():

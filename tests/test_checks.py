@@ -307,3 +307,27 @@ def test_default_timeout_naming_no_function_is_reported(
 
     assert message.id == "orders.E013"
     assert says in message.msg
+
+
+@pytest.mark.parametrize(
+    "hold",
+    [
+        {"card": 900},  # no "default"
+        [("default", 900)],
+        {"default": 0},
+        {"default": 900, "card": True},
+        {"default": 900, "card": "15m"},
+        {"default": 900, "Card": 900},
+        {"default": 900, "": 900},
+    ],
+)
+def test_a_payment_hold_that_is_not_methods_to_seconds_is_reported(
+    settings: Settings, hold: Any
+) -> None:
+    assert ids_with(settings, PAYMENT_HOLD=hold) == ["orders.E014"]
+
+
+def test_payment_holds_of_methods_to_seconds_are_allowed(settings: Settings) -> None:
+    assert (
+        ids_with(settings, PAYMENT_HOLD={"default": 60, "wechat_qr": 7200, "sepa.debit": 1}) == []
+    )
