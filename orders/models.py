@@ -141,8 +141,8 @@ class AbstractOrder(FSMModelMixin, models.Model):
     # The deadline the order.expiring_soon reminder was last sent for (REMIND_BEFORE):
     # one reminder per deadline, and again after an extension.
     reminded_for = models.DateTimeField(null=True, blank=True, editable=False)
-    # While a payment attempt holds the order past its deadline: the deadline the shop
-    # gave (expires_at is then the hold's end). Null when the order is not held.
+    # While a payment attempt is open (it holds the order): the deadline the shop gave;
+    # expires_at is the later of it and the attempts' holds. Null when none is open.
     original_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     # Declared here so that every subclass has it and type checkers see it; a swapped-out
@@ -196,21 +196,33 @@ class AbstractOrder(FSMModelMixin, models.Model):
         attempt holds the order past it."""
         return self.original_expires_at or self.expires_at
 
+    @property
+    def is_held(self) -> bool:
+        """Whether a payment attempt is open: the order waits for it, and is expired only
+        after asking the provider. A mark on the row itself, so that a statement that
+        expires orders in bulk sees it under the row lock."""
+        return self.original_expires_at is not None
+
     def hold_until(self, until: datetime) -> bool:
-        """Let a payment attempt hold the order until ``until``, if that is later than its
-        effective deadline; returns whether the deadline moved. The caller saves."""
+        """A payment attempt holds the order until ``until``: it is marked held (the
+        shop's deadline kept in ``original_expires_at``) and its effective deadline
+        becomes the later of the two. Returns whether ``expires_at`` moved. The caller
+        saves."""
+        self.original_expires_at = self.deadline
         if until <= self.expires_at:
             return False
-        self.original_expires_at = self.deadline
         self.expires_at = until
         return True
 
     def end_hold(self, until: datetime | None = None) -> None:
-        """The hold is over (``until`` None) or lasts until ``until`` now: the effective
-        deadline becomes the later of that and the shop's own. The caller saves."""
+        """No attempt holds the order any more (``until`` None): its deadline is the
+        shop's again. Else the attempts left open hold it until ``until`` (never earlier
+        than the shop's deadline). The caller saves."""
         deadline = self.deadline
-        self.expires_at = max(deadline, until) if until is not None else deadline
-        self.original_expires_at = deadline if self.expires_at != deadline else None
+        if until is None:
+            self.expires_at, self.original_expires_at = deadline, None
+        else:
+            self.expires_at, self.original_expires_at = max(deadline, until), deadline
 
     # The lifecycle. Keyword arguments are recorded by the transition log below.
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, F, OuterRef, Q, QuerySet
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 from django.utils.module_loading import import_string
 from django_fsm import can_proceed
@@ -458,8 +458,7 @@ def _take_payment(
             payment_ref=payment_ref,
         )
         return duplicate, False
-    held = _open_attempts(order).exists()
-    if can_proceed(order.expire) and now > order.expires_at and not held:
+    if can_proceed(order.expire) and now > order.expires_at and not order.is_held:
         # The timer has not fired yet, but the deadline is the deadline. (While an
         # attempt is open, a payment is what the order waits for, even past its hold.)
         _expire(order, now=now, by=by, reason=LATE_PAYMENT_REASON)
@@ -497,6 +496,10 @@ def _take_payment(
                 payment=payment,
                 detail=f"its payment {payment_ref} was {outcome} and is refunded",
             )
+            if order.status == Status.CREATED and not _open_attempts(order).exists():
+                order.end_hold()  # back to the shop's deadline, passed or not
+                scheduling.arm_expiry_timer(order, now=now)
+                order.save(update_fields=[*HOLD_FIELDS, "updated_at"])
     if outcome == Payment.Outcome.ACCEPTED:
         _close_open_attempts(order, now=now, detail=f"the order was paid by {payment_ref}")
     return payment, True
@@ -572,16 +575,10 @@ def start_payment(
                 hold_until=now + hold,
                 cap_at=now + cap,
             )
-            if order.hold_until(attempt.hold_until):
-                scheduling.arm_expiry_timer(order, now=now)
-                order.save(
-                    update_fields=[
-                        "expires_at",
-                        "original_expires_at",
-                        "timer_armed_for",
-                        "updated_at",
-                    ]
-                )
+            # Marked held even if the deadline stays: a payment is on its way.
+            order.hold_until(attempt.hold_until)
+            scheduling.arm_expiry_timer(order, now=now)
+            order.save(update_fields=[*HOLD_FIELDS, "updated_at"])
             events.record(
                 order,
                 transition=PAYMENT_PENDING,
@@ -623,14 +620,14 @@ def _same_attempt(order: AbstractOrder, attempt: PaymentAttempt) -> PaymentAttem
     return attempt
 
 
-def _open_attempts(order: AbstractOrder) -> QuerySet[PaymentAttempt]:
-    return _open_attempts_of([order.pk])
+#: The order's fields a hold changes.
+HOLD_FIELDS = ["expires_at", "original_expires_at", "timer_armed_for"]
 
 
-def _open_attempts_of(order_ids: list[Any]) -> QuerySet[PaymentAttempt]:
-    return PaymentAttempt.objects.filter(
-        order_id__in=order_ids, outcome=PaymentAttempt.Outcome.OPEN
-    )
+def _open_attempts(order: AbstractOrder | Any) -> QuerySet[PaymentAttempt]:
+    """The order's open attempts (an order, or its id)."""
+    order_id = order.pk if isinstance(order, AbstractOrder) else order
+    return PaymentAttempt.objects.filter(order_id=order_id, outcome=PaymentAttempt.Outcome.OPEN)
 
 
 def _close_attempt(
@@ -685,7 +682,7 @@ def _ask(attempt: PaymentAttempt) -> AttemptStatus | None:
 def _settle_held(order_id: Any, *, by: Actor, now: datetime | None) -> tuple[ExpiryOutcome, str]:
     """A held order past its deadline: ask the provider about each open attempt (with no
     lock held: it may take seconds), then act on the answers under the row lock."""
-    answers = {attempt.pk: _ask(attempt) for attempt in _open_attempts_of([order_id])}
+    answers = {attempt.pk: _ask(attempt) for attempt in _open_attempts(order_id)}
     with transaction.atomic():
         try:
             order = _locked(order_id)
@@ -750,7 +747,7 @@ def _act_on_answers(
         return ExpiryOutcome.EXPIRED, ""
     order.end_hold(until=max(waits) if waits else None)
     scheduling.arm_expiry_timer(order, now=now)
-    order.save(update_fields=["expires_at", "original_expires_at", "timer_armed_for", "updated_at"])
+    order.save(update_fields=[*HOLD_FIELDS, "updated_at"])
     if not waits:
         return ExpiryOutcome.REARMED, f"deadline {order.expires_at.isoformat()}, no longer held"
     return ExpiryOutcome.HELD, f"waiting for a payment until {order.expires_at.isoformat()}"
@@ -909,7 +906,7 @@ def _expire_if_due(order: AbstractOrder, *, by: Actor, now: datetime) -> tuple[E
             return ExpiryOutcome.WAITING, f"new deadline {order.expires_at.isoformat()}"
         order.save(update_fields=["timer_armed_for", "updated_at"])
         return ExpiryOutcome.REARMED, f"new deadline {order.expires_at.isoformat()}"
-    if _open_attempts(order).exists():
+    if order.is_held:
         return ExpiryOutcome.ASK, "asked with the row unlocked"
     _expire(order, now=now, by=by)
     return ExpiryOutcome.EXPIRED, ""
@@ -954,10 +951,9 @@ def expire_due_orders(
         .order_by("expires_at")
     )
     # An order a payment attempt holds is asked about, one by one, after the batches.
-    held = Exists(
-        PaymentAttempt.objects.filter(order=OuterRef("pk"), outcome=PaymentAttempt.Outcome.OPEN)
-    )
-    expired, max_lateness = _expire_in_batches(due.filter(~held), by=by, now=now)
+    # (Its mark is on its own row: a batch that locks a row marked meanwhile sees it.)
+    held = Q(original_expires_at__isnull=False)
+    expired, max_lateness = _expire_in_batches(due.exclude(held), by=by, now=now)
     for order_id in due.filter(held).values_list("pk", flat=True)[
         : get_settings().SWEEP_BATCH_SIZE
     ]:
@@ -971,16 +967,9 @@ def _expire_in_batches(
 ) -> tuple[int, float]:
     reason = "not paid in time"
     expired, max_lateness = 0, 0.0
-    held: set[Any] = set()
     while True:
         with transaction.atomic():
-            locked = _lock_batch(due.exclude(pk__in=held), get_settings().SWEEP_BATCH_SIZE)
-            # Asked again under the locks: an attempt started while the query ran (and
-            # committed before its lock was taken) is not in the query's snapshot.
-            held |= set(
-                _open_attempts_of([order.pk for order in locked]).values_list("order_id", flat=True)
-            )
-            batch = [order for order in locked if order.pk not in held]
+            batch = _lock_batch(due, get_settings().SWEEP_BATCH_SIZE)
             stamp = now or timezone.now()  # each batch when it is written, not when we began
             with events.history_in_bulk():
                 for order in batch:
@@ -993,11 +982,10 @@ def _expire_in_batches(
             )
             for order in batch:
                 _expired(order, now=stamp, by=by, reason=reason)
-        if not locked:
+        if not batch:
             return expired, max_lateness
         expired += len(batch)
-        if batch:
-            max_lateness = max(max_lateness, (stamp - batch[0].expires_at).total_seconds())
+        max_lateness = max(max_lateness, (stamp - batch[0].expires_at).total_seconds())
 
 
 def expire_bucket(*, bucket: int, now: datetime | None = None) -> int:
@@ -1045,9 +1033,7 @@ def extend_order(
             order.hold_until(held_until)
         # The old timer, when it fires, sees the later deadline and does nothing.
         scheduling.arm_expiry_timer(order, now=now)
-        order.save(
-            update_fields=["expires_at", "original_expires_at", "timer_armed_for", "updated_at"]
-        )
+        order.save(update_fields=[*HOLD_FIELDS, "updated_at"])
     log_event(
         logger,
         "order.extended",

@@ -96,7 +96,9 @@ def test_a_hold_shorter_than_the_time_left_moves_no_deadline() -> None:
     attempt = start(order, ref(), hold_for=60, when=10)
 
     order = fresh(order)
-    assert (order.expires_at, order.original_expires_at) == (at(600), None)
+    assert order.expires_at == at(600)
+    assert order.is_held  # marked all the same: the sweep asks before expiring it
+    assert order.original_expires_at == at(600)
     assert attempt.hold_until == at(70)
     assert len(rows(order, PAYMENT_PENDING)) == 1  # still in the history
 
@@ -244,11 +246,7 @@ def test_a_failure_with_time_left_before_the_deadline_falls_back_to_the_deadline
     # Asked early (a timer armed for the hold, fired by hand): the shop's deadline stands.
     assert services._settle_held(order.pk, by="test", now=at(100))[0] is ExpiryOutcome.REARMED
     order = fresh(order)
-    assert (order.status, order.expires_at, order.original_expires_at) == (
-        Status.CREATED,
-        at(600),
-        None,
-    )
+    assert (order.status, order.expires_at, order.is_held) == (Status.CREATED, at(600), False)
 
 
 def test_pending_is_asked_again_until_the_cap_then_expired_and_closed_at_the_provider(
@@ -413,7 +411,8 @@ def test_an_extension_moves_the_shops_deadline_and_keeps_the_hold() -> None:
     start(order, ref(), hold_for=900, when=10)  # held until 910
     services.extend_order(order_id=order.pk, seconds=600, by="staff", now=at(20))
     order = fresh(order)
-    assert (order.expires_at, order.original_expires_at) == (at(1200), None)  # later than the hold
+    assert order.expires_at == at(1200)  # the new deadline is later than the hold
+    assert order.original_expires_at == at(1200)  # and the order is still held
     services.extend_order(order_id=order.pk, seconds=1, by="staff", now=at(20))
     assert fresh(order).expires_at == at(1201)
 
@@ -428,11 +427,26 @@ def test_a_held_order_is_not_reminded(settings: Settings) -> None:
     )
 
 
-def test_a_batch_asks_again_under_its_locks_whether_an_attempt_holds_an_order() -> None:
-    # An attempt that committed while the batch's query ran is not in that query's
-    # snapshot: here, a query that did not see it at all.
+def test_a_short_hold_still_has_the_provider_asked_before_the_order_expires() -> None:
     order = place(timeout=60)
-    start(order, ref(), hold_for=20, when=10)  # a short hold: expires_at stays at 60
-    stale_query = Order.objects.filter(pk=order.pk)
-    assert services._expire_in_batches(stale_query, by="sweep", now=at(100)) == (0, 0.0)
-    assert fresh(order).status == Status.CREATED
+    attempt_ref, payment_ref = ref(), ref()
+    start(order, attempt_ref, hold_for=5, when=10)  # the hold ends long before the deadline
+    gateway().simulate(attempt_ref, "paid", payment_ref=payment_ref, amount="10.00", currency="CNY")
+    expired, _ = services.expire_due_orders(due_by=at(61), by="sweep", now=at(61))
+    assert expired == 0
+    assert fresh(order).status == Status.PAID
+
+
+def test_a_mismatched_payment_for_the_only_attempt_ends_the_hold() -> None:
+    order = place(timeout=60)
+    attempt_ref = ref()
+    start(order, attempt_ref, hold_for=300, when=10)
+    payment = services.record_payment(
+        order_id=order.pk, payment_ref=ref(), amount="9.00", attempt_ref=attempt_ref, now=at(20)
+    )
+    assert payment.outcome == Payment.Outcome.MISMATCH
+    order = fresh(order)
+    assert (order.status, order.expires_at, order.is_held) == (Status.CREATED, at(60), False)
+    assert (
+        PaymentAttempt.objects.get(reference=attempt_ref).outcome == PaymentAttempt.Outcome.FAILED
+    )

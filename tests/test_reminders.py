@@ -12,6 +12,7 @@ import os
 import random
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -274,7 +275,9 @@ def test_batched_mode_arms_each_reminder_bucket_once(
     django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
     settings.ORDERS = settings.ORDERS | {"TIMER_MODE": "batched"}
-    now = timezone.now().replace(microsecond=0)
+    # A second of its own: a bucket's key lives in Redis for the whole run, and another
+    # test's batched order of this second would have armed it already.
+    now = timezone.now().replace(microsecond=0) + timedelta(days=uuid.uuid4().int % 10_000)
     with django_capture_on_commit_callbacks(execute=True):
         orders = [place(timeout=TIMEOUT + 0.1 * i, now=now) for i in range(1, 6)]
 
