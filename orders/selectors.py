@@ -35,6 +35,7 @@ from orders.models import (
     EventDelivery,
     OrderTransition,
     Payment,
+    PaymentAttempt,
     Status,
     SweepRun,
     WebhookDelivery,
@@ -103,6 +104,16 @@ def with_unaccepted_payments(
         payments = payments.filter(refunded_at__isnull=not refunded)
     orders = get_order_model().objects.all() if orders is None else orders
     return orders.filter(Exists(payments))
+
+
+def held_orders(orders: QuerySet[AbstractOrder] | None = None) -> QuerySet[AbstractOrder]:
+    """The unpaid orders (among ``orders``, default all) that a customer is paying right
+    now: an open payment attempt holds them."""
+    open_attempts = PaymentAttempt.objects.filter(
+        order=OuterRef("pk"), outcome=PaymentAttempt.Outcome.OPEN
+    )
+    orders = get_order_model().objects.all() if orders is None else orders
+    return orders.filter(Exists(open_attempts), status=Status.CREATED)
 
 
 @dataclass(frozen=True)
