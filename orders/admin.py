@@ -45,6 +45,7 @@ from orders.models import (
     OrderTransition,
     ParcelEvent,
     Payment,
+    PaymentAttempt,
     Status,
     WebhookAttempt,
     WebhookDelivery,
@@ -58,10 +59,12 @@ if TYPE_CHECKING:
     _ModelAdmin = admin.ModelAdmin[AbstractOrder]
     _Inline = admin.TabularInline[Any, AbstractOrder]
     _EventDeliveryAdmin = admin.ModelAdmin[EventDelivery]
+    _PaymentAttemptAdmin = admin.ModelAdmin[PaymentAttempt]
 else:
-    _ModelAdmin, _Inline, _EventDeliveryAdmin = (
+    _ModelAdmin, _Inline, _EventDeliveryAdmin, _PaymentAttemptAdmin = (
         admin.ModelAdmin,
         admin.TabularInline,
+        admin.ModelAdmin,
         admin.ModelAdmin,
     )
 
@@ -155,6 +158,28 @@ class PaymentInline(_ReadOnlyInline):
     )
 
 
+#: A payment attempt's columns, on its order's page and in its own list.
+ATTEMPT_FIELDS = (
+    "reference",
+    "method",
+    "outcome",
+    "started_at",
+    "hold_until",
+    "cap_at",
+    "closed_at",
+    "detail",
+    "closed_at_provider",
+)
+
+
+class PaymentAttemptInline(_ReadOnlyInline):
+    """The customer's attempts to pay (``services.start_payment``), oldest first: an open
+    one holds the order until its hold ends, then the provider is asked until its cap."""
+
+    model = PaymentAttempt
+    fields = readonly_fields = ATTEMPT_FIELDS
+
+
 class ParcelEventInline(_ReadOnlyInline):
     model = ParcelEvent
     verbose_name = "logistics event"
@@ -163,8 +188,9 @@ class ParcelEventInline(_ReadOnlyInline):
 
 
 class OrderChangeList(ChangeList):
-    """The admin's order list, except that two kinds of filter are bad lookups like any
-    other, answered with the list and ``?e=1`` instead of a 500: a date-hierarchy link
+    """The admin's order list (and the payment attempts'), except that two kinds of filter
+    are bad lookups like any other, answered with the list and ``?e=1`` instead of a 500:
+    a date-hierarchy link
     outside the calendar (``?created_at__year=9999``, whose next year does not exist, or
     a day past the last one: a ValueError or an OverflowError), and a value with a NUL
     (``?status__exact=%00``: a DataError on PostgreSQL when the list is read)."""
@@ -198,6 +224,22 @@ class ExpiringSoonFilter(admin.SimpleListFilter):
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         if self.value() == "hour":
             return selectors.expiring_orders(queryset)
+        return queryset
+
+
+class HeldByPaymentFilter(admin.SimpleListFilter):
+    """Unpaid orders a customer is paying right now: an open payment attempt holds them
+    (their deadline may be the hold's end; past it the provider is asked first)."""
+
+    title = "payment in progress"
+    parameter_name = "held"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("yes", "Held by a payment attempt")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value() == "yes":
+            return selectors.held_orders(queryset)
         return queryset
 
 
@@ -253,6 +295,7 @@ class OrderAdmin(_ModelAdmin):
         "status",
         "cancel_reason",
         ExpiringSoonFilter,
+        HeldByPaymentFilter,
         LatePaymentFilter,
         "currency",
     )
@@ -302,9 +345,10 @@ class OrderAdmin(_ModelAdmin):
     readonly_fields = (
         *(f.name for f in get_order_model()._meta.fields),
         "time_left_display",
+        "shops_deadline",
         "webhook_deliveries",
     )
-    inlines = (PaymentInline, ParcelEventInline, OrderTransitionInline)
+    inlines = (PaymentInline, PaymentAttemptInline, ParcelEventInline, OrderTransitionInline)
 
     class Media:
         # Counts every unpaid order's time left down, once a second.
@@ -352,6 +396,16 @@ class OrderAdmin(_ModelAdmin):
             selectors.format_duration(seconds) if seconds > 0 else "overdue",
         )
 
+    @admin.display(description="shop's deadline")
+    def shops_deadline(self, obj: AbstractOrder) -> str:
+        if obj.original_expires_at is None:
+            return "—"
+        local = timezone.localtime(obj.original_expires_at)
+        return (
+            f"{dateformat.format(local, 'Y-m-d H:i:s T')}: a payment attempt held the order "
+            "(expires at is the later of this and its hold)"
+        )
+
     @admin.display(description="deliveries")
     def webhook_deliveries(self, obj: AbstractOrder) -> SafeString:
         return order_webhook_deliveries(self.admin_site, obj)
@@ -377,9 +431,25 @@ class OrderAdmin(_ModelAdmin):
         )
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        fieldsets = list(super().get_fieldsets(request, obj))
+        if obj is not None and obj.original_expires_at is not None:
+            # Held by a payment attempt: the shop's own deadline beside the effective one.
+            fieldsets = [
+                (
+                    name,
+                    {
+                        **options,
+                        "fields": tuple(
+                            ("expires_at", "shops_deadline") if f == "expires_at" else f
+                            for f in options["fields"]
+                        ),
+                    },
+                )
+                for name, options in fieldsets
+            ]
         # A shop's own order model shows its own fields too, below the lifecycle's.
         shop = [("Shop", {"fields": _shop_fields()})] if _shop_fields() else []
-        return [*super().get_fieldsets(request, obj), *shop]
+        return [*fieldsets, *shop]
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return OrderChangeList
@@ -1112,3 +1182,59 @@ class EventDeliveryAdmin(OfAnEvent, _EventDeliveryAdmin):
             + (f"; {skipped} not parked, left alone." if skipped else "."),
             messages.SUCCESS if retried else messages.WARNING,
         )
+
+
+# Payment attempts: what the customers started paying, and how each ended ----------------
+
+
+class PaymentAttemptAdmin(_PaymentAttemptAdmin):
+    """Every payment attempt, for finding one by its provider's reference and seeing what
+    became of it. Read-only, as the history is: only ``orders.services`` writes them."""
+
+    list_display = (
+        "reference",
+        "method",
+        "outcome",
+        "order_link",
+        "started_at",
+        "hold_until",
+        "cap_at",
+        "closed_at",
+        "closed_at_provider",
+    )
+    list_filter = ("outcome", "method")
+    search_fields = ("reference", "=order__id")
+    ordering = ("-started_at", "-id")
+    date_hierarchy = "started_at"
+    # The order's column is its id, which the row has: nothing to join.
+    list_select_related = False
+    show_full_result_count = False
+    fields = readonly_fields = ("order_link", *ATTEMPT_FIELDS, "payment")
+
+    @admin.display(description="order")
+    def order_link(self, obj: PaymentAttempt) -> SafeString:
+        opts = get_order_model()._meta
+        url = reverse(
+            f"{self.admin_site.name}:{opts.app_label}_{opts.model_name}_change",
+            args=[quote(obj.order_id)],
+        )
+        return format_html('<a href="{}">{}</a>', url, str(obj.order_id)[:8])
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return OrderChangeList
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(
+        self, request: HttpRequest, obj: PaymentAttempt | None = None
+    ) -> bool:
+        return False
+
+    def has_delete_permission(
+        self, request: HttpRequest, obj: PaymentAttempt | None = None
+    ) -> bool:
+        return False
+
+
+admin.site.register(PaymentAttempt, PaymentAttemptAdmin)

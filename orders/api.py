@@ -13,6 +13,7 @@ from orders import get_order_model, services
 from orders.conf import get_settings
 from orders.http import (
     View,
+    attempt_json,
     json_endpoint,
     json_object,
     optional_number,
@@ -22,7 +23,7 @@ from orders.http import (
     required,
 )
 from orders.idempotency import Answer, answer_once
-from orders.models import CancelReason
+from orders.models import CancelReason, PaymentAttempt
 from orders.services import OrderNotFound, brief
 
 #: Who the API's transitions are recorded as.
@@ -123,3 +124,29 @@ def ship_order(request: HttpRequest, order_id: str) -> HttpResponse:
         by=API_SHOP,
     )
     return JsonResponse(order_json(order))
+
+
+@api_endpoint("POST")
+def start_payment(request: HttpRequest, order_id: str) -> HttpResponse:
+    """The customer pressed "Pay": the order waits for the payment (``start_payment``).
+    201 with the attempt and the order; the same ``attempt_ref`` again answers 200 with
+    the attempt as it is now, so a storefront may retry the call freely. No Location: an
+    attempt has no URL of its own, it is read with its order."""
+    data = json_object(request, fields=("attempt_ref", "method", "hold_for_seconds"))
+    order_pk = order_id_of(order_id)
+    # Checked before it is looked up: a NUL in a query parameter is a database error.
+    attempt_ref = services.parse_payment_ref(required(data, "attempt_ref"), name="attempt_ref")
+    # Asked before, not after: a second request with the same reference, racing the first,
+    # is told 201 as well, with the same attempt.
+    known = PaymentAttempt.objects.filter(reference=attempt_ref).exists()
+    attempt = services.start_payment(
+        order_id=order_pk,
+        attempt_ref=attempt_ref,
+        method=required(data, "method"),
+        hold_for=optional_number(data, "hold_for_seconds"),
+        by=API_ACTOR,
+    )
+    order = get_order_model().objects.get(pk=attempt.order_id)
+    return JsonResponse(
+        {**attempt_json(attempt), "order": order_json(order)}, status=200 if known else 201
+    )

@@ -21,7 +21,7 @@ from orders import get_order_model
 from orders.conf import get_settings
 from orders.gateways import GatewayError
 from orders.logging import log_event, one_line
-from orders.models import AbstractOrder, permission_name
+from orders.models import AbstractOrder, PaymentAttempt, permission_name
 from orders.services import (
     DuplicateReference,
     InvalidInput,
@@ -54,8 +54,25 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
 
 
+def attempt_json(attempt: PaymentAttempt) -> JsonObject:
+    """A payment attempt (``services.start_payment``): while ``status`` is ``open`` it
+    holds its order until ``hold_until``, and the provider is asked until ``cap_at``."""
+    return {
+        "attempt_ref": attempt.reference,
+        "method": attempt.method,
+        "status": str(attempt.outcome),
+        "started_at": _iso(attempt.started_at),
+        "hold_until": _iso(attempt.hold_until),
+        "cap_at": _iso(attempt.cap_at),
+        "closed_at": _iso(attempt.closed_at),
+        "detail": attempt.detail,
+    }
+
+
 def order_json(order: AbstractOrder) -> JsonObject:
-    """The order with its history, oldest transition first (one query for the history)."""
+    """The order with its history, oldest transition first, and its payment attempts,
+    oldest first: one query for each (none when prefetched). Outbound webhooks send the
+    same, one event at a time, so a query per event is all it costs them."""
     time_left = order.time_left()
     return {
         "id": str(order.pk),
@@ -64,6 +81,10 @@ def order_json(order: AbstractOrder) -> JsonObject:
         "currency": order.currency,
         "created_at": _iso(order.created_at),
         "expires_at": _iso(order.expires_at),
+        # When a payment attempt held the order past the deadline the shop gave, that
+        # deadline (expires_at is the hold's end), kept once the order is settled; null
+        # when no attempt moved the deadline.
+        "original_expires_at": _iso(order.original_expires_at),
         "paid_at": _iso(order.paid_at),
         "delivered_at": _iso(order.delivered_at),
         "refunded_at": _iso(order.refunded_at),
@@ -87,6 +108,7 @@ def order_json(order: AbstractOrder) -> JsonObject:
             }
             for step in order.history.all()
         ],
+        "payment_attempts": [attempt_json(attempt) for attempt in order.payment_attempts.all()],
     }
 
 

@@ -113,6 +113,20 @@ class OrdersCollector(Collector):
             yield GaugeMetricFamily(name, help_text, value=getattr(sweep, field) if sweep else 0)
 
         yield GaugeMetricFamily(
+            "orders_held",
+            "Unpaid orders a customer is paying: an open payment attempt holds them (their "
+            "deadline waits for it, then the provider is asked before they expire).",
+            value=snap.held,
+        )
+        yield GaugeMetricFamily(
+            "orders_payment_closes_pending",
+            "Payment attempts that timed out or were closed here and that the provider "
+            "has not yet been told to close (close_payment). Growing: the gateway keeps "
+            "failing, and a late payment stays possible. 0 with a gateway that cannot "
+            "close payments.",
+            value=snap.payment_closes_pending,
+        )
+        yield GaugeMetricFamily(
             "orders_refunds_pending",
             "Payments that did not pay their order (late, surplus, mismatched) and are "
             "not refunded yet.",

@@ -11,10 +11,17 @@ from django.urls import reverse
 
 from orders import services
 from orders.api import IDEMPOTENCY_KEY_HEADER
-from orders.conf import get_settings
+from orders.conf import PAYMENT_METHOD_PATTERN, get_settings
 from orders.http import json_endpoint
 from orders.idempotency import KEY_PATTERN
-from orders.models import REASON_MAX_LENGTH, CancelReason, ParcelStatus, Payment, Status
+from orders.models import (
+    REASON_MAX_LENGTH,
+    CancelReason,
+    ParcelStatus,
+    Payment,
+    PaymentAttempt,
+    Status,
+)
 from orders.webhooks import ID_HEADER
 
 JsonSchema = dict[str, Any]
@@ -46,6 +53,31 @@ def _object(properties: dict[str, JsonSchema], *, required: list[str] | None = N
 _MOMENT = {"type": "string", "format": "date-time"}
 _MONEY = {"type": "string", "pattern": r"^[0-9]+\.[0-9]{2}$", "examples": ["12.50"]}
 _CURRENCY = {"type": "string", "pattern": r"^[A-Z]{3}$", "examples": ["CNY"]}
+_ATTEMPT_REF = {
+    "type": "string",
+    "pattern": f"^{services.PAYMENT_REF_PATTERN}$",
+    "description": "The payment provider's id for the attempt (its trade number, payment "
+    "intent, QR code order): unique, 1 to 128 characters without control characters.",
+}
+# A payment attempt as the API answers it (orders.http.attempt_json).
+_ATTEMPT: dict[str, JsonSchema] = {
+    "attempt_ref": {"type": "string"},
+    "method": {"type": "string"},
+    "status": {
+        "type": "string",
+        "enum": PaymentAttempt.Outcome.values,
+        "description": "`open`: the customer is paying and the order waits (until "
+        "`hold_until`, then the provider is asked until `cap_at`). `paid`: it paid the order. "
+        "`failed`: failed or expired at the provider, or its payment did not pay the order. "
+        "`timed_out`: still pending at `cap_at`. `closed`: the order was paid otherwise, "
+        "cancelled or expired.",
+    },
+    "started_at": _MOMENT,
+    "hold_until": {**_MOMENT, "description": "The order's deadline waits at least until then."},
+    "cap_at": {**_MOMENT, "description": "The provider is asked no longer than this."},
+    "closed_at": _nullable(_MOMENT),
+    "detail": {"type": "string", "description": "Why it closed, for people."},
+}
 
 
 def _schemas() -> dict[str, JsonSchema]:
@@ -79,7 +111,9 @@ def _schemas() -> dict[str, JsonSchema]:
                     "description": "A transition of the lifecycle (pay, ship, expire, "
                     "cancel, refund, close), or place (the order was placed), "
                     "refund_payment (a payment that did not pay it was refunded), remind "
-                    "(the reminder before the deadline was sent).",
+                    "(the reminder before the deadline was sent), payment_pending (a "
+                    "payment attempt started: the order waits for it), payment_failed (an "
+                    "attempt ended without paying).",
                 },
                 "by": {"type": "string", "description": "A user's name, or the system part."},
                 "at": _MOMENT,
@@ -93,7 +127,18 @@ def _schemas() -> dict[str, JsonSchema]:
                 "amount": _MONEY,
                 "currency": _CURRENCY,
                 "created_at": _MOMENT,
-                "expires_at": _MOMENT,
+                "expires_at": {
+                    **_MOMENT,
+                    "description": "The deadline: the end of a payment attempt's hold while "
+                    "one holds the order.",
+                },
+                "original_expires_at": {
+                    **_nullable(_MOMENT),
+                    "description": "While a payment attempt holds the order (one is "
+                    "open): the deadline the shop gave; `expires_at` is the later of it and "
+                    "the attempts' holds. Kept once the order is paid, cancelled or expired "
+                    "while held. Null when no attempt holds it.",
+                },
                 "paid_at": _nullable(_MOMENT),
                 "delivered_at": _nullable(_MOMENT),
                 "refunded_at": _nullable(_MOMENT),
@@ -112,8 +157,15 @@ def _schemas() -> dict[str, JsonSchema]:
                     "description": "Until the deadline; null once the order is no longer unpaid.",
                 },
                 "history": {"type": "array", "items": _ref("Transition")},
+                "payment_attempts": {
+                    "type": "array",
+                    "items": _ref("PaymentAttempt"),
+                    "description": "Oldest first.",
+                },
             }
         ),
+        "PaymentAttempt": _object(_ATTEMPT),
+        "StartedPayment": _object({**_ATTEMPT, "order": _ref("Order")}),
         "Payment": _object(
             {
                 "reference": {"type": "string"},
@@ -125,6 +177,10 @@ def _schemas() -> dict[str, JsonSchema]:
                 "amount": _MONEY,
                 "currency": _CURRENCY,
                 "refunded": {"type": "boolean"},
+                "attempt_ref": {
+                    "type": ["string", "null"],
+                    "description": "The payment attempt it ended, if the provider named it.",
+                },
             }
         ),
         "PaymentOutcome": _object({"payment": _ref("Payment"), "order": _ref("Order")}),
@@ -185,6 +241,30 @@ def _schemas() -> dict[str, JsonSchema]:
                 }
             }
         ),
+        "NewPaymentAttempt": _object(
+            {
+                "attempt_ref": {
+                    **_ATTEMPT_REF,
+                    "description": _ATTEMPT_REF["description"] + " The same one again "
+                    "changes nothing (200); one of another order is refused (400).",
+                },
+                "method": {
+                    "type": "string",
+                    "pattern": f"^{PAYMENT_METHOD_PATTERN}$",
+                    "examples": ["card", "qr_code", "bank_transfer"],
+                    "description": "A key of ORDERS['PAYMENT_HOLD'] (any other takes its "
+                    '"default"): how long at most the attempt may hold the order.',
+                },
+                "hold_for_seconds": {
+                    "type": ["number", "null"],
+                    "minimum": 1,
+                    "maximum": conf.MAX_TIMEOUT,
+                    "description": "Hold the order this long from now (a QR code's own "
+                    "validity); cut to the method's maximum. Default: the method's maximum.",
+                },
+            },
+            required=["attempt_ref", "method"],
+        ),
         "Shipment": _object(
             {
                 "tracking_number": {
@@ -206,7 +286,15 @@ def _schemas() -> dict[str, JsonSchema]:
                 },
                 "amount": amount_in,
                 "currency": {**currency_in, "type": "string"},
-            }
+                "attempt_ref": {
+                    **_ATTEMPT_REF,
+                    "type": ["string", "null"],
+                    "description": "The payment attempt this payment ends "
+                    "(POST /api/orders/{order_id}/payment-attempts/), if known: it is "
+                    "closed as paid (or failed, if the payment does not pay the order).",
+                },
+            },
+            required=["order_id", "payment_ref", "amount", "currency"],
         ),
         "ParcelEvent": _object(
             {
@@ -401,6 +489,37 @@ def _paths() -> JsonSchema:
                 "requestBody": _json_body("Shipment"),
                 "responses": _responses(
                     _order("The shipped order."),
+                    "BadRequest",
+                    *_API_ERRORS,
+                    "Conflict",
+                    "TooLarge",
+                ),
+            },
+        },
+        "/api/orders/{order_id}/payment-attempts/": {
+            "parameters": [_ORDER_ID],
+            "post": {
+                "operationId": "startPayment",
+                "tags": ["orders"],
+                "summary": "The customer started paying: the order waits for the payment",
+                "description": "Call it when the customer presses Pay (a 3-D Secure "
+                "challenge, a QR code, a bank transfer). The order's deadline (`expires_at`) "
+                "becomes the later of its own and the hold's end, the shop's kept in "
+                "`original_expires_at`; past the hold the payment provider is asked before "
+                "the order expires. Safe to retry: the same `attempt_ref` answers 200.",
+                "security": _API,
+                "requestBody": _json_body("NewPaymentAttempt"),
+                "responses": _responses(
+                    {
+                        "201": {
+                            "description": "The attempt, open, and the order it holds.",
+                            "content": {"application/json": {"schema": _ref("StartedPayment")}},
+                        },
+                        "200": {
+                            "description": "This attempt was started before: as it is now.",
+                            "content": {"application/json": {"schema": _ref("StartedPayment")}},
+                        },
+                    },
                     "BadRequest",
                     *_API_ERRORS,
                     "Conflict",

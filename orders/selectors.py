@@ -26,6 +26,7 @@ from django.utils import timezone
 
 from orders import get_order_model
 from orders.conf import get_settings
+from orders.gateways import ClosesPayments, payment_gateway
 from orders.models import (
     LATE_PAYMENT_REASON,
     SWEEP,
@@ -35,6 +36,7 @@ from orders.models import (
     EventDelivery,
     OrderTransition,
     Payment,
+    PaymentAttempt,
     Status,
     SweepRun,
     WebhookDelivery,
@@ -103,6 +105,16 @@ def with_unaccepted_payments(
         payments = payments.filter(refunded_at__isnull=not refunded)
     orders = get_order_model().objects.all() if orders is None else orders
     return orders.filter(Exists(payments))
+
+
+def held_orders(orders: QuerySet[AbstractOrder] | None = None) -> QuerySet[AbstractOrder]:
+    """The unpaid orders (among ``orders``, default all) that a customer is paying right
+    now: an open payment attempt holds them."""
+    open_attempts = PaymentAttempt.objects.filter(
+        order=OuterRef("pk"), outcome=PaymentAttempt.Outcome.OPEN
+    )
+    orders = get_order_model().objects.all() if orders is None else orders
+    return orders.filter(Exists(open_attempts), status=Status.CREATED)
 
 
 @dataclass(frozen=True)
@@ -249,6 +261,11 @@ class Snapshot:
     shipments_stuck: int
     stale_after: timedelta
     events: EventBacklog
+    #: Unpaid orders a customer is paying: an open payment attempt holds them.
+    held: int
+    #: Payment attempts that ended here (timed out, or closed when their order ended
+    #: otherwise) and that the provider has not yet been told to close.
+    payment_closes_pending: int
 
 
 def event_backlog(now: datetime | None = None) -> EventBacklog:
@@ -320,6 +337,17 @@ def expiry_lateness() -> LatenessHistogram:
     )
 
 
+def payment_closes_pending() -> int:
+    """Attempts still to be closed at the provider (``close_payment``): the task or the
+    sweep will retry them. None with a gateway that cannot close payments: nothing is
+    owed to it."""
+    if not isinstance(payment_gateway(), ClosesPayments):
+        return 0
+    return PaymentAttempt.objects.filter(
+        outcome__in=PaymentAttempt.CLOSE_AT_PROVIDER, closed_at_provider__isnull=True
+    ).count()
+
+
 def read_snapshot(now: datetime | None = None) -> Snapshot:
     now = now or timezone.now()
     stale_after = timedelta(seconds=get_settings().SHIPPING_RETRY_AFTER)
@@ -351,4 +379,6 @@ def read_snapshot(now: datetime | None = None) -> Snapshot:
         shipments_stuck=shipments["stuck"],
         stale_after=stale_after,
         events=event_backlog(now),
+        held=held_orders().count(),
+        payment_closes_pending=payment_closes_pending(),
     )

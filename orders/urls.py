@@ -16,6 +16,11 @@ urlpatterns: list[URLPattern] = [
     path("api/orders/<str:order_id>/cancel/", api.cancel_order, name="api-order-cancel"),
     path("api/orders/<str:order_id>/extend/", api.extend_order, name="api-order-extend"),
     path("api/orders/<str:order_id>/ship/", api.ship_order, name="api-order-ship"),
+    path(
+        "api/orders/<str:order_id>/payment-attempts/",
+        api.start_payment,
+        name="api-order-payment-attempts",
+    ),
     path("webhooks/payment/", webhooks.payment, name="webhook-payment"),
     path("webhooks/logistics/", webhooks.logistics, name="webhook-logistics"),
     # For Prometheus (Bearer API token, or a staff login) and for uptime probes (open).

@@ -35,7 +35,7 @@ from orders.http import (
     required_string,
 )
 from orders.idempotency import Answer, answer_once
-from orders.models import Payment
+from orders.models import Payment, PaymentAttempt
 
 ID_HEADER = "webhook-id"
 
@@ -114,17 +114,25 @@ def payment_json(payment: Payment) -> JsonObject:
         "amount": str(payment.amount),
         "currency": payment.currency,
         "refunded": payment.refunded_at is not None,
+        # The payment attempt it ended (paid, or failed if the payment was refunded), if
+        # the provider named it, now or when it was asked about it.
+        "attempt_ref": PaymentAttempt.objects.filter(payment_id=payment.pk)
+        .values_list("reference", flat=True)
+        .first(),
     }
 
 
 @webhook("PAYMENT_WEBHOOK_SECRET", scope="webhook:payment")
 def payment(request: HttpRequest) -> JsonObject:
-    data = json_object(request, fields=("order_id", "payment_ref", "amount", "currency"))
+    data = json_object(
+        request, fields=("order_id", "payment_ref", "amount", "currency", "attempt_ref")
+    )
     recorded = services.record_payment(
         order_id=order_id_of(required_string(data, "order_id")),
         payment_ref=required(data, "payment_ref"),
         amount=required(data, "amount"),
         currency=required_string(data, "currency"),
+        attempt_ref=data.get("attempt_ref"),
         by=PAYMENT_ACTOR,
     )
     return {"payment": payment_json(recorded), "order": order_json(recorded.order)}

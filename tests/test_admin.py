@@ -24,7 +24,15 @@ from pytest_django.fixtures import Settings
 
 from orders import get_order_model, services
 from orders.gateways import GatewayError
-from orders.models import AbstractOrder, CancelReason, ParcelStatus, Payment, Status, SweepRun
+from orders.models import (
+    AbstractOrder,
+    CancelReason,
+    ParcelStatus,
+    Payment,
+    PaymentAttempt,
+    Status,
+    SweepRun,
+)
 from tests.dbstate import snapshot
 
 Order = get_order_model()
@@ -34,11 +42,12 @@ ADMIN = f"admin:{Order._meta.app_label}_{Order._meta.model_name}"
 pytestmark = pytest.mark.django_db
 
 MakeStaff = Callable[..., Any]
-# The change form's inline formsets (payments, logistics events, history) need their management data
-# for a posted button to get past form validation to the transition.
+# The change form's inline formsets (payments, payment attempts, logistics events, history)
+# need their management data for a posted button to get past form validation to the
+# transition.
 NO_INLINE_ROWS = {
     f"{prefix}-{key}": "0"
-    for prefix in ("payments", "parcel_events", "history")
+    for prefix in ("payments", "payment_attempts", "parcel_events", "history")
     for key in ("TOTAL_FORMS", "INITIAL_FORMS")
 }
 
@@ -801,6 +810,163 @@ def test_order_page_shows_the_logistics_events(client: Client, make_staff: MakeS
         ("In transit", "logistics webhook"),
         ("Delivered to the customer", "logistics poll"),
     ]
+
+
+# Payment attempts
+
+
+ATTEMPTS = "admin:orders_paymentattempt"
+
+
+def held_order(attempt_ref: str, *, method: str = "card", hold_for: int = 900) -> AbstractOrder:
+    """An unpaid order due in ten minutes that a customer started paying: the attempt
+    holds it ``hold_for`` seconds from now."""
+    order = services.place_order(amount="12.50", timeout=600)
+    services.start_payment(
+        order_id=order.pk, attempt_ref=attempt_ref, method=method, hold_for=hold_for
+    )
+    return Order.objects.get(pk=order.pk)
+
+
+def test_order_page_shows_its_payment_attempts_and_the_shops_deadline_when_held(
+    client: Client, make_staff: MakeStaff
+) -> None:
+    make_staff("view_order")
+    order = held_order("att-admin-1")
+    assert order.original_expires_at is not None
+
+    response = client.get(change_url(order))
+
+    assertContains(response, "Payment attempts")
+    content = response.content.decode()
+    row = re.search(r'<td class="field-reference">\s*<p>att-admin-1</p>.*?</tr>', content, re.S)
+    assert row, "the attempt's row"
+    for cell in ("card", "Open: the customer is paying"):
+        assert f"<p>{cell}</p>" in row[0]
+    for column in ("hold_until", "cap_at", "closed_at", "detail", "closed_at_provider"):
+        assert f'class="field-{column}"' in row[0]
+    assertContains(response, "Shop&#x27;s deadline")
+    shops = timezone.localtime(order.original_expires_at).strftime("%Y-%m-%d %H:%M:%S")
+    assertContains(response, f"{shops}")
+    assertContains(response, "a payment attempt held the order past it")
+
+
+def test_order_page_of_an_order_nobody_is_paying_shows_no_second_deadline(
+    client: Client, make_staff: MakeStaff
+) -> None:
+    make_staff("view_order")
+    order = services.place_order(amount="12.50", timeout=600)
+
+    response = client.get(change_url(order))
+
+    assertNotContains(response, "Shop&#x27;s deadline")
+    assertNotContains(response, 'class="field-reference"')
+
+
+def test_held_by_a_payment_filter_lists_the_unpaid_orders_a_customer_is_paying(
+    client: Client, make_staff: MakeStaff
+) -> None:
+    make_staff("view_order")
+    held = held_order("att-held")
+    # An attempt shorter than the time left holds it too: the customer is paying.
+    short = held_order("att-short", hold_for=60)
+    paid = held_order("att-paid")
+    services.record_payment(
+        order_id=paid.pk, payment_ref="pay-held", amount="12.50", attempt_ref="att-paid"
+    )
+    cancelled = held_order("att-cancelled")
+    services.cancel_order(order_id=cancelled.pk, by="customer")
+    services.place_order(amount="12.50", timeout=600)
+
+    assertContains(client.get(changelist_url()), "Held by a payment attempt")
+    assert listed(client, held="yes") == {held.pk, short.pk}
+    assert len(listed(client)) == 5
+
+
+def test_payment_attempts_list_filters_by_outcome_and_method(admin_client: Client) -> None:
+    held_order("att-card")
+    held_order("att-qr", method="qr_code")
+    paid = held_order("att-paid-card")
+    services.record_payment(
+        order_id=paid.pk, payment_ref="pay-card", amount="12.50", attempt_ref="att-paid-card"
+    )
+    url = reverse(f"{ATTEMPTS}_changelist")
+
+    def listed_refs(**params: str) -> set[str]:
+        response = admin_client.get(url, params)
+        assert response.status_code == 200
+        return {attempt.reference for attempt in response.context["cl"].result_list}
+
+    response = admin_client.get(url)
+    for title in ("By outcome", "By method"):
+        assertContains(response, title)
+    assertContains(response, reverse(f"{ADMIN}_change", args=[paid.pk]))
+    assert listed_refs() == {"att-card", "att-qr", "att-paid-card"}
+    assert listed_refs(outcome__exact="open") == {"att-card", "att-qr"}
+    assert listed_refs(method__exact="card") == {"att-card", "att-paid-card"}
+    assert listed_refs(outcome__exact="paid", method__exact="card") == {"att-paid-card"}
+    assert listed_refs(q="att-qr") == {"att-qr"}
+    assert listed_refs(q=str(paid.pk)) == {"att-paid-card"}
+
+
+@pytest.mark.parametrize(
+    "query",
+    [{"method__exact": "\x00"}, {"outcome__exact": "\x00"}, {"q": "\x00"}, {"o": "99"}],
+    ids=["method-NUL", "outcome-NUL", "search-NUL", "bad-ordering"],
+)
+def test_hostile_query_strings_on_the_payment_attempts_list_are_not_a_server_error(
+    admin_client: Client, query: dict[str, str]
+) -> None:
+    held_order("att-hostile")
+    before = snapshot()
+
+    response = admin_client.get(reverse(f"{ATTEMPTS}_changelist"), query)
+
+    assert response.status_code in (200, 302, 400), response.status_code
+    assert snapshot() == before
+
+
+def test_payment_attempts_cannot_be_added_changed_or_deleted_even_by_a_superuser(
+    admin_client: Client,
+) -> None:
+    order = held_order("att-readonly")
+    attempt = PaymentAttempt.objects.get(reference="att-readonly")
+    change = reverse(f"{ATTEMPTS}_change", args=[attempt.pk])
+    before = snapshot()
+
+    assert admin_client.get(reverse(f"{ATTEMPTS}_add")).status_code == 403
+    assert admin_client.get(reverse(f"{ATTEMPTS}_delete", args=[attempt.pk])).status_code == 403
+    assert admin_client.post(reverse(f"{ATTEMPTS}_delete", args=[attempt.pk]), {"post": "yes"})
+    changelist = admin_client.get(reverse(f"{ATTEMPTS}_changelist"))
+    assertNotContains(changelist, reverse(f"{ATTEMPTS}_add"))
+    assertNotContains(changelist, "delete_selected")
+    page = admin_client.get(change)
+    assert page.status_code == 200
+    assertContains(page, "att-readonly")
+    assertContains(page, reverse(f"{ADMIN}_change", args=[order.pk]))
+    assertNotContains(page, 'name="outcome"')
+    assertNotContains(page, 'name="_save"')
+    admin_client.post(change, {"outcome": "paid", "hold_until": "2099-01-01 00:00:00"})
+
+    assert snapshot() == before
+
+
+def test_staff_see_payment_attempts_only_with_the_view_permission(
+    client: Client, django_user_model: Any
+) -> None:
+    attempt = PaymentAttempt.objects.get(order_id=held_order("att-perm").pk)
+    user = django_user_model.objects.create_user(username="bob", is_staff=True)
+    client.force_login(user)
+    url = reverse(f"{ATTEMPTS}_changelist")
+
+    assert client.get(url).status_code == 403
+
+    user.user_permissions.add(
+        Permission.objects.get(content_type__app_label="orders", codename="view_paymentattempt")
+    )
+    assert client.get(url).status_code == 200
+    assert client.get(reverse(f"{ATTEMPTS}_change", args=[attempt.pk])).status_code == 200
+    assert client.get(reverse(f"{ATTEMPTS}_add")).status_code == 403
 
 
 # The overview

@@ -48,6 +48,18 @@ ORDER_KEYS = {
     "metadata",
     "time_left_seconds",
     "history",
+    "original_expires_at",
+    "payment_attempts",
+}
+ATTEMPT_KEYS = {
+    "attempt_ref",
+    "method",
+    "status",
+    "started_at",
+    "hold_until",
+    "cap_at",
+    "closed_at",
+    "detail",
 }
 
 
@@ -444,15 +456,22 @@ def test_get_order_returns_it_with_its_history_oldest_first(
     assert all(datetime.fromisoformat(step["at"]) for step in body["history"])
 
 
-def test_get_order_reads_the_history_in_one_query(
-    client: Client, paid_order: AbstractOrder, django_assert_num_queries: DjangoAssertNumQueries
+def test_get_order_reads_the_history_and_the_payment_attempts_in_one_query_each(
+    client: Client, order: AbstractOrder, django_assert_num_queries: DjangoAssertNumQueries
 ) -> None:
-    services.refund_order(order_id=paid_order.pk, by="staff", reason="damaged")
+    for attempt_ref in ("att-q-1", "att-q-2"):
+        services.start_payment(order_id=order.pk, attempt_ref=attempt_ref, method="card")
+    services.record_payment(
+        order_id=order.pk, payment_ref="pay-q", amount="12.50", attempt_ref="att-q-2"
+    )
 
-    with django_assert_num_queries(2):  # the order, then its whole history
-        response = client.get(order_url(paid_order), headers=AUTH)
+    # The order, then its whole history, then all its payment attempts.
+    with django_assert_num_queries(3):
+        response = client.get(order_url(order), headers=AUTH)
 
-    assert len(response.json()["history"]) == 4
+    body = response.json()
+    assert len(body["history"]) == 4
+    assert [a["status"] for a in body["payment_attempts"]] == ["closed", "paid"]
 
 
 @pytest.mark.parametrize(
@@ -676,3 +695,160 @@ def test_metadata_with_an_infinite_number_is_a_400_and_changes_nothing(client: C
     assert response.status_code == 400
     assert "finite number" in response.json()["error"]
     assert snapshot() == before
+
+
+# Payment attempts ---------------------------------------------------------------------
+
+
+def start(
+    client: Client, order: AbstractOrder | str, body: Any, *, headers: dict[str, str] | None = None
+) -> Response:
+    return post(client, order_url(order, "payment-attempts"), body, headers=headers)
+
+
+def test_a_payment_attempt_holds_the_order_and_answers_201_with_the_attempt_and_the_order(
+    client: Client, order: AbstractOrder
+) -> None:
+    deadline = order.expires_at  # ten minutes away
+    before = datetime.now(tz=deadline.tzinfo)
+
+    response = start(
+        client, order, {"attempt_ref": "att-api-1", "method": "card", "hold_for_seconds": 720}
+    )
+
+    assert response.status_code == 201
+    assert "Location" not in response, "an attempt has no URL of its own"
+    body = response.json()
+    assert set(body) == ATTEMPT_KEYS | {"order"}
+    assert (body["attempt_ref"], body["method"], body["status"]) == ("att-api-1", "card", "open")
+    assert (body["closed_at"], body["detail"]) == (None, "")
+    started, hold_until = (datetime.fromisoformat(body[k]) for k in ("started_at", "hold_until"))
+    assert before <= started <= datetime.now(tz=deadline.tzinfo)
+    assert hold_until == started + timedelta(seconds=720)
+    # The card's cap (15 minutes, ORDERS["PAYMENT_HOLD"]), whatever the hold asked for.
+    assert datetime.fromisoformat(body["cap_at"]) == started + timedelta(minutes=15)
+    held = body["order"]
+    assert set(held) == ORDER_KEYS
+    assert datetime.fromisoformat(held["expires_at"]) == hold_until
+    assert datetime.fromisoformat(held["original_expires_at"]) == deadline
+    assert held["payment_attempts"] == [{k: v for k, v in body.items() if k != "order"}]
+    assert (held["history"][-1]["transition"], held["history"][-1]["by"]) == (
+        "payment_pending",
+        "customer (api)",
+    )
+    order.refresh_from_db()
+    assert (order.expires_at, order.original_expires_at) == (hold_until, deadline)
+
+
+def test_the_same_attempt_again_is_200_with_the_same_attempt_and_changes_nothing(
+    client: Client, order: AbstractOrder
+) -> None:
+    first = start(client, order, {"attempt_ref": "att-api-2", "method": "qr_code"})
+    state = snapshot()
+
+    again = start(client, order, {"attempt_ref": "att-api-2", "method": "qr_code"})
+
+    assert (first.status_code, again.status_code) == (201, 200)
+    attempt = {k: v for k, v in first.json().items() if k != "order"}
+    assert {k: v for k, v in again.json().items() if k != "order"} == attempt
+    assert again.json()["order"]["expires_at"] == first.json()["order"]["expires_at"]
+    assert snapshot() == state
+
+
+def test_a_hold_shorter_than_the_time_left_leaves_the_deadline_alone(
+    client: Client, order: AbstractOrder
+) -> None:
+    response = start(
+        client, order, {"attempt_ref": "att-api-3", "method": "card", "hold_for_seconds": 60}
+    )
+
+    assert response.status_code == 201
+    held = response.json()["order"]
+    assert datetime.fromisoformat(held["expires_at"]) == order.expires_at
+    assert held["original_expires_at"] is None
+    assert held["payment_attempts"][0]["status"] == "open"
+
+
+def test_get_order_shows_no_hold_and_no_attempts_for_an_order_nobody_is_paying(
+    client: Client, order: AbstractOrder
+) -> None:
+    body = client.get(order_url(order), headers=AUTH).json()
+
+    assert (body["original_expires_at"], body["payment_attempts"]) == (None, [])
+
+
+def test_a_payment_for_the_attempt_shows_it_paid_in_the_order(
+    client: Client, order: AbstractOrder
+) -> None:
+    start(client, order, {"attempt_ref": "att-api-4", "method": "card"})
+    services.record_payment(
+        order_id=order.pk, payment_ref="pay-api-4", amount="12.50", attempt_ref="att-api-4"
+    )
+
+    body = client.get(order_url(order), headers=AUTH).json()
+
+    assert body["status"] == "paid"
+    [attempt] = body["payment_attempts"]
+    assert attempt["status"] == "paid"
+    assert attempt["closed_at"] is not None
+
+
+@pytest.mark.parametrize(
+    ("body", "mentions"),
+    [
+        ({"method": "card"}, "attempt_ref"),
+        ({"attempt_ref": "att-x"}, "method"),
+        ({"attempt_ref": "", "method": "card"}, "attempt_ref"),
+        ({"attempt_ref": 12, "method": "card"}, "attempt_ref"),
+        ({"attempt_ref": "a" * 129, "method": "card"}, "attempt_ref"),
+        ({"attempt_ref": "att-x", "method": "Card"}, "method"),
+        ({"attempt_ref": "att-x", "method": "card", "hold_for_seconds": 0}, "hold_for"),
+        ({"attempt_ref": "att-x", "method": "card", "hold_for_seconds": -5}, "hold_for"),
+        ({"attempt_ref": "att-x", "method": "card", "hold_for_seconds": "600"}, "hold_for"),
+        ({"attempt_ref": "att-x", "method": "card", "hold_for_seconds": True}, "hold_for"),
+        ({"attempt_ref": "att-x", "method": "card", "hold_for": 600}, "Unknown field"),
+    ],
+    ids=[
+        "no-ref",
+        "no-method",
+        "empty-ref",
+        "number-ref",
+        "long-ref",
+        "upper-case-method",
+        "zero-hold",
+        "negative-hold",
+        "string-hold",
+        "bool-hold",
+        "typo",
+    ],
+)
+def test_a_bad_payment_attempt_is_400_and_changes_nothing(
+    client: Client, order: AbstractOrder, body: Any, mentions: str
+) -> None:
+    state = snapshot()
+
+    response = start(client, order, body)
+
+    assert response.status_code == 400
+    assert mentions in response.json()["error"]
+    assert snapshot() == state
+
+
+def test_a_payment_attempt_for_a_paid_order_is_409(
+    client: Client, paid_order: AbstractOrder
+) -> None:
+    state = snapshot()
+
+    response = start(client, paid_order, {"attempt_ref": "att-late", "method": "card"})
+
+    assert response.status_code == 409
+    assert "paid" in response.json()["error"]
+    assert snapshot() == state
+
+
+@pytest.mark.parametrize("order_id", [str(uuid.uuid4()), "nope"], ids=["unknown", "malformed"])
+def test_a_payment_attempt_for_an_unknown_order_is_404(client: Client, order_id: str) -> None:
+    response = start(client, order_id, {"attempt_ref": "att-x", "method": "card"})
+
+    assert response.status_code == 404
+    assert "No order" in response.json()["error"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +14,7 @@ from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from pytest_django import Settings
 
+from orders import checks as checks_module
 from orders.checks import VISIBILITY_MARGIN, check_order_model, check_orders_settings
 from orders.conf import DEFAULTS
 
@@ -331,3 +334,14 @@ def test_payment_holds_of_methods_to_seconds_are_allowed(settings: Settings) -> 
     assert (
         ids_with(settings, PAYMENT_HOLD={"default": 60, "wechat_qr": 7200, "sepa.debit": 1}) == []
     )
+
+
+def test_the_readme_lists_every_setting_and_every_check_id() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("| key | default | |")
+    table = readme[start : readme.index("\n\n", start)]
+
+    assert [key for key in DEFAULTS if f"`{key}`" not in table] == []
+    ids = re.findall(r'id="orders\.(E\d+)"', Path(checks_module.__file__).read_text())
+    # "`orders.E001`-`E014`", with an en dash as README writes ranges.
+    assert f"`orders.E001`\N{EN DASH}`{max(ids)}`" in readme

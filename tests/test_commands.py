@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import time
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -77,6 +78,22 @@ def test_orders_status_counts_statuses_and_points_at_the_oldest_overdue_order() 
     assert "Neither its timer nor the sweep has expired it" in output
     assert "Last sweep: never. Is celery beat running" in output
     assert "Shipments: 1 waiting, 0 of them for more than 60s." in output
+
+
+@pytest.mark.django_db
+def test_orders_status_counts_the_orders_a_customer_is_paying() -> None:
+    run_id = uuid.uuid4().hex[:8]  # attempt references of this test's own (kept in Redis)
+    for name in ("a", "b"):
+        order = services.place_order(amount="10.00", timeout=600)
+        services.start_payment(order_id=order.pk, attempt_ref=f"{name}-{run_id}", method="card")
+    services.cancel_order(order_id=order.pk, by="customer")  # its attempt is closed
+
+    output = run("orders_status")
+
+    assert (
+        "Payments in progress: 1 unpaid orders held by an open payment attempt; 1 ended "
+        "attempts still to be closed at the provider."
+    ) in output
 
 
 @pytest.mark.django_db

@@ -125,6 +125,7 @@ API_ENDPOINTS = [
     ("GET", "/api/orders/{unpaid}/", None),
     ("POST", "/api/orders/{unpaid}/cancel/", {"reason": "bypass"}),
     ("POST", "/api/orders/{unpaid}/extend/", {"seconds": 600}),
+    ("POST", "/api/orders/{unpaid}/payment-attempts/", {"attempt_ref": "a-9", "method": "card"}),
 ]
 PAY = {"order_id": "{unpaid}", "payment_ref": "p-9", "amount": "12.50", "currency": "CNY"}
 PARCEL = {"order_id": "{shipped}", "tracking_number": "{tracking}", "status": "returned"}
@@ -335,8 +336,12 @@ HOSTILE_NUMBERS = [
         ("/api/orders/", '{{"amount": {number}}}'),
         ("/api/orders/", '{{"amount": "1.00", "timeout_seconds": {number}}}'),
         ("/api/orders/{unpaid}/extend/", '{{"seconds": {number}}}'),
+        (
+            "/api/orders/{unpaid}/payment-attempts/",
+            '{{"attempt_ref": "a-9", "method": "card", "hold_for_seconds": {number}}}',
+        ),
     ],
-    ids=["amount", "timeout_seconds", "extend-seconds"],
+    ids=["amount", "timeout_seconds", "extend-seconds", "hold_for_seconds"],
 )
 def test_hostile_numbers_in_the_api_are_400(
     client: Client, world: World, number: str, path: str, template: str
@@ -387,7 +392,13 @@ NOT_A_JSON_OBJECT = [
 
 @pytest.mark.parametrize(("body", "content_type"), NOT_A_JSON_OBJECT)
 @pytest.mark.parametrize(
-    "path", ["/api/orders/", "/api/orders/{unpaid}/extend/", "/api/orders/{unpaid}/cancel/"]
+    "path",
+    [
+        "/api/orders/",
+        "/api/orders/{unpaid}/extend/",
+        "/api/orders/{unpaid}/cancel/",
+        "/api/orders/{unpaid}/payment-attempts/",
+    ],
 )
 def test_a_body_that_is_not_a_json_object_is_400_in_the_api(
     client: Client, world: World, body: bytes, content_type: str, path: str
@@ -421,6 +432,7 @@ def test_a_body_that_is_not_a_json_object_is_400_in_the_webhooks(
     [
         ("/api/orders/", AUTH),
         ("/api/orders/{unpaid}/cancel/", AUTH),
+        ("/api/orders/{unpaid}/payment-attempts/", AUTH),
         ("/webhooks/payment/", None),
         ("/webhooks/logistics/", None),
     ],
@@ -450,6 +462,8 @@ def test_a_body_over_the_upload_limit_is_413(
         ("GET", "/api/orders/{unpaid}/cancel/", "POST"),
         ("DELETE", "/api/orders/{unpaid}/cancel/", "POST"),
         ("GET", "/api/orders/{unpaid}/extend/", "POST"),
+        ("GET", "/api/orders/{unpaid}/payment-attempts/", "POST"),
+        ("PUT", "/api/orders/{unpaid}/payment-attempts/", "POST"),
         ("GET", "/webhooks/payment/", "POST"),
         ("PUT", "/webhooks/logistics/", "POST"),
         ("TRACE", "/api/orders/", "POST"),
@@ -465,6 +479,105 @@ def test_a_method_not_allowed_is_405_with_allow(
 
     assert_refused(response, 405)
     assert response["Allow"] == allowed
+
+
+# Payment attempts ---------------------------------------------------------------------
+
+ATTEMPTS = "/api/orders/{unpaid}/payment-attempts/"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param({"attempt_ref": "a-9"}, id="no-method"),
+        pytest.param({"method": "card"}, id="no-ref"),
+        pytest.param({"attempt_ref": None, "method": "card"}, id="null-ref"),
+        pytest.param({"attempt_ref": ["a-9"], "method": "card"}, id="array-ref"),
+        pytest.param({"attempt_ref": {"a": 9}, "method": "card"}, id="object-ref"),
+        pytest.param({"attempt_ref": 9, "method": "card"}, id="number-ref"),
+        pytest.param({"attempt_ref": "a" * 129, "method": "card"}, id="long-ref"),
+        pytest.param({"attempt_ref": "a\u2028b", "method": "card"}, id="line-separator-ref"),
+        pytest.param({"attempt_ref": "a\x85b", "method": "card"}, id="c1-control-ref"),
+        pytest.param({"attempt_ref": "a-9", "method": 1}, id="number-method"),
+        pytest.param({"attempt_ref": "a-9", "method": ""}, id="empty-method"),
+        pytest.param({"attempt_ref": "a-9", "method": "x" * 33}, id="long-method"),
+        pytest.param({"attempt_ref": "a-9", "method": "CARD"}, id="upper-case-method"),
+        pytest.param({"attempt_ref": "a-9", "method": "card payment"}, id="space-in-method"),
+        pytest.param({"attempt_ref": "a-9", "method": "<script>"}, id="markup-method"),
+        pytest.param(
+            {"attempt_ref": "a-9", "method": "card", "hold_for_seconds": 10**9},
+            id="hold-beyond-max-timeout",
+        ),
+        pytest.param(
+            {"attempt_ref": "a-9", "method": "card", "hold_for_seconds": 1e-300}, id="hold-tiny"
+        ),
+        pytest.param(
+            {"attempt_ref": "a-9", "method": "card", "hold_for_seconds": [600]}, id="hold-array"
+        ),
+        pytest.param(
+            {"attempt_ref": "a-9", "method": "card", "order_id": "{paid}"}, id="unknown-field"
+        ),
+        pytest.param({"attempt_ref": "a-9", "method": "card", "status": "paid"}, id="status-field"),
+    ],
+)
+def test_a_bad_payment_attempt_is_400_and_changes_nothing(
+    client: Client, world: World, payload: dict[str, Any]
+) -> None:
+    body = world.body(payload)
+    with nothing_changes():
+        response = send(client, "POST", world.path(ATTEMPTS), body, headers=AUTH)
+
+    assert_refused(response, 400)
+    assert len(response.content) < 1000, "the error does not echo the value back in full"
+
+
+@pytest.mark.parametrize("state", ["paid", "shipped", "cancelled", "expired", "overdue"])
+def test_a_payment_attempt_for_an_order_not_awaiting_payment_is_409(
+    client: Client, world: World, state: str
+) -> None:
+    if state in ("paid", "shipped"):
+        order = getattr(world, state)
+    elif state == "cancelled":
+        order = services.cancel_order(order_id=world.unpaid.pk, by="customer")
+    else:  # past its deadline: expired, or about to be (its timer has not fired yet)
+        order = services.place_order(amount="12.50", timeout=60, now=timezone.now() - SIX_MINUTES)
+        if state == "expired":
+            services.expire_order(order_id=order.pk)
+    path = f"/api/orders/{order.pk}/payment-attempts/"
+    body = world.body({"attempt_ref": "a-9", "method": "card"})
+    with nothing_changes():
+        response = send(client, "POST", path, body, headers=AUTH)
+
+    assert_refused(response, 409)
+
+
+def test_an_attempt_ref_of_another_order_is_400_and_changes_nothing(
+    client: Client, world: World
+) -> None:
+    other = services.place_order(amount="12.50", timeout=600)
+    services.start_payment(order_id=other.pk, attempt_ref="a-other", method="card")
+    body = world.body({"attempt_ref": "a-other", "method": "card"})
+    with nothing_changes():
+        response = send(client, "POST", world.path(ATTEMPTS), body, headers=AUTH)
+
+    assert_refused(response, 400)
+    assert "another order" in response.json()["error"]
+
+
+def test_a_payment_naming_another_orders_attempt_leaves_that_attempt_open(
+    client: Client, world: World
+) -> None:
+    other = services.place_order(amount="12.50", timeout=600)
+    services.start_payment(order_id=other.pk, attempt_ref="a-other", method="card")
+    path = "/webhooks/payment/"
+    body = world.body(PAY | {"attempt_ref": "a-other"})
+
+    response = send(client, "POST", path, body, headers=signed(path, body))
+
+    assert response.status_code == 200
+    assert response.json()["payment"]["attempt_ref"] is None
+    [attempt] = client.get(f"/api/orders/{other.pk}/", headers=AUTH).json()["payment_attempts"]
+    assert attempt["status"] == "open"
 
 
 # Ids ----------------------------------------------------------------------------------
@@ -484,7 +597,12 @@ BAD_IDS = [
 @pytest.mark.parametrize("order_id", BAD_IDS)
 @pytest.mark.parametrize(
     ("method", "action", "payload"),
-    [("GET", "", None), ("POST", "cancel/", {}), ("POST", "extend/", {"seconds": 60})],
+    [
+        ("GET", "", None),
+        ("POST", "cancel/", {}),
+        ("POST", "extend/", {"seconds": 60}),
+        ("POST", "payment-attempts/", {"attempt_ref": "a-9", "method": "card"}),
+    ],
 )
 def test_an_unknown_or_malformed_order_id_is_404_in_the_api(
     client: Client, world: World, order_id: str, method: str, action: str, payload: Any
@@ -531,6 +649,10 @@ def test_an_unknown_or_malformed_order_id_is_404_or_400_in_the_webhooks(
         ("/webhooks/payment/", PAY | {"payment_ref": "p\x00"}),
         ("/webhooks/payment/", PAY | {"payment_ref": "p\n9"}),
         ("/webhooks/payment/", PAY | {"currency": "\x00"}),
+        ("/webhooks/payment/", PAY | {"attempt_ref": "a\x00"}),
+        ("/api/orders/{unpaid}/payment-attempts/", {"attempt_ref": "a\x00", "method": "card"}),
+        ("/api/orders/{unpaid}/payment-attempts/", {"attempt_ref": "a-9", "method": "card\x00"}),
+        ("/api/orders/{unpaid}/payment-attempts/", {"attempt_ref": "a\n9", "method": "card"}),
         ("/webhooks/logistics/", PARCEL | {"status": "returned\x00"}),
     ],
     ids=[
@@ -540,6 +662,10 @@ def test_an_unknown_or_malformed_order_id_is_404_or_400_in_the_webhooks(
         "payment-ref",
         "payment-ref-newline",
         "payment-currency",
+        "payment-attempt-ref",
+        "attempt-ref",
+        "attempt-method",
+        "attempt-ref-newline",
         "parcel-status",
     ],
 )
@@ -646,7 +772,7 @@ def staff_client(django_user_model: Any, *codenames: str, is_staff: bool = True)
 
 NO_INLINE_ROWS = {
     f"{prefix}-{key}": "0"
-    for prefix in ("payments", "parcel_events", "history")
+    for prefix in ("payments", "payment_attempts", "parcel_events", "history")
     for key in ("TOTAL_FORMS", "INITIAL_FORMS")
 }
 

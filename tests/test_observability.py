@@ -28,7 +28,7 @@ from pytest_django import DjangoCaptureOnCommitCallbacks
 
 from orders import broker, heartbeat, services
 from orders.logging import JsonFormatter
-from orders.models import SweepRun
+from orders.models import PaymentAttempt, SweepRun
 from orders.tasks import expire_order_task
 from tests.conftest import BASE_DIR, WorkerProcess
 
@@ -144,6 +144,55 @@ def test_metrics_count_orders_expiries_lateness_timers_and_refunds(client: Clien
     assert metrics["orders_refunds_failing"] == {("orders_refunds_failing", ()): 1}
     assert metrics["orders_shipments_pending"] == {("orders_shipments_pending", ()): 1}
     assert metrics["orders_shipments_stuck"] == {("orders_shipments_stuck", ()): 0}
+
+
+def _attempted(attempt_ref: str, **hold: Any) -> Any:
+    """An unpaid order due in ten minutes whose customer started paying by card."""
+    order = services.place_order(amount="10.00", timeout=600)
+    services.start_payment(order_id=order.pk, attempt_ref=attempt_ref, method="card", **hold)
+    return order
+
+
+@pytest.mark.django_db
+def test_metrics_count_orders_held_by_a_payment_and_attempts_still_to_close(
+    client: Client,
+) -> None:
+    # Attempt references of this test's own: the local gateway keeps them in Redis.
+    run = uuid.uuid4().hex[:8]
+    _attempted(f"held-{run}", hold_for=900)
+    _attempted(f"short-{run}", hold_for=60)  # within the deadline, but paying all the same
+    paid = _attempted(f"paid-{run}")
+    services.record_payment(
+        order_id=paid.pk, payment_ref=f"pay-{run}", amount="10.00", attempt_ref=f"paid-{run}"
+    )
+    # Cancelled while paying: the attempts are closed here, and owed a close at the
+    # provider (its task runs on commit, which a test transaction never reaches).
+    for name in ("cancelled", "told"):
+        order = _attempted(f"{name}-{run}")
+        services.cancel_order(order_id=order.pk, by="customer")
+    services.close_payment(attempt_id=PaymentAttempt.objects.get(reference=f"told-{run}").pk)
+    services.place_order(amount="10.00", timeout=600)  # nobody is paying
+
+    metrics = scrape(client)
+
+    assert metrics["orders_held"] == {("orders_held", ()): 2}
+    assert metrics["orders_payment_closes_pending"] == {("orders_payment_closes_pending", ()): 1}
+
+
+@pytest.mark.django_db
+def test_no_payment_close_is_pending_with_a_gateway_that_cannot_close_payments(
+    client: Client, settings: Any
+) -> None:
+    order = _attempted(f"att-{uuid.uuid4().hex[:8]}")
+    services.cancel_order(order_id=order.pk, by="customer")
+    settings.ORDERS = settings.ORDERS | {
+        "PAYMENT_GATEWAY": "tests.test_payment_attempts.RefundsOnly"
+    }
+
+    metrics = scrape(client)
+
+    assert metrics["orders_payment_closes_pending"] == {("orders_payment_closes_pending", ()): 0}
+    assert metrics["orders_held"] == {("orders_held", ()): 0}
 
 
 @pytest.mark.django_db

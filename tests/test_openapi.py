@@ -45,6 +45,7 @@ def test_the_description_is_served_without_credentials(client: Client) -> None:
         "/api/orders/{order_id}/cancel/",
         "/api/orders/{order_id}/extend/",
         "/api/orders/{order_id}/ship/",
+        "/api/orders/{order_id}/payment-attempts/",
         "/webhooks/payment/",
         "/webhooks/logistics/",
         "/api/schema/",
@@ -77,9 +78,12 @@ def _real_ids(case: Any) -> None:
     succeed: random UUIDs would only ever test the 404."""
     if case.meta is None or not case.meta.generation.mode.is_positive:
         return
-    if isinstance(case.body, dict) and isinstance(case.body.get("reference"), str):
-        # A reference names one order: keep each one new, as payment references below.
-        case.body["reference"] = f"{case.body['reference'][:95]}-{uuid.uuid4().hex}"
+    if isinstance(case.body, dict):
+        # A reference (the shop's, a payment attempt's) names one order: keep each one
+        # new, as payment references below.
+        for name in ("reference", "attempt_ref"):
+            if isinstance(case.body.get(name), str):
+                case.body[name] = f"{case.body[name][:95]}-{uuid.uuid4().hex}"
     order = services.place_order(amount="12.50", timeout=600)
     if "order_id" in case.path_parameters:
         case.path_parameters["order_id"] = str(order.pk)

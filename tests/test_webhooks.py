@@ -147,6 +147,7 @@ def test_payment_webhook_pays_the_order(client: Client, order: AbstractOrder) ->
         "amount": "12.50",
         "currency": "CNY",
         "refunded": False,
+        "attempt_ref": None,
     }
     assert (body["order"]["status"], body["order"]["payment_ref"]) == ("paid", "pay-1")
     assert body["order"]["history"][-1]["transition"] == "pay"
@@ -248,6 +249,61 @@ def test_payment_ref_already_used_for_another_order_is_400(
     assert response.status_code == 400
     assert "pay-1" in response.json()["error"]
     assert Order.objects.get(pk=other.pk).status == Status.CREATED
+
+
+def test_a_payment_naming_its_attempt_pays_the_order_and_closes_the_attempt_as_paid(
+    client: Client, order: AbstractOrder
+) -> None:
+    services.start_payment(order_id=order.pk, attempt_ref="att-w-1", method="card")
+
+    response = deliver(client, PAYMENT_URL, payment_for(order, attempt_ref="att-w-1"))
+
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["payment"]["outcome"], body["payment"]["attempt_ref"]) == ("accepted", "att-w-1")
+    assert body["order"]["status"] == "paid"
+    [attempt] = body["order"]["payment_attempts"]
+    assert (attempt["attempt_ref"], attempt["status"]) == ("att-w-1", "paid")
+
+
+def test_a_payment_naming_its_attempt_that_does_not_pay_the_order_fails_the_attempt(
+    client: Client, order: AbstractOrder
+) -> None:
+    services.start_payment(order_id=order.pk, attempt_ref="att-w-2", method="card")
+
+    response = deliver(
+        client, PAYMENT_URL, payment_for(order, amount="1.00", attempt_ref="att-w-2")
+    )
+
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["payment"]["outcome"], body["payment"]["attempt_ref"]) == ("mismatch", "att-w-2")
+    [attempt] = body["order"]["payment_attempts"]
+    assert attempt["status"] == "failed"
+    assert "refunded" in attempt["detail"]
+    assert body["order"]["status"] == "created"
+
+
+def test_a_payment_naming_no_attempt_or_an_unknown_one_pays_as_before(
+    client: Client, order: AbstractOrder
+) -> None:
+    services.start_payment(order_id=order.pk, attempt_ref="att-w-3", method="card")
+
+    response = deliver(client, PAYMENT_URL, payment_for(order, attempt_ref=None))
+    other = services.place_order(amount="12.50")
+    unknown = deliver(
+        client, PAYMENT_URL, payment_for(other, payment_ref="pay-2", attempt_ref="att-nobody")
+    )
+
+    assert response.status_code == unknown.status_code == 200
+    assert response.json()["payment"]["attempt_ref"] is None
+    # The order was paid otherwise: its open attempt is closed (here and at the provider).
+    [attempt] = response.json()["order"]["payment_attempts"]
+    assert (attempt["status"], attempt["detail"]) == ("closed", "the order was paid by pay-1")
+    assert unknown.json()["payment"] == unknown.json()["payment"] | {
+        "outcome": "accepted",
+        "attempt_ref": None,
+    }
 
 
 @pytest.mark.parametrize("order_id", [str(uuid.uuid4()), "nope"], ids=["unknown", "malformed"])
@@ -580,6 +636,9 @@ def test_payment_body_that_is_not_a_json_object_is_400(
         pytest.param({"payment_ref": ""}, "payment_ref", id="payment-ref-empty"),
         pytest.param({"payment_ref": 7}, "payment_ref", id="payment-ref-number"),
         pytest.param({"payment_ref": "p" * 129}, "payment_ref", id="payment-ref-too-long"),
+        pytest.param({"attempt_ref": ""}, "attempt_ref", id="attempt-ref-empty"),
+        pytest.param({"attempt_ref": 7}, "attempt_ref", id="attempt-ref-number"),
+        pytest.param({"attempt_ref": "att\n1"}, "attempt_ref", id="attempt-ref-line-break"),
         pytest.param({"amount": DROP}, "amount", id="amount-missing"),
         pytest.param({"amount": 12.5}, "amount", id="amount-float"),
         pytest.param({"amount": "abc"}, "amount", id="amount-not-a-number"),

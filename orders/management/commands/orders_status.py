@@ -20,7 +20,8 @@ class Command(BaseCommand):
         "Show the orders at a glance, read from the database: how many are in each "
         "status, the next payment deadlines and whether their timers are armed, the "
         "oldest unpaid order past its deadline (there should be none: its timer was "
-        "lost and the sweep has not caught it yet), what the last sweep found, and the "
+        "lost and the sweep has not caught it yet), the orders a customer is paying "
+        "(held by a payment attempt), what the last sweep found, and the "
         "shipments and refunds still waiting, and which Celery workers are alive (their "
         "heartbeats in Redis; no worker is asked anything). Changes nothing."
     )
@@ -48,6 +49,11 @@ class Command(BaseCommand):
         write("")
         unpaid = snap.by_status[Status.CREATED]
         write(f"Timers: {snap.timers_pending} of {unpaid} unpaid orders have one armed.")
+        write(
+            f"Payments in progress: {snap.held} unpaid orders held by an open payment "
+            f"attempt; {snap.payment_closes_pending} ended attempts still to be closed at "
+            "the provider."
+        )
         self._next_deadlines(now, upcoming)
 
         write("")
