@@ -848,7 +848,9 @@ def test_order_page_shows_its_payment_attempts_and_the_shops_deadline_when_held(
     assertContains(response, "Shop&#x27;s deadline")
     shops = timezone.localtime(order.original_expires_at).strftime("%Y-%m-%d %H:%M:%S")
     assertContains(response, f"{shops}")
-    assertContains(response, "a payment attempt held the order past it")
+    assertContains(
+        response, "a payment attempt held the order (expires at is the later of this and its hold)"
+    )
 
 
 def test_order_page_of_an_order_nobody_is_paying_shows_no_second_deadline(
