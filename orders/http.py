@@ -81,9 +81,9 @@ def order_json(order: AbstractOrder) -> JsonObject:
         "currency": order.currency,
         "created_at": _iso(order.created_at),
         "expires_at": _iso(order.expires_at),
-        # When a payment attempt held the order past the deadline the shop gave, that
-        # deadline (expires_at is the hold's end), kept once the order is settled; null
-        # when no attempt moved the deadline.
+        # While a payment attempt holds the order: the deadline the shop gave (expires_at
+        # is the later of it and the holds), kept once the order ends while held; null
+        # when no attempt holds it.
         "original_expires_at": _iso(order.original_expires_at),
         "paid_at": _iso(order.paid_at),
         "delivered_at": _iso(order.delivered_at),
