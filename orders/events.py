@@ -141,6 +141,33 @@ def history_row(
     )
 
 
+def record_in_bulk(
+    rows: list[tuple[Any, str]], *, transition: str, target: str, by: str, reason: str, at: datetime
+) -> None:
+    """Write one event ``transition`` for each (order id, source status) of ``rows``, in
+    the caller's transaction and with one INSERT (the bulk expiry's history, written with
+    no order instance at hand), and queue their dispatch on commit."""
+    model = get_order_model()
+    heard = audience(event_type_of(transition), model)
+    OrderTransition.objects.bulk_create(
+        OrderTransition(
+            order_id=order_id,
+            event_type=event_type_of(transition),
+            transition=transition,
+            source=source,
+            target=target,
+            actor=by,
+            reason=reason,
+            at=at,
+            owed_to=list(heard.receivers),
+            next_dispatch_at=at if heard else None,
+        )
+        for order_id, source in rows
+    )
+    if heard:
+        announce([order_id for order_id, _ in rows])
+
+
 def record(order: AbstractOrder, **row: Any) -> OrderTransition:
     """Write an event that is not a transition of the state machine (placing the order,
     a payment refunded, a reminder), in the caller's transaction; queue its dispatch on

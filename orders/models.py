@@ -50,6 +50,8 @@ SWEEP: Actor = "sweep"
 SYSTEM: Actor = "system"
 #: Why an order that a payment found past its deadline was expired by that payment.
 LATE_PAYMENT_REASON = "payment arrived after the deadline"
+#: Why an order its deadline expired did.
+EXPIRED_REASON = "not paid in time"
 
 
 class Status(models.TextChoices):
@@ -238,8 +240,15 @@ class AbstractOrder(FSMModelMixin, models.Model):
 
     @transition(field=status, source=Status.CREATED, target=Status.CANCELLED)
     def expire(self, *, by: Actor, reason: str = "", at: datetime) -> None:
-        self.cancel_reason = CancelReason.TIMEOUT
-        self.cancelled_at = at
+        for name, value in self.expiry_fields(at).items():
+            setattr(self, name, value)
+
+    @staticmethod
+    def expiry_fields(at: datetime) -> dict[str, Any]:
+        """What expiring writes besides the status: here once, for the transition above
+        and for the bulk expiry (``services.expire_due_orders``), which writes it to a
+        batch of rows in one statement."""
+        return {"cancel_reason": CancelReason.TIMEOUT, "cancelled_at": at}
 
     @transition(
         field=status,

@@ -11,6 +11,7 @@ What the shop hears is the history row each step writes in its own transaction
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import math
 import re
@@ -22,8 +23,8 @@ from decimal import Decimal
 from functools import cache, partial
 from typing import Any
 
-from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.core.exceptions import ImproperlyConfigured, ValidationError
+from django.db import IntegrityError, connection, models, transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 from django.utils.module_loading import import_string
@@ -41,6 +42,7 @@ from orders.gateways import (
 )
 from orders.logging import log_event
 from orders.models import (
+    EXPIRED_REASON,
     LATE_PAYMENT_REASON,
     PAYMENT_FAILED,
     PAYMENT_PENDING,
@@ -913,7 +915,7 @@ def _expire_if_due(order: AbstractOrder, *, by: Actor, now: datetime) -> tuple[E
 
 
 def _expire(
-    order: AbstractOrder, *, now: datetime, by: Actor, reason: str = "not paid in time"
+    order: AbstractOrder, *, now: datetime, by: Actor, reason: str = EXPIRED_REASON
 ) -> None:
     order.expire(by=by, reason=reason, at=now)
     order.save()
@@ -942,9 +944,10 @@ def expire_due_orders(
     ``skip_locked`` (a row another process holds is being paid or expired by it).
     Returns how many expired and the greatest lateness in seconds.
 
-    Each order goes through its ``expire`` transition as usual; only the writes are
-    gathered, one UPDATE and one INSERT of history rows per batch, since a burst of
-    thousands of orders sharing a deadline is what batches are for."""
+    The state machine says which rows may expire and what expiring writes (the ``expire``
+    transition's sources and target, ``AbstractOrder.expiry_fields``); the rows are
+    written set-wise (``_expire_batch``), with their history rows (the events). An order
+    a payment attempt holds is not among them: the provider is asked about it first."""
     due = (
         get_order_model()
         .objects.filter(status=Status.CREATED, expires_at__lte=min(due_by, now or timezone.now()))
@@ -965,27 +968,149 @@ def expire_due_orders(
 def _expire_in_batches(
     due: QuerySet[AbstractOrder], *, by: Actor, now: datetime | None
 ) -> tuple[int, float]:
-    reason = "not paid in time"
+    """Expire ``due`` orders in bulk, batch after batch, each in its own transaction
+    (``_expire_batch``). No model instance, signal or log line per order: a burst of
+    thousands of orders sharing a deadline is what this is for. One log line per batch;
+    each order at DEBUG."""
+    model = get_order_model()
+    sources, target = _expiry_transition(model)
+    due = due.filter(status__in=sources)
     expired, max_lateness = 0, 0.0
     while True:
         with transaction.atomic():
-            batch = _lock_batch(due, get_settings().SWEEP_BATCH_SIZE)
             stamp = now or timezone.now()  # each batch when it is written, not when we began
-            with events.history_in_bulk():
-                for order in batch:
-                    order.expire(by=by, reason=reason, at=stamp)
-            get_order_model().objects.filter(pk__in=[order.pk for order in batch]).update(
-                status=Status.CANCELLED,
-                cancel_reason=CancelReason.TIMEOUT,
-                cancelled_at=stamp,
-                updated_at=stamp,
-            )
-            for order in batch:
-                _expired(order, now=stamp, by=by, reason=reason)
+            batch = _expire_batch(due, target=target, by=str(by), at=stamp)
         if not batch:
             return expired, max_lateness
         expired += len(batch)
-        max_lateness = max(max_lateness, (stamp - batch[0].expires_at).total_seconds())
+        lateness = [(stamp - deadline).total_seconds() for _, deadline in batch]
+        max_lateness = max(max_lateness, *lateness)
+        log_event(
+            logger,
+            "orders.expired",
+            "{count} orders expired by the {actor}, {min_lateness_s:.3f}s to "
+            "{max_lateness_s:.3f}s after their deadlines.",
+            by=by,
+            count=len(batch),
+            order_ids=[str(order_id) for order_id, _ in batch],
+            min_lateness_s=min(lateness),
+            max_lateness_s=max(lateness),
+        )
+        if logger.isEnabledFor(logging.DEBUG):
+            for order_id, deadline in batch:
+                log_event(
+                    logger,
+                    "order.expired",
+                    "Order {order_id} expired by the {actor}, {lateness_s:.3f}s after its "
+                    "deadline.",
+                    level=logging.DEBUG,
+                    order_id=str(order_id),
+                    by=by,
+                    expires_at=deadline.isoformat(),
+                    lateness_s=(stamp - deadline).total_seconds(),
+                )
+
+
+@cache
+def _expiry_transition(model: type[AbstractOrder]) -> tuple[tuple[str, ...], str]:
+    """The statuses ``expire`` leads from and the one it leads to, as the state machine
+    says (django-fsm's public ``get_all_<field>_transitions``): the bulk expiry moves
+    exactly the rows the transition would."""
+    transitions = [t for t in model().get_all_status_transitions() if t.name == "expire"]  # type: ignore[attr-defined]
+    targets = {t.target for t in transitions}
+    if len(targets) != 1 or any(t.conditions for t in transitions):
+        raise ImproperlyConfigured(
+            f"{model._meta.label}.expire must lead to one status and have no conditions: "
+            "orders are expired in bulk."
+        )
+    return tuple(str(t.source) for t in transitions), str(targets.pop())
+
+
+def _expire_batch(
+    due: QuerySet[AbstractOrder], *, target: str, by: str, at: datetime
+) -> list[tuple[Any, datetime]]:
+    """One batch, in the caller's transaction: up to ``SWEEP_BATCH_SIZE`` due rows locked
+    (``skip_locked``: a row another process holds is being paid or expired by it), moved
+    to ``target`` with what ``expire`` writes (``AbstractOrder.expiry_fields``), and their
+    history rows (the events) written. Returns each order's (id, deadline).
+
+    On PostgreSQL that is one statement (the lock, the UPDATE and the history's INSERT);
+    elsewhere three (SELECT, UPDATE, INSERT)."""
+    model = get_order_model()
+    locked = due.select_for_update(skip_locked=True).values_list("pk", "expires_at", "status")[
+        : get_settings().SWEEP_BATCH_SIZE
+    ]
+    changes = {"status": target, "updated_at": at, **model.expiry_fields(at)}
+    if connection.vendor == "postgresql":
+        rows = _expire_batch_in_one_statement(locked, changes, by=by, at=at)
+    else:
+        rows = list(locked)
+        model.objects.filter(pk__in=[order_id for order_id, *_ in rows]).update(**changes)
+        events.record_in_bulk(
+            [(order_id, source) for order_id, _, source in rows],
+            transition="expire",
+            target=target,
+            by=by,
+            reason=EXPIRED_REASON,
+            at=at,
+        )
+    return [(order_id, deadline) for order_id, deadline, _ in rows]
+
+
+def _concrete_field(model: type[AbstractOrder], name: str) -> models.Field[Any, Any]:
+    field = model._meta.pk if name == "pk" else model._meta.get_field(name)
+    assert isinstance(field, models.Field)
+    return field
+
+
+def _expire_batch_in_one_statement(
+    locked: QuerySet[Any, Any], changes: dict[str, Any], *, by: str, at: datetime
+) -> list[tuple[Any, datetime, str]]:
+    """PostgreSQL: lock, update and write the history of a batch in one statement (data-
+    modifying CTEs), no row passing through Python but the ids and deadlines it returns."""
+    model = get_order_model()
+    qn = connection.ops.quote_name
+    fields = {name: _concrete_field(model, name) for name in [*changes, "pk", "expires_at"]}
+    select_sql, select_params = locked.query.sql_with_params()
+    history = OrderTransition._meta
+    heard = events.audience(event_type_of("expire"), model)
+    pk, expires_at = qn(fields["pk"].column), qn(fields["expires_at"].column)
+    sets = ", ".join(f"{qn(fields[name].column)} = %s" for name in changes)
+    sql = f"""
+        WITH due ({pk}, {expires_at}, source) AS ({select_sql}),
+        expired AS (
+            UPDATE {qn(model._meta.db_table)} AS o SET {sets}
+            FROM due WHERE o.{pk} = due.{pk}
+            RETURNING o.{pk}, due.{expires_at}, due.source
+        ),
+        written AS (
+            INSERT INTO {qn(history.db_table)} (
+                event_id, event_type, order_id, transition, source, target, actor, reason,
+                at, owed_to, next_dispatch_at
+            )
+            SELECT gen_random_uuid(), %s, {pk}, %s, source, %s, %s, %s, %s, %s::jsonb, %s
+            FROM expired
+        )
+        SELECT {pk}, {expires_at}, source FROM expired
+    """
+    params = [
+        *select_params,
+        *(fields[name].get_db_prep_save(value, connection) for name, value in changes.items()),
+        event_type_of("expire"),
+        "expire",
+        changes["status"],
+        by,
+        EXPIRED_REASON,
+        at,
+        json.dumps(list(heard.receivers)),
+        at if heard else None,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = [(order_id, deadline, source) for order_id, deadline, source in cursor.fetchall()]
+    if heard and rows:
+        events.announce([order_id for order_id, *_ in rows])
+    return rows
 
 
 def expire_bucket(*, bucket: int, now: datetime | None = None) -> int:
