@@ -228,7 +228,7 @@ def test_failed_at_the_provider_the_attempt_closes_and_the_order_expires() -> No
     [failed] = rows(order, PAYMENT_FAILED)
     assert failed.event_type == "order.payment_failed"
     assert "failed at the provider" in failed.reason
-    assert [r.transition for r in order.history.all()] == [  # type: ignore[misc]  # reverse relation
+    assert [r.transition for r in order.history.all()] == [
         "place",
         PAYMENT_PENDING,
         PAYMENT_FAILED,
