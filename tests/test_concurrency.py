@@ -86,9 +86,10 @@ BACKENDS = {
 # the sweeps spend their time doing the workers' job.
 SHIPPING_RETRY_AFTER = 20
 LATE_SAMPLE = 100  # orders and payments whose tasks are sent once more at the end
-# Orders whose customer starts a payment attempt (method "quick", capped at 4 s by
-# tests/settings.py, asked again every second), and what the provider then answers.
-ATTEMPT_SHARE = 0.2
+# Orders whose customer starts a payment attempt (method "quick", capped at QUICK_CAP
+# seconds here, asked again every second), and what the provider then answers.
+ATTEMPT_SHARE = 0.15
+QUICK_CAP = 8
 ANSWERS = ("paid", "failed", "pending", "silent")
 
 Event = tuple[float, str, dict[str, Any]]
@@ -179,14 +180,15 @@ class Plan:
             self.injected["returned-parcel webhooks delivered twice"] += 1
 
     def attempt(self, oid: str, deadline: float) -> None:
-        """The customer presses "Pay" shortly before the deadline (a "quick" attempt:
-        capped at 4 s), some twice at once; the provider is told its answer at a
-        planned moment; a paid attempt's webhook comes late, twice, or never (the order
-        learns it by asking); a pending one's may pay it meanwhile, under the attempt's
-        reference or another."""
+        """The customer presses "Pay" a few seconds before the deadline (a "quick"
+        attempt, capped at QUICK_CAP: a webhook sender running behind its plan still
+        starts most in time), holding the order past it; some twice at once. The
+        provider is told its answer at a planned moment; a paid attempt's webhook
+        comes late, twice, or never (the order learns it by asking); a pending one's
+        may pay it meanwhile, under the attempt's reference or another."""
         attempt_ref, ref = f"att-{oid}", f"pay-{oid}-att"
-        started = deadline - self.rng.uniform(0.3, 2.0)
-        hold_for = self.rng.uniform(1.0, 3.0)
+        started = deadline - self.rng.uniform(0.5, QUICK_CAP - 3.0)
+        hold_for = deadline - started + self.rng.uniform(0.3, 2.5)
         start = {"attempt_ref": attempt_ref, "method": "quick", "hold_for": round(hold_for, 3)}
         first, second = self.rng.sample(range(ACTORS), 2)
         self.send(started, "start", oid, first, **start)
@@ -203,7 +205,7 @@ class Plan:
             told = (
                 started + self.rng.uniform(0.05, 0.3)
                 if early
-                else deadline + 0.5 + self.rng.uniform(0, 2.5)
+                else deadline + 0.5 + self.rng.uniform(0, 2.0)
             )
             self.timing[f"attempts paid at the provider {'early' if early else 'late'}"] += 1
             self.send(
@@ -217,7 +219,7 @@ class Plan:
                 currency="CNY",
             )
             roll = self.rng.random()
-            late = max(told, deadline) + self.rng.uniform(1.0, 4.0)
+            late = max(told, deadline) + self.rng.uniform(0.5, 2.5)
             if roll < 0.4:  # the webhook, late, naming the attempt or not
                 kw: dict[str, Any] = {"attempt_ref": attempt_ref} if self.rng.random() < 0.5 else {}
                 self.send(late, "pay", oid, payment_ref=ref, amount=AMOUNT, **kw)
@@ -232,7 +234,7 @@ class Plan:
         status = LocalPaymentGateway.SILENT if answer == "silent" else answer
         if status != "pending":
             self.send(
-                started + self.rng.uniform(0, 3.0),
+                started + self.rng.uniform(0, deadline - started + 2.0),
                 "tell",
                 oid,
                 attempt_ref=attempt_ref,
@@ -289,7 +291,11 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
     settings.ORDERS = (
         settings.ORDERS
         | BACKENDS
-        | {"SHIPPING_RETRY_AFTER": SHIPPING_RETRY_AFTER, "EVENT_GRACE": EVENT_GRACE}
+        | {
+            "SHIPPING_RETRY_AFTER": SHIPPING_RETRY_AFTER,
+            "EVENT_GRACE": EVENT_GRACE,
+            "PAYMENT_HOLD": settings.ORDERS["PAYMENT_HOLD"] | {"quick": QUICK_CAP},
+        }
     )
     # Every event goes to a test receiver (tests/effects) in every process of the run,
     # which fails now and then after writing its row (retried a second later).
@@ -309,6 +315,7 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
         ORDERS_TEST_RECEIVERS="tally",
         ORDERS_TEST_RECEIVER_FAILURE_RATE=str(RECEIVER_FAILURE_RATE),
         ORDERS_EVENT_RETRY_BACKOFF="1",
+        ORDERS_TEST_QUICK_HOLD=str(QUICK_CAP),
     )
     broker = redis_client()
     Record.clear(broker, records)
