@@ -88,7 +88,7 @@ SHIPPING_RETRY_AFTER = 20
 LATE_SAMPLE = 100  # orders and payments whose tasks are sent once more at the end
 # Orders whose customer starts a payment attempt (method "quick", capped at QUICK_CAP
 # seconds here, asked again every second), and what the provider then answers.
-ATTEMPT_SHARE = 0.15
+ATTEMPT_SHARE = 0.1
 QUICK_CAP = 8
 ANSWERS = ("paid", "failed", "pending", "silent")
 
