@@ -7,8 +7,13 @@ Each runs in its own process with its own database connection, like a web worker
 taking a payment webhook or a Celery worker firing a timer.
 
 A script is a JSON list of ``[unix time, action, arguments]`` sorted by time, with the
-actions ``pay`` (a payment webhook: ``order_id``, ``payment_ref``, ``amount``) and
-``return`` (the logistics webhook saying the parcel came back: ``order_id``). Each
+actions ``pay`` (a payment webhook: ``order_id``, ``payment_ref``, ``amount``, maybe
+the ``attempt_ref`` it ends), ``return`` (the logistics webhook saying the parcel came
+back: ``order_id``), ``start`` (the storefront's "Pay" button: ``start_payment`` with
+``order_id``, ``attempt_ref``, ``method``, ``hold_for``) and ``tell`` (what the payment
+provider answers from then on about an attempt: the local gateway's ``simulate``, with
+``order_id``, ``attempt_ref``, ``status`` and, when paid, ``payment_ref``, ``amount``,
+``currency``). Each
 step waits for its moment, calls the service as the webhook view would, and retries a
 ``GatewayError`` as the sender of a webhook retries on an error response. The results
 file gets one ``[planned, started, action, order id, outcome, attempts]`` per step.
@@ -51,7 +56,7 @@ def run_script(plan_path: str, results_path: str) -> None:
 
     django.setup()
     from orders import get_order_model, services
-    from orders.gateways import GatewayError
+    from orders.gateways import GatewayError, LocalPaymentGateway, payment_gateway
     from orders.models import Status
 
     Order = get_order_model()
@@ -75,6 +80,15 @@ def run_script(plan_path: str, results_path: str) -> None:
                 if action == "pay":
                     payment = services.record_payment(by="payment webhook", **kwargs)
                     outcome = payment.outcome
+                elif action == "start":
+                    attempt = services.start_payment(by="storefront", **kwargs)
+                    outcome = f"attempt {attempt.outcome}"
+                elif action == "tell":
+                    provider = payment_gateway()
+                    assert isinstance(provider, LocalPaymentGateway)
+                    told = {k: v for k, v in kwargs.items() if k != "order_id"}
+                    provider.simulate(told.pop("attempt_ref"), told.pop("status"), **told)
+                    outcome = f"told {kwargs['status']}"
                 elif action == "return":
                     order = Order.objects.get(pk=kwargs["order_id"])
                     if order.tracking_number:

@@ -16,6 +16,8 @@ from django.db.models import QuerySet
 
 from orders.conf import get_settings
 from orders.models import (
+    PAYMENT_FAILED,
+    PAYMENT_PENDING,
     PLACE,
     REFUND_PAYMENT,
     REMIND,
@@ -24,14 +26,16 @@ from orders.models import (
     EventDelivery,
     OrderTransition,
     Payment,
+    PaymentAttempt,
     Status,
 )
 from orders.services import REMINDER_REASON
 from tests.conftest import WorkerProcess
 
 #: The lines of a history that are no transitions of the state machine: placing the
-#: order, refunding a payment that did not pay it, the reminder before the deadline.
-NOT_TRANSITIONS = frozenset({PLACE, REFUND_PAYMENT, REMIND})
+#: order, refunding a payment that did not pay it, the reminder before the deadline, a
+#: payment attempt started or ended unpaid.
+NOT_TRANSITIONS = frozenset({PLACE, REFUND_PAYMENT, REMIND, PAYMENT_PENDING, PAYMENT_FAILED})
 
 #: The transitions an order may end with (its history without the lines above);
 #: anything else is a violation.
@@ -118,16 +122,19 @@ def violations(orders: QuerySet[AbstractOrder], *, late_ok: float | None) -> lis
       transition, never both a payment that kept the order and an expiry;
     - an expired order was cancelled after its deadline (and at most ``late_ok``
       seconds after, unless None);
-    - a kept order has exactly one accepted payment, received by the deadline;
+    - a kept order has exactly one accepted payment, received by the deadline, or while
+      a payment attempt held the order (which may be past it: the provider, asked, said
+      paid, or the webhook came while the order waited for it);
     - every payment that did not pay its order (late, surplus, mismatched) and the
       accepted payment of a refunded order is refunded, and no other;
     - each payment refunded that did not pay its order has one "refund_payment" line in
       the history, naming it, and no other payment has one.
     """
     found: list[str] = []
-    for order in orders.prefetch_related("history", "payments"):  # type: ignore[misc]  # reverse relation
+    for order in orders.prefetch_related("history", "payments", "payment_attempts"):  # type: ignore[misc]  # reverse relation
         rows = list(order.history.all())
         history = transitions(rows)
+        attempts = list(order.payment_attempts.all())
         payments = list(order.payments.all())
         accepted = [p for p in payments if p.outcome == Payment.Outcome.ACCEPTED]
         others = [p for p in payments if p.outcome != Payment.Outcome.ACCEPTED]
@@ -164,7 +171,9 @@ def violations(orders: QuerySet[AbstractOrder], *, late_ok: float | None) -> lis
             if len(accepted) != 1:
                 found.append(f"{where}: {len(accepted)} accepted payments")
             for payment in accepted:
-                if payment.received_at > order.expires_at:
+                if payment.received_at > order.expires_at and not _held_at(
+                    attempts, payment.received_at
+                ):
                     found.append(f"{where}: payment {payment.reference} accepted after deadline")
                 if payment.reference != order.payment_ref:
                     found.append(f"{where}: accepted payment is not the order's payment_ref")
@@ -179,6 +188,76 @@ def violations(orders: QuerySet[AbstractOrder], *, late_ok: float | None) -> lis
                 found.append(f"{where}: payment {payment.reference} late, order not cancelled")
             if payment.outcome == Payment.Outcome.SURPLUS and "pay" not in history:
                 found.append(f"{where}: payment {payment.reference} surplus, order never paid")
+    return found
+
+
+def _held_at(attempts: list[PaymentAttempt], moment: datetime) -> bool:
+    """Did one of these attempts hold its order at ``moment``? (An attempt that a payment
+    ends is closed at that payment's time.)"""
+    return any(
+        attempt.started_at <= moment and (attempt.closed_at is None or moment <= attempt.closed_at)
+        for attempt in attempts
+    )
+
+
+def attempt_violations(
+    orders: QuerySet[AbstractOrder],
+    *,
+    close_calls: dict[str, int],
+    paid_answers: dict[str, datetime] | None = None,
+) -> list[str]:
+    """The promises of payment attempts (``services.start_payment``), once all settled:
+
+    - an order that is no longer unpaid has no attempt left open;
+    - an attempt that paid its order is the order's payment (its reference, accepted,
+      not refunded, the order never expired);
+    - an attempt the provider said was paid (``paid_answers``: attempt reference -> when
+      it first said so) before the attempt's cap, while it was still open, paid its
+      order with that payment, unless the order was paid otherwise;
+    - an attempt closed here while the provider could still take money for it (timed
+      out, or closed because the order ended otherwise) was closed at the provider
+      exactly once (``close_calls``: attempt reference -> calls), and no other was.
+    """
+    found: list[str] = []
+    for order in orders.prefetch_related("payment_attempts", "payments"):  # type: ignore[misc]  # reverse relation
+        attempts = list(order.payment_attempts.all())
+        payments = {payment.pk: payment for payment in order.payments.all()}
+        where = f"order {order.pk} ({order.status})"
+        for attempt in attempts:
+            what = f"{where}, attempt {attempt.reference} ({attempt.outcome})"
+            if attempt.is_open and order.status != Status.CREATED:
+                found.append(f"{what}: left open")
+            if attempt.outcome == PaymentAttempt.Outcome.PAID:
+                payment = payments.get(attempt.payment_id)  # type: ignore[arg-type]
+                if payment is None or payment.outcome != Payment.Outcome.ACCEPTED:
+                    found.append(f"{what}: paid, but not by an accepted payment")
+                elif payment.reference != order.payment_ref or order.paid_at is None:
+                    found.append(
+                        f"{what}: paid by {payment.reference}, order's is {order.payment_ref!r}"
+                    )
+                elif payment.refunded_at is not None and order.refund_ref == "":
+                    found.append(f"{what}: its payment {payment.reference} was refunded")
+                if order.cancel_reason == CancelReason.TIMEOUT:
+                    found.append(f"{what}: paid, yet the order expired")
+            said_paid = (paid_answers or {}).get(attempt.reference)
+            if (
+                said_paid is not None
+                and said_paid < attempt.cap_at
+                and (attempt.closed_at is None or said_paid <= attempt.closed_at)
+                and attempt.outcome != PaymentAttempt.Outcome.PAID
+                and not (attempt.outcome == PaymentAttempt.Outcome.CLOSED and order.paid_at)
+            ):
+                found.append(
+                    f"{what}: the provider said paid at {said_paid.isoformat()} (cap "
+                    f"{attempt.cap_at.isoformat()}), the attempt ended {attempt.outcome} at "
+                    f"{attempt.closed_at.isoformat() if attempt.closed_at else None}"
+                )
+            owed = attempt.outcome in PaymentAttempt.CLOSE_AT_PROVIDER
+            calls = close_calls.get(attempt.reference, 0)
+            if calls != (1 if owed else 0):
+                found.append(f"{what}: closed at the provider {calls} times")
+            if owed and attempt.closed_at_provider is None:
+                found.append(f"{what}: not marked closed at the provider")
     return found
 
 

@@ -13,6 +13,7 @@ os.environ.setdefault("SECRET_KEY", "django-insecure-tests-only")
 
 from config.settings import *  # noqa: F403
 from config.settings import CELERY_BROKER_TRANSPORT_OPTIONS, ORDERS
+from orders.conf import DEFAULTS
 
 ORDERS = ORDERS | {
     "API_TOKEN": "test-api-token",
@@ -36,9 +37,25 @@ for _key in ("PAYMENT_GATEWAY", "LOGISTICS_PROVIDER"):
         # "none": no logistics provider, the shop ships orders itself.
         _value = os.environ[f"ORDERS_{_key}"]
         ORDERS = ORDERS | {_key: None if _value == "none" else _value}
-for _key in ("SHIPPING_RETRY_AFTER", "SWEEP_BATCH_SIZE", "REMIND_BEFORE", "EVENT_RETRY_BACKOFF"):
+for _key in (
+    "SHIPPING_RETRY_AFTER",
+    "SWEEP_BATCH_SIZE",
+    "REMIND_BEFORE",
+    "EVENT_RETRY_BACKOFF",
+):
     if os.environ.get(f"ORDERS_{_key}"):
         ORDERS = ORDERS | {_key: int(os.environ[f"ORDERS_{_key}"])}
+# Payment attempts on a real worker in seconds rather than minutes
+# (tests/test_payment_attempts_worker.py, the randomized test): a test-only method
+# "quick" whose hold is capped at ORDERS_TEST_QUICK_HOLD seconds (4), and a pending
+# attempt asked about again every second (ORDERS_PAYMENT_STATUS_RECHECK overrides it).
+# Here rather than only in the environment: the session's worker, started by whichever
+# test comes first, must have them too. No other test pays with "quick".
+ORDERS = ORDERS | {
+    "PAYMENT_HOLD": DEFAULTS["PAYMENT_HOLD"]
+    | {"quick": int(os.environ.get("ORDERS_TEST_QUICK_HOLD") or 4)},
+    "PAYMENT_STATUS_RECHECK": int(os.environ.get("ORDERS_PAYMENT_STATUS_RECHECK") or 1),
+}
 # How often kombu puts back messages unacknowledged for longer than the visibility
 # timeout (default: a scan every 10 x 10 s), for the redelivery tests.
 for _option in ("unacked_restore_interval", "unacked_restore_throttle"):

@@ -34,14 +34,24 @@ from django.utils import timezone
 from pytest_django import Settings
 
 from orders import events, get_order_model, services
-from orders.models import AbstractOrder, EventDelivery, OrderTransition, Payment, Status
+from orders.gateways import LocalPaymentGateway
+from orders.models import (
+    AbstractOrder,
+    EventDelivery,
+    OrderTransition,
+    Payment,
+    PaymentAttempt,
+    Status,
+)
 from orders.tasks import (
+    close_payment_task,
     dispatch_events_task,
     expire_order_task,
     refund_payment_task,
     ship_order_task,
 )
 from tests.chaos import (
+    attempt_violations,
     event_violations,
     expired_by,
     key_prefix,
@@ -76,6 +86,11 @@ BACKENDS = {
 # the sweeps spend their time doing the workers' job.
 SHIPPING_RETRY_AFTER = 20
 LATE_SAMPLE = 100  # orders and payments whose tasks are sent once more at the end
+# Orders whose customer starts a payment attempt (method "quick", capped at QUICK_CAP
+# seconds here, asked again every second), and what the provider then answers.
+ATTEMPT_SHARE = 0.1
+QUICK_CAP = 8
+ANSWERS = ("paid", "failed", "pending", "silent")
 
 Event = tuple[float, str, dict[str, Any]]
 
@@ -96,6 +111,10 @@ class Plan:
         self.pay_times: dict[str, float] = {}
         self.injected: Counter[str] = Counter()
         self.timing: Counter[str] = Counter()
+        # Payment attempts: order id -> what its provider was told to answer, and the
+        # payment that answer brings (the order's payment if it was asked in time).
+        self.answers: dict[str, str] = {}
+        self.answer_refs: dict[str, str] = {}
 
     def moment(self, deadline: float) -> float:
         where = self.rng.choice(("before", "at", "after"))
@@ -107,20 +126,29 @@ class Plan:
         return deadline + self.rng.uniform(0.02, 2.0)
 
     def send(
-        self, at: float, action: str, order_id: str, actor: int | None = None, **kw: str
+        self, at: float, action: str, order_id: str, actor: int | None = None, **kw: Any
     ) -> None:
         actor = self.rng.randrange(ACTORS) if actor is None else actor
         self.scripts[actor].append((at, action, {"order_id": order_id, **kw}))
 
     def pay(
-        self, order_id: str, at: float, ref: str, amount: str = AMOUNT, actor: int | None = None
+        self,
+        order_id: str,
+        at: float,
+        ref: str,
+        amount: str = AMOUNT,
+        actor: int | None = None,
+        **kw: str,
     ) -> None:
-        self.send(at, "pay", order_id, actor, payment_ref=ref, amount=amount)
+        self.send(at, "pay", order_id, actor, payment_ref=ref, amount=amount, **kw)
         self.references.setdefault(order_id, set()).add(ref)
         self.pay_times.setdefault(order_id, at)
 
     def add(self, order: AbstractOrder) -> None:
         oid, deadline = str(order.pk), order.expires_at.timestamp()
+        if self.rng.random() < ATTEMPT_SHARE:
+            self.attempt(oid, deadline)
+            return
         roll = self.rng.random()
         ref = f"pay-{oid}"
         if roll < 0.25:
@@ -150,6 +178,79 @@ class Plan:
             self.send(back, "return", oid, first)
             self.send(back + self.rng.uniform(0, 0.005), "return", oid, second)
             self.injected["returned-parcel webhooks delivered twice"] += 1
+
+    def attempt(self, oid: str, deadline: float) -> None:
+        """The customer presses "Pay" a few seconds before the deadline (a "quick"
+        attempt, capped at QUICK_CAP: a webhook sender running behind its plan still
+        starts most in time), holding the order past it; some twice at once. The
+        provider is told its answer at a planned moment; a paid attempt's webhook
+        comes late, twice, or never (the order learns it by asking); a pending one's
+        may pay it meanwhile, under the attempt's reference or another."""
+        attempt_ref, ref = f"att-{oid}", f"pay-{oid}-att"
+        started = deadline - self.rng.uniform(0.5, QUICK_CAP - 3.0)
+        hold_for = deadline - started + self.rng.uniform(0.3, 2.5)
+        start = {"attempt_ref": attempt_ref, "method": "quick", "hold_for": round(hold_for, 3)}
+        first, second = self.rng.sample(range(ACTORS), 2)
+        self.send(started, "start", oid, first, **start)
+        if self.rng.random() < 0.25:
+            self.send(started + self.rng.uniform(0, 0.005), "start", oid, second, **start)
+            self.injected["attempt starts delivered twice"] += 1
+        answer = self.rng.choices(ANSWERS, weights=(4, 2, 2, 2))[0]
+        self.answers[oid] = answer
+        if answer == "paid":
+            self.answer_refs[oid] = ref
+            # Mostly before anyone asks (the hold's end); else while it is asked again,
+            # or even after its cap (then its webhook is late and refunded).
+            early = self.rng.random() < 0.6
+            told = (
+                started + self.rng.uniform(0.05, 0.3)
+                if early
+                else deadline + 0.5 + self.rng.uniform(0, 2.0)
+            )
+            self.timing[f"attempts paid at the provider {'early' if early else 'late'}"] += 1
+            self.send(
+                told,
+                "tell",
+                oid,
+                attempt_ref=attempt_ref,
+                status="paid",
+                payment_ref=ref,
+                amount=AMOUNT,
+                currency="CNY",
+            )
+            roll = self.rng.random()
+            late = max(told, deadline) + self.rng.uniform(0.5, 2.5)
+            if roll < 0.4:  # the webhook, late, naming the attempt or not
+                kw: dict[str, Any] = {"attempt_ref": attempt_ref} if self.rng.random() < 0.5 else {}
+                self.send(late, "pay", oid, payment_ref=ref, amount=AMOUNT, **kw)
+                self.references.setdefault(oid, set()).add(ref)
+                self.injected["attempt payment webhooks late"] += 1
+            elif roll < 0.6:  # twice at once
+                self.send(late, "pay", oid, first, payment_ref=ref, amount=AMOUNT)
+                self.send(late + 0.002, "pay", oid, second, payment_ref=ref, amount=AMOUNT)
+                self.references.setdefault(oid, set()).add(ref)
+                self.injected["attempt payment webhooks late, twice at once"] += 1
+            return
+        status = LocalPaymentGateway.SILENT if answer == "silent" else answer
+        if status != "pending":
+            self.send(
+                started + self.rng.uniform(0, deadline - started + 2.0),
+                "tell",
+                oid,
+                attempt_ref=attempt_ref,
+                status=status,
+            )
+        if answer != "failed" and self.rng.random() < 0.3:
+            # Paid meanwhile by a webhook: the attempt's own (the provider has not said
+            # so when asked yet) or another payment altogether (a second tab).
+            own = self.rng.random() < 0.5
+            named: dict[str, Any] = {"attempt_ref": attempt_ref} if own else {}
+            self.pay(
+                oid, deadline + self.rng.uniform(-0.2, 1.5), ref if own else f"pay-{oid}", **named
+            )
+            self.timing[
+                f"{answer} attempts paid by a webhook ({'its own' if own else 'another'})"
+            ] += 1
 
 
 def start_actors(
@@ -190,7 +291,11 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
     settings.ORDERS = (
         settings.ORDERS
         | BACKENDS
-        | {"SHIPPING_RETRY_AFTER": SHIPPING_RETRY_AFTER, "EVENT_GRACE": EVENT_GRACE}
+        | {
+            "SHIPPING_RETRY_AFTER": SHIPPING_RETRY_AFTER,
+            "EVENT_GRACE": EVENT_GRACE,
+            "PAYMENT_HOLD": settings.ORDERS["PAYMENT_HOLD"] | {"quick": QUICK_CAP},
+        }
     )
     # Every event goes to a test receiver (tests/effects) in every process of the run,
     # which fails now and then after writing its row (retried a second later).
@@ -210,6 +315,7 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
         ORDERS_TEST_RECEIVERS="tally",
         ORDERS_TEST_RECEIVER_FAILURE_RATE=str(RECEIVER_FAILURE_RATE),
         ORDERS_EVENT_RETRY_BACKOFF="1",
+        ORDERS_TEST_QUICK_HOLD=str(QUICK_CAP),
     )
     broker = redis_client()
     Record.clear(broker, records)
@@ -250,7 +356,7 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
             print(f"first deadline {lead:.1f}s after the webhook senders started")
 
             # Sweep as beat would (more often), and deliver every follow-up task twice.
-            last_payment, sweeps = 0, Counter[str]()
+            last_payment, sweeps, closes_sent = 0, Counter[str](), set[int]()
             sweep_runs: list[tuple[datetime, datetime, int]] = []
             last_event = max(e[0] for s in plan.scripts for e in s) if plan.pay_times else base
             timeout = last_event - time.time() + 150
@@ -286,6 +392,17 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
                         refund_payment_task.apply_async(args=(str(payment_id),))
                         plan.injected["duplicate refund tasks"] += 1
                     last_payment = max(last_payment, payment_id)
+                # And each close of a payment attempt at the provider, once more.
+                for attempt_id in (
+                    PaymentAttempt.objects.filter(
+                        order__in=mine, outcome__in=PaymentAttempt.CLOSE_AT_PROVIDER
+                    )
+                    .exclude(pk__in=closes_sent)
+                    .values_list("pk", flat=True)
+                ):
+                    close_payment_task.apply_async(args=(str(attempt_id),))
+                    closes_sent.add(attempt_id)
+                    plan.injected["duplicate payment close tasks"] += 1
                 done = all(proc.poll() is not None for proc, _ in actors)
                 if done and not unsettled(mine) and time.time() > last_event:
                     break
@@ -305,6 +422,9 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
             for payment_id in rng.sample(payments, min(LATE_SAMPLE, len(payments))):
                 refund_payment_task.apply_async(args=(str(payment_id),))
                 plan.injected["late duplicate refund tasks"] += 1
+            for attempt_id in rng.sample(sorted(closes_sent), min(LATE_SAMPLE, len(closes_sent))):
+                close_payment_task.apply_async(args=(str(attempt_id),))
+                plan.injected["late duplicate payment close tasks"] += 1
             wait_for(
                 lambda: queued(broker, prefix) == 0 and unacked(broker, prefix) == 0,
                 120,
@@ -317,6 +437,14 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
                 lambda: events.redispatch_late() >= 0 and not owed.exists(),
                 120,
                 "every event to reach every receiver",
+            )
+            unclosed = PaymentAttempt.objects.filter(
+                order__in=mine,
+                outcome__in=PaymentAttempt.CLOSE_AT_PROVIDER,
+                closed_at_provider__isnull=True,
+            )
+            wait_for(
+                lambda: not unclosed.exists(), 60, "every attempt to be closed at the provider"
             )
             final = services.sweep()
             assert (final.expired, final.timers_armed) == (0, 0), final
@@ -334,12 +462,16 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
     found += provider_violations(mine, Record.read(broker, records))
     found += webhook_violations(mine, plan, actors)
     found += event_violations(mine, receivers=("tally",))
+    record = Record.read(broker, records)
+    found += attempt_violations(
+        mine, close_calls=record.close_calls, paid_answers=record.paid_answers
+    )
     retried = EventDelivery.objects.filter(event__order__in=mine, attempts__gt=1).count()
     print(
         f"events: {OrderTransition.objects.filter(order__in=mine).count()}, each to a "
         f"receiver; {retried} deliveries succeeded after it failed on purpose"
     )
-    print_report(mine, plan, sweeps, Record.read(broker, records), actors, found)
+    print_report(mine, plan, sweeps, record, actors, found)
     print(f"settled after {settled:.1f}s, whole test {time.monotonic() - started:.1f}s")
     Record.clear(broker, records)
     assert found == [], f"{len(found)} violations, the first ones:\n" + "\n".join(found[:30])
@@ -371,18 +503,28 @@ def provider_violations(mine: Any, record: Record) -> list[str]:
 
 
 def webhook_violations(mine: Any, plan: Plan, actors: list[Any]) -> list[str]:
-    """No payment lost, none recorded twice: one Payment row per reference sent."""
+    """No payment lost, none recorded twice: one Payment row per reference sent, and
+    one for a payment attempt the provider said was paid when asked, only if it paid
+    the order. A payment attempt started too late is refused, as it should be; no other
+    webhook is."""
     found = []
     rows: dict[str, set[str]] = {}
-    for pk, reference in Payment.objects.filter(order__in=mine).values_list(
-        "order_id", "reference"
+    accepted: set[str] = set()
+    for pk, reference, outcome in Payment.objects.filter(order__in=mine).values_list(
+        "order_id", "reference", "outcome"
     ):
         rows.setdefault(str(pk), set()).add(reference)
-    for order_id, references in plan.references.items():
-        if rows.get(order_id, set()) != references:
-            found.append(f"order {order_id}: payments {rows.get(order_id)} != sent {references}")
+        if outcome == Payment.Outcome.ACCEPTED:
+            accepted.add(reference)
+    for order_id in set(plan.references) | set(rows):
+        sent, got = plan.references.get(order_id, set()), rows.get(order_id, set())
+        learned = got - sent  # the provider's answer, not a webhook
+        if sent - got or learned - ({plan.answer_refs.get(order_id)} & accepted):
+            found.append(f"order {order_id}: payments {got} != sent {sent}")
     for _, results in actors:
         for _, _, action, order_id, outcome, _ in json.loads(results.read_text()):
+            if action == "start" and outcome.startswith("error: InvalidTransition"):
+                continue  # pressed "Pay" after the deadline
             if outcome.startswith("error"):
                 found.append(f"{action} webhook for order {order_id}: {outcome}")
     return found
@@ -412,6 +554,24 @@ def spread(values: list[float]) -> str:
     return (
         f"median {values[len(values) // 2]:.3f}s, p90 {values[int(len(values) * 0.9)]:.3f}s, "
         f"max {values[-1]:.3f}s"
+    )
+
+
+def attempt_report(mine: Any, plan: Plan, record: Record) -> str:
+    """Payment attempts by the answer planned and how they ended, and what the provider
+    was asked and told to close."""
+    ended: Counter[str] = Counter()
+    for order_id, outcome, status in PaymentAttempt.objects.filter(order__in=mine).values_list(
+        "order_id", "outcome", "order__status"
+    ):
+        ended[f"{plan.answers.get(str(order_id))} -> {outcome} ({status})"] += 1
+    refused = len(plan.answers) - len(
+        set(PaymentAttempt.objects.filter(order__in=mine).values_list("order_id", flat=True))
+    )
+    return (
+        f"{dict(sorted(ended.items()))}; {refused} started too late and refused; provider "
+        f"asked {sum(record.status_asks.values())} times, said paid for "
+        f"{len(record.paid_answers)}, closed {sum(record.close_calls.values())}"
     )
 
 
@@ -450,6 +610,7 @@ def print_report(
         f"late payments stamped before their deadline: {stamped_in_time(mine)} (see "
         "test_a_payment_refused_as_late_was_received_after_the_order_was_cancelled)",
         f"duplicates injected: {dict(plan.injected)}",
+        f"payment attempts: {attempt_report(mine, plan, record)}",
         f"sweeps: {dict(sweeps)}",
         f"provider: {len(record.refunds)} refunds from {sum(record.refund_calls.values())} calls, "
         f"{len(record.shipments)} shipments from {sum(record.shipment_calls.values())} calls",
