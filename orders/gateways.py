@@ -69,8 +69,9 @@ class ClosesPayments(Protocol):
     expires or is paid otherwise, so that a late payment cannot happen at all."""
 
     def close_payment(self, *, attempt_ref: str) -> None:
-        """Idempotent. If the attempt was paid already there is nothing to close: its
-        payment notification arrives as usual (and a late one is refunded)."""
+        """Idempotent. If the attempt was paid already there is nothing to close: return
+        normally (an "already paid" answer is no error, or the close would be retried for
+        ever); its payment notification arrives as usual (and a late one is refunded)."""
         ...
 
 

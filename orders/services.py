@@ -684,26 +684,30 @@ def _ask(attempt: PaymentAttempt) -> AttemptStatus | None:
 def _settle_held(order_id: Any, *, by: Actor, now: datetime | None) -> tuple[ExpiryOutcome, str]:
     """A held order past its deadline: ask the provider about each open attempt (with no
     lock held: it may take seconds), then act on the answers under the row lock."""
+    asked_at = now or timezone.now()
     answers = {attempt.pk: _ask(attempt) for attempt in _open_attempts(order_id)}
     with transaction.atomic():
         try:
             order = _locked(order_id)
         except OrderNotFound:
             return ExpiryOutcome.MISSING, "no such order"
-        return _act_on_answers(order, answers, by=by, now=now or timezone.now())
+        return _act_on_answers(order, answers, asked_at=asked_at, by=by, now=now or timezone.now())
 
 
 def _act_on_answers(
     order: AbstractOrder,
     answers: dict[int, AttemptStatus | None],
     *,
+    asked_at: datetime,
     by: Actor,
     now: datetime,
 ) -> tuple[ExpiryOutcome, str]:
-    """Under the row lock, whatever happened since the provider was asked: a paid attempt
-    pays the order (even past its deadline: the customer paid while it waited); a failed
-    one closes; one still pending (or unanswered) at its cap closes too. The order then
-    waits for the attempts left open, or expires."""
+    """Under the row lock, whatever happened since the provider was asked (at
+    ``asked_at``): a paid attempt pays the order (even past its deadline: the customer
+    paid while it waited). If the order is still due (no twin asked and re-armed it
+    meanwhile), a failed attempt closes, and so does one still pending (or unanswered)
+    when asked at or after its cap. The order then waits for the attempts left open, or
+    expires."""
     if not can_proceed(order.expire):
         return ExpiryOutcome.NOT_UNPAID, f"it is {order.status}"
     for attempt in list(_open_attempts(order)):
@@ -715,7 +719,14 @@ def _act_on_answers(
                     ExpiryOutcome.PAID,
                     f"attempt {attempt.reference} paid by {payment.reference}",
                 )
-        elif answer is not None and answer.status in ("failed", "expired"):
+    if order.expires_at > now:
+        return (
+            ExpiryOutcome.WAITING,
+            f"asked and re-armed meanwhile: {order.expires_at.isoformat()}",
+        )
+    for attempt in list(_open_attempts(order)):
+        answer = answers.get(attempt.pk)
+        if answer is not None and answer.status in ("failed", "expired"):
             _attempt_failed(
                 order,
                 attempt,
@@ -724,7 +735,7 @@ def _act_on_answers(
                 now=now,
                 detail=answer.detail or f"{answer.status} at the provider",
             )
-        elif now >= attempt.cap_at:
+        elif asked_at >= attempt.cap_at:  # "pending" heard before the cap may be stale
             _attempt_failed(
                 order,
                 attempt,
@@ -737,21 +748,20 @@ def _act_on_answers(
             )
     recheck = timedelta(seconds=get_settings().PAYMENT_STATUS_RECHECK)
     # Each attempt left open holds the order to its hold's end, or, past that, until it
-    # is asked again (never past its cap).
+    # is asked again (never past its cap: at once, if the cap passed while it was asked).
     waits = [
         attempt.hold_until if attempt.hold_until > now else min(now + recheck, attempt.cap_at)
         for attempt in _open_attempts(order)
     ]
-    if not waits and order.deadline <= now:
-        # Expired at the end of its hold: expires_at stays the (effective) deadline that
+    if not waits:
+        # Due (so past the shop's deadline too) and no attempt left to wait for. It
+        # expired at the end of its hold: expires_at stays the (effective) deadline that
         # passed, original_expires_at the shop's own.
         _expire(order, now=now, by=by)
         return ExpiryOutcome.EXPIRED, ""
-    order.end_hold(until=max(waits) if waits else None)
+    order.end_hold(until=max(waits))
     scheduling.arm_expiry_timer(order, now=now)
     order.save(update_fields=[*HOLD_FIELDS, "updated_at"])
-    if not waits:
-        return ExpiryOutcome.REARMED, f"deadline {order.expires_at.isoformat()}, no longer held"
     return ExpiryOutcome.HELD, f"waiting for a payment until {order.expires_at.isoformat()}"
 
 

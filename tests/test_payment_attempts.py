@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from django.db import transaction
 from pytest_django import Settings
 
 from orders import get_order_model, services
@@ -238,17 +239,6 @@ def test_failed_at_the_provider_the_attempt_closes_and_the_order_expires() -> No
     ]
 
 
-def test_a_failure_with_time_left_before_the_deadline_falls_back_to_the_deadline() -> None:
-    order = place(timeout=600)
-    attempt_ref = ref()
-    start(order, attempt_ref, hold_for=900, when=10)  # held until 910
-    gateway().simulate(attempt_ref, "failed")
-    # Asked early (a timer armed for the hold, fired by hand): the shop's deadline stands.
-    assert services._settle_held(order.pk, by="test", now=at(100))[0] is ExpiryOutcome.REARMED
-    order = fresh(order)
-    assert (order.status, order.expires_at, order.is_held) == (Status.CREATED, at(600), False)
-
-
 def test_pending_is_asked_again_until_the_cap_then_expired_and_closed_at_the_provider(
     settings: Settings,
 ) -> None:
@@ -450,3 +440,44 @@ def test_a_mismatched_payment_for_the_only_attempt_ends_the_hold() -> None:
     assert (
         PaymentAttempt.objects.get(reference=attempt_ref).outcome == PaymentAttempt.Outcome.FAILED
     )
+
+
+def test_a_pending_answer_heard_before_the_cap_does_not_time_the_attempt_out() -> None:
+    # Asked just before the cap ("pending"), the lock taken just after it: the provider may
+    # have said "paid" to someone else meanwhile. The attempt is asked again at once.
+    order = place(timeout=60)
+    attempt_ref, payment_ref = ref(), ref()
+    attempt = start(order, attempt_ref, hold_for=120, when=50)  # hold 170, cap 950
+    pending = services.AttemptStatus(status="pending")
+    with transaction.atomic():
+        outcome, _ = services._act_on_answers(
+            Order.objects.select_for_update().get(pk=order.pk),
+            {attempt.pk: pending},
+            asked_at=at(949),
+            by="test",
+            now=at(951),
+        )
+    assert outcome is ExpiryOutcome.HELD
+    attempt.refresh_from_db()
+    assert attempt.is_open
+    assert fresh(order).expires_at <= at(951)  # due again at once
+    gateway().simulate(attempt_ref, "paid", payment_ref=payment_ref, amount="10.00", currency="CNY")
+    assert services.expire_order(order_id=order.pk, now=at(952)) is ExpiryOutcome.PAID
+
+
+def test_answers_for_an_order_a_twin_re_armed_meanwhile_wait_for_the_next_question() -> None:
+    order = place(timeout=60)
+    attempt_ref = ref()
+    attempt = start(order, attempt_ref, hold_for=120, when=50)  # held until 170
+    with transaction.atomic():
+        outcome, _ = services._act_on_answers(
+            Order.objects.select_for_update().get(pk=order.pk),
+            {attempt.pk: services.AttemptStatus(status="failed")},
+            asked_at=at(100),  # a sweep that began before the hold ended
+            by="sweep",
+            now=at(100),
+        )
+    assert outcome is ExpiryOutcome.WAITING
+    attempt.refresh_from_db()
+    assert attempt.is_open
+    assert fresh(order).status == Status.CREATED
