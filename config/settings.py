@@ -16,7 +16,9 @@ from django.core.exceptions import ImproperlyConfigured
 from config import embedded_redis
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-VAR_DIR = BASE_DIR / "var"  # made by the processes that write there (`up`, tests, bench)
+# var/, or the folder VAR_DIR names (config/embedded_redis.py); made by the processes that
+# write there (`up`, tests, bench).
+VAR_DIR = embedded_redis.VAR_DIR
 
 env = environ.Env()
 

@@ -26,9 +26,9 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 def pytest_configure(config: pytest.Config) -> None:
     """The suite's own set-up, since importing the settings starts and creates nothing:
-    var/ (the SQLite test database, the worker logs) and the embedded Redis when the
-    settings use it."""
-    (BASE_DIR / "var").mkdir(exist_ok=True)
+    var/ or VAR_DIR (the SQLite test database, the worker logs) and the embedded Redis
+    when the settings use it."""
+    embedded_redis.VAR_DIR.mkdir(parents=True, exist_ok=True)
     embedded_redis.start_if_used()
 
 
@@ -77,7 +77,7 @@ def database_url() -> str:
 
 
 class WorkerProcess(processes.WorkerProcess):
-    """A real worker process, logging to var/test-worker-<name>.log."""
+    """A real worker process, logging to var/test-worker-<name>.log (or under VAR_DIR)."""
 
     def __init__(
         self,
@@ -90,7 +90,7 @@ class WorkerProcess(processes.WorkerProcess):
         super().__init__(
             name=name,
             env=env,
-            log_path=BASE_DIR / "var" / f"test-worker-{name}.log",
+            log_path=embedded_redis.VAR_DIR / f"test-worker-{name}.log",
             concurrency=concurrency,
             extra_args=extra_args,
         )

@@ -19,12 +19,12 @@ import pytest
 from django.db import connection, transaction
 from django.utils import timezone
 
-from config import processes
+from config import embedded_redis, processes
 from orders import get_order_model, services
 from orders.conf import get_settings
 from orders.models import AbstractOrder, Status, SweepRun
 from tests.chaos import EXPIRED, expired_by, histories, key_prefix, wait_for, workers
-from tests.conftest import BASE_DIR, worker_env
+from tests.conftest import worker_env
 
 Order = get_order_model()
 
@@ -32,10 +32,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 class BeatProcess(processes.BeatProcess):
-    """A beat of this suite, logging to var/test-beat-<name>.log."""
+    """A beat of this suite, logging to var/test-beat-<name>.log (or under VAR_DIR)."""
 
     def __init__(self, *, name: str, env: dict[str, str]) -> None:
-        var = BASE_DIR / "var"
+        var = embedded_redis.VAR_DIR
         super().__init__(
             name=name,
             env=env,

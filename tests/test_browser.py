@@ -21,6 +21,7 @@ from django.contrib.auth.models import Permission
 from django.utils import timezone
 from pytest_django.live_server_helper import LiveServer
 
+from config import embedded_redis
 from orders import get_order_model, scheduling, services
 from orders.models import AbstractOrder, Status
 
@@ -42,10 +43,10 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SCREENSHOTS = (
-    Path(__file__).resolve().parent.parent
-    / ("docs" if os.environ.get("UPDATE_SCREENSHOTS") else "var")
-    / "screenshots"
-)
+    Path(__file__).resolve().parent.parent / "docs"
+    if os.environ.get("UPDATE_SCREENSHOTS")
+    else embedded_redis.VAR_DIR
+) / "screenshots"
 PASSWORD = "correct horse battery staple"
 
 

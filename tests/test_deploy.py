@@ -29,6 +29,7 @@ SETTINGS_VARIABLES = {
     "REDIS_URL",
     "LOG_FORMAT",
     "DJANGO_SETTINGS_MODULE",
+    "VAR_DIR",
 }
 
 

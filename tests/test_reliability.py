@@ -251,13 +251,17 @@ def flush_with_timers_pending(
     more while the worker is frozen (SIGSTOP), so that their timers wait in the queue;
     FLUSHALL, and let the worker go on. Returns (orders whose timer the flush deleted,
     the others). A frozen worker may still have one message in its socket buffer: the
-    queue's contents at the flush say which were lost."""
-    held = place(n, 5, 7)
+    queue's contents at the flush say which were lost.
+
+    The first deadline is 10 s away: every timer of the first batch must still be held
+    when the worker is frozen, and on a busy machine (CI runs two passes at once) placing
+    75 orders has taken 9 s, so that the first timers fired before the last was placed."""
+    held = place(n, 10, 12)
     wait_for(lambda: unacked(server.client(), prefix) == n, 30, "the worker to hold the timers")
     assert worker.proc is not None
     os.killpg(worker.proc.pid, signal.SIGSTOP)
     try:
-        waiting = place(n, 5, 7)
+        waiting = place(n, 10, 12)
         in_queue = {args[0] for _, args in queued_task_args(server.client(), prefix)}
         server.flushall()
         assert queued(server.client(), prefix) == unacked(server.client(), prefix) == 0
