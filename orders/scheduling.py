@@ -219,6 +219,18 @@ def publish_reminder_bucket(order_id: str, remind_at: datetime, rearm_run: str |
         )
 
 
+def rearm_bucket(bucket: int, rearm_run: str, *, reminder: bool = False) -> bool:
+    """Arm a deadline bucket (or a reminder bucket) once in the re-arm run ``rearm_run``,
+    whatever its key says (``services.rearm_timers`` in batched mode). Returns whether
+    this call armed it; raises the broker's error."""
+    from orders.tasks import expire_bucket_task, remind_bucket_task
+
+    task, kind = (
+        (remind_bucket_task, "remind-bucket") if reminder else (expire_bucket_task, "timer-bucket")
+    )
+    return _arm_bucket(task, kind, bucket, "", rearm_run) is not None
+
+
 def _arm_bucket(
     task: Any, kind: str, bucket: int, order_id: str, rearm_run: str | None
 ) -> float | None:

@@ -1909,6 +1909,9 @@ def rearm_timers(*, now: datetime | None = None) -> Iterator[tuple[int, int]]:
         )
         .order_by("expires_at", "pk")
     )
+    if conf.TIMER_MODE == "batched":
+        yield from _rearm_buckets(unpaid, now=now, run=run)
+        return
     total, done = unpaid.count(), 0
     after: Q = Q()
     while True:
@@ -1923,6 +1926,41 @@ def rearm_timers(*, now: datetime | None = None) -> Iterator[tuple[int, int]]:
         last = batch[-1]
         after = Q(expires_at__gt=last.expires_at) | Q(expires_at=last.expires_at, pk__gt=last.pk)
         yield done, max(total, done)
+
+
+def _rearm_buckets(
+    unpaid: QuerySet[AbstractOrder], *, now: datetime, run: str
+) -> Iterator[tuple[int, int]]:
+    """Batched mode: arm each bucket of the orders' deadlines (and of their reminders)
+    once in this run, reading only the distinct deadlines, then mark every order armed
+    with one UPDATE: a round trip per bucket, not per order. A broker error stops the run
+    before anything is marked (the sweep still expires every order, late)."""
+    unpaid = unpaid.order_by()
+    total = unpaid.count()
+    deadlines = unpaid.values_list("expires_at", flat=True).distinct()
+    buckets = sorted({scheduling.bucket_of(d) for d in deadlines.iterator(chunk_size=10_000)})
+    reminders: set[int] = set()
+    before = get_settings().REMIND_BEFORE
+    if before:  # as scheduling.reminder_time: not sent for this deadline, not held
+        owed = unpaid.exclude(reminded_for=F("expires_at")).filter(original_expires_at__isnull=True)
+        for deadline in owed.values_list("expires_at", flat=True).distinct().iterator(10_000):
+            reminders.add(scheduling.bucket_of(max(deadline - timedelta(seconds=before), now)))
+    for done, bucket in enumerate(buckets, start=1):
+        scheduling.rearm_bucket(bucket, run)
+        if done % 100 == 0:
+            yield round(total * done / (len(buckets) + 1)), total
+    for bucket in sorted(reminders):
+        scheduling.rearm_bucket(bucket, run, reminder=True)
+    marked = unpaid.update(timer_armed_for=F("expires_at"))
+    log_event(
+        logger,
+        "timers.rearmed",
+        "Re-armed {buckets} timer buckets ({reminders} of reminders) for {orders} unpaid orders.",
+        buckets=len(buckets),
+        reminders=len(reminders),
+        orders=marked,
+    )
+    yield marked, max(total, marked)
 
 
 def _lock_batch(queryset: QuerySet[AbstractOrder], size: int) -> list[AbstractOrder]:

@@ -7,8 +7,10 @@ publishers replaced by the ``published`` fixture so that nothing reaches Redis.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -18,7 +20,9 @@ from typing import Any, ClassVar, NoReturn
 import kombu.exceptions
 import pytest
 from django.contrib.auth.models import User
+from django.core.management import CommandError, call_command
 from django.db import transaction
+from django.db.models import F
 from pytest_django import DjangoCaptureOnCommitCallbacks, Settings
 
 from orders import events, get_order_model, scheduling, services, signals
@@ -1715,6 +1719,57 @@ def test_rearm_arms_each_bucket_again_once_per_run_even_where_its_key_survived(
             for _ in services.rearm_timers(now=now):
                 pass
         assert sorted(sent) == sorted(buckets * (1 + runs)), "once per bucket and run"
+
+
+@pytest.mark.django_db
+def test_batched_rearm_publishes_a_bucket_not_an_order_and_marks_all_with_one_update(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    django_assert_max_num_queries: Any,
+) -> None:
+    settings.ORDERS = settings.ORDERS | {"TIMER_MODE": "batched", "REMIND_BEFORE": 60}
+    sent: list[tuple[str, int]] = []
+    monkeypatch.setattr(
+        scheduling, "publish", lambda task, **options: sent.append((task.name, *options["args"]))
+    )
+    now = datetime.now(UTC).replace(microsecond=0) + timedelta(days=uuid.uuid4().int % 10_000)
+    orders = [services.place_order(amount="10.00", timeout=600 + i % 3, now=now) for i in range(60)]
+    services.start_payment(
+        order_id=orders[0].pk, attempt_ref=f"att-{uuid.uuid4().hex}", method="card", now=now
+    )
+    Order.objects.update(timer_armed_for=None)  # Redis lost them
+
+    with django_assert_max_num_queries(6):
+        for _ in services.rearm_timers(now=now):
+            pass
+
+    deadlines = {scheduling.bucket_of(order.expires_at) for order in orders[1:]}
+    held = Order.objects.get(pk=orders[0].pk)
+    deadlines.add(scheduling.bucket_of(held.expires_at))
+    reminders = {
+        scheduling.bucket_of(order.expires_at - timedelta(seconds=60)) for order in orders[1:]
+    }
+    assert sorted(b for name, b in sent if name == "orders.expire_bucket") == sorted(deadlines)
+    assert sorted(b for name, b in sent if name == "orders.remind_bucket") == sorted(reminders)
+    assert not Order.objects.exclude(timer_armed_for=F("expires_at")).exists()
+
+
+@pytest.mark.django_db
+def test_batched_rearm_with_the_broker_down_marks_nothing_and_says_so(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.ORDERS = settings.ORDERS | {"TIMER_MODE": "batched"}
+
+    def down(task: Any, **options: Any) -> None:
+        raise kombu.exceptions.OperationalError("connection refused")
+
+    monkeypatch.setattr(scheduling, "publish", down)
+    services.place_order(amount="10.00", timeout=600)
+    Order.objects.update(timer_armed_for=None)
+
+    with pytest.raises(CommandError, match="broker is unreachable"):
+        call_command("orders_rearm", stdout=io.StringIO(), stderr=io.StringIO())
+    assert not Order.objects.filter(timer_armed_for__isnull=False).exists()
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
-from orders import services
+from orders import scheduling, services
 from orders.management.progress import progress_bar
 
 
@@ -21,7 +21,13 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         done = 0
-        for done, total in services.rearm_timers():
-            self.stderr.write(progress_bar(done, total, "Re-arming timers"), ending="")
+        try:
+            for done, total in services.rearm_timers():
+                self.stderr.write(progress_bar(done, total, "Re-arming timers"), ending="")
+        except scheduling.BROKER_ERRORS as exc:
+            raise CommandError(
+                f"The broker is unreachable ({exc}): run orders_rearm again once it is back "
+                "(the sweep expires the orders meanwhile, late)."
+            ) from exc
         self.stderr.write("")
         self.stdout.write(f"Re-armed {done} expiry timers.")
