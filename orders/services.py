@@ -1932,8 +1932,8 @@ def _rearm_buckets(
     unpaid: QuerySet[AbstractOrder], *, now: datetime, run: str
 ) -> Iterator[tuple[int, int]]:
     """Batched mode: arm each bucket of the orders' deadlines (and of their reminders)
-    once in this run, reading only the distinct deadlines, then mark every order armed
-    with one UPDATE: a round trip per bucket, not per order. A broker error stops the run
+    once in this run, reading only the distinct deadlines, then mark the orders armed,
+    10,000 per UPDATE: a round trip per bucket, not per order. A broker error stops the run
     before anything is marked (the sweep still expires every order, late)."""
     unpaid = unpaid.order_by()
     total = unpaid.count()
@@ -1945,22 +1945,30 @@ def _rearm_buckets(
         owed = unpaid.exclude(reminded_for=F("expires_at")).filter(original_expires_at__isnull=True)
         for deadline in owed.values_list("expires_at", flat=True).distinct().iterator(10_000):
             reminders.add(scheduling.bucket_of(max(deadline - timedelta(seconds=before), now)))
-    for done, bucket in enumerate(buckets, start=1):
+    for bucket in buckets:
         scheduling.rearm_bucket(bucket, run)
-        if done % 100 == 0:
-            yield round(total * done / (len(buckets) + 1)), total
     for bucket in sorted(reminders):
         scheduling.rearm_bucket(bucket, run, reminder=True)
-    marked = unpaid.update(timer_armed_for=F("expires_at"))
+    # Marked in chunks, each its own short transaction: one UPDATE of a million rows
+    # would hold all their locks (and a payment waiting on one) for seconds.
+    marked = 0
+    unmarked = unpaid.exclude(timer_armed_for=F("expires_at"))
+    while chunk := list(unmarked.values_list("pk", flat=True)[:REARM_CHUNK]):
+        marked += unpaid.filter(pk__in=chunk).update(timer_armed_for=F("expires_at"))
+        yield marked, max(total, marked)
     log_event(
         logger,
         "timers.rearmed",
         "Re-armed {buckets} timer buckets ({reminders} of reminders) for {orders} unpaid orders.",
         buckets=len(buckets),
         reminders=len(reminders),
-        orders=marked,
+        orders=total,
     )
-    yield marked, max(total, marked)
+    yield total, total
+
+
+#: Orders marked armed per UPDATE by a batched re-arm.
+REARM_CHUNK = 10_000
 
 
 def _lock_batch(queryset: QuerySet[AbstractOrder], size: int) -> list[AbstractOrder]:
