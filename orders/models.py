@@ -50,7 +50,7 @@ SWEEP: Actor = "sweep"
 SYSTEM: Actor = "system"
 #: Why an order that a payment found past its deadline was expired by that payment.
 LATE_PAYMENT_REASON = "payment arrived after the deadline"
-#: Why an order its deadline expired did.
+#: Why an order expired when its deadline passed.
 EXPIRED_REASON = "not paid in time"
 
 
@@ -377,7 +377,7 @@ class PaymentAttempt(models.Model):
     class Meta:
         ordering = ["started_at", "id"]
         indexes = [
-            # Is an order held? (the sweep and the set-based expiry ask for each batch)
+            # An order's open attempts (asking the provider, the admin's filter, /metrics).
             models.Index(
                 fields=["order"],
                 name="orders_attempt_open_idx",

@@ -408,7 +408,11 @@ def record_payment(
             order = _locked(order_id)
             # Received now, once we hold the lock: an expiry that held it first came first.
             now = now or timezone.now()
-            attempt = order.payment_attempts.filter(reference=attempt_ref).first()
+            attempt = (
+                PaymentAttempt.objects.filter(order_id=order.pk, reference=attempt_ref).first()
+                if attempt_ref is not None
+                else None
+            )
             payment, fresh = _take_payment(
                 order,
                 payment_ref=payment_ref,
