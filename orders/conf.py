@@ -111,6 +111,9 @@ class OrdersSettings:
         }
     )
     PAYMENT_STATUS_RECHECK: int = 60
+    # How long the provider's answer is waited for (seconds); no answer counts as
+    # "pending", so a provider that hangs cannot hold an order past an attempt's cap.
+    PAYMENT_STATUS_TIMEOUT: int = 10
 
 
 #: The defaults by name (the system checks and the README read them).

@@ -14,9 +14,11 @@ import enum
 import json
 import logging
 import math
+import os
 import re
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -669,7 +671,11 @@ def _ask(attempt: PaymentAttempt) -> AttemptStatus | None:
     if not isinstance(gateway, AsksPaymentStatus):
         return None
     try:
-        return gateway.payment_status(attempt_ref=attempt.reference)
+        # In a thread, waited for a bounded time: a gateway that hangs (a socket with no
+        # time-out) must not hold this worker, nor the order past its attempt's cap.
+        pool = _asking_pool(os.getpid())
+        asked = pool.submit(gateway.payment_status, attempt_ref=attempt.reference)
+        return asked.result(timeout=get_settings().PAYMENT_STATUS_TIMEOUT)
     except Exception as exc:  # whatever it is, it must not keep the order past the cap
         log_event(
             logger,
@@ -683,6 +689,14 @@ def _ask(attempt: PaymentAttempt) -> AttemptStatus | None:
             error=str(exc) or type(exc).__name__,
         )
         return None
+
+
+@cache
+def _asking_pool(pid: int) -> ThreadPoolExecutor:
+    """The threads that ask the provider, per process (``pid``: a pool inherited through
+    a fork has no threads). A few: a call that never returns keeps its thread, and the
+    next ones wait, then time out."""
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="orders-payment-status")
 
 
 def _settle_held(order_id: Any, *, by: Actor, now: datetime | None) -> tuple[ExpiryOutcome, str]:

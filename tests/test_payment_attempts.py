@@ -8,6 +8,7 @@ tests/test_payment_attempts_worker.py.
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -481,3 +482,24 @@ def test_answers_for_an_order_a_twin_re_armed_meanwhile_wait_for_the_next_questi
     attempt.refresh_from_db()
     assert attempt.is_open
     assert fresh(order).status == Status.CREATED
+
+
+def test_a_provider_that_hangs_counts_as_no_answer(settings: Settings) -> None:
+    settings.ORDERS = settings.ORDERS | {
+        "PAYMENT_GATEWAY": "tests.test_payment_attempts.Hangs",
+        "PAYMENT_STATUS_TIMEOUT": 1,
+    }
+    order = place(timeout=60)
+    attempt = start(order, ref(), hold_for=120, when=50)  # cap at 950
+    started = time.monotonic()
+    assert services.expire_order(order_id=order.pk, now=at(951)) is ExpiryOutcome.EXPIRED
+    assert time.monotonic() - started < 3  # waited for the time-out, not for the provider
+    attempt.refresh_from_db()
+    assert attempt.outcome == PaymentAttempt.Outcome.TIMED_OUT
+    assert "did not answer" in attempt.detail
+
+
+class Hangs(LocalPaymentGateway):
+    def payment_status(self, *, attempt_ref: str) -> services.AttemptStatus:
+        time.sleep(5)  # a socket with no time-out, as far as the caller can tell
+        return services.AttemptStatus(status="paid")
