@@ -190,8 +190,9 @@ class Plan:
         may pay it meanwhile, under the attempt's reference or another."""
         attempt_ref, ref = f"att-{oid}", f"pay-{oid}-att"
         started = deadline - self.rng.uniform(0.5, QUICK_CAP - 3.0)
-        hold_for = deadline - started + self.rng.uniform(0.3, 2.5)
-        start = {"attempt_ref": attempt_ref, "method": "quick", "hold_for": round(hold_for, 3)}
+        # Past the deadline, and never under the 1 s start_payment takes at least.
+        hold_for = max(1.0, round(deadline - started + self.rng.uniform(0.3, 2.5), 3))
+        start = {"attempt_ref": attempt_ref, "method": "quick", "hold_for": hold_for}
         first, second = self.rng.sample(range(ACTORS), 2)
         self.send(started, "start", oid, first, **start)
         if self.rng.random() < 0.25:
