@@ -136,9 +136,14 @@ def history_row(
         reason=reason,
         at=at,
         payment=payment,
-        owed_to=list(heard.receivers),
-        next_dispatch_at=at if heard else None,
+        **owed(heard, at),
     )
+
+
+def owed(heard: Audience, at: datetime) -> dict[str, Any]:
+    """What an event written at ``at`` owes: its receivers, and a dispatch at once if
+    anyone (receiver or endpoint) hears it. One rule for every way a row is written."""
+    return {"owed_to": list(heard.receivers), "next_dispatch_at": at if heard else None}
 
 
 def record_in_bulk(
@@ -159,8 +164,7 @@ def record_in_bulk(
             actor=by,
             reason=reason,
             at=at,
-            owed_to=list(heard.receivers),
-            next_dispatch_at=at if heard else None,
+            **owed(heard, at),
         )
         for order_id, source in rows
     )

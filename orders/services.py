@@ -1102,6 +1102,7 @@ def _expire_batch_in_one_statement(
     select_sql, select_params = locked.query.sql_with_params()
     history = OrderTransition._meta
     heard = events.audience(event_type_of("expire"), model)
+    debt = events.owed(heard, at)
     pk, expires_at = qn(fields["pk"].column), qn(fields["expires_at"].column)
     sets = ", ".join(f"{qn(fields[name].column)} = %s" for name in changes)
     sql = f"""
@@ -1130,8 +1131,8 @@ def _expire_batch_in_one_statement(
         by,
         EXPIRED_REASON,
         at,
-        json.dumps(list(heard.receivers)),
-        at if heard else None,
+        json.dumps(debt["owed_to"]),
+        debt["next_dispatch_at"],
     ]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
