@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import DatabaseError, connection, reset_queries, transaction
+from django.db.models import F
 from django.test.utils import CaptureQueriesContext, override_settings
 from django.utils import timezone
 
@@ -35,6 +36,7 @@ from bench.procs import (
     sample_memory,
 )
 from orders import get_order_model, scheduling, services
+from orders.conf import get_settings
 from orders.models import Status
 
 if TYPE_CHECKING:
@@ -56,7 +58,7 @@ LABELS = {
     POLL: "1. polling every 1 s (article)",
     SWEEP: "2. sweep only (cron)",
     PER_ORDER: "3. countdown per order",
-    BATCHED: "4. batched timers",
+    BATCHED: "4. batched timers (buckets in a Redis sorted set, the default)",
     FLOOR: "5. floor: one raw UPDATE",
     PER_ORDER_RECONNECT: "3b. countdown per order, new DB connection per task (before the fix)",
 }
@@ -71,6 +73,7 @@ class Profile:
     burst_size: int
     pending_sizes: tuple[int, ...]  # pending timers, for every strategy
     batched_sizes: tuple[int, ...]  # further sizes for the batched strategy only
+    rearm_orders: int  # unpaid orders whose timers orders_rearm arms again (batched)
     sweep_interval: float
     arming_orders: int  # per variant
     query_orders: int
@@ -78,6 +81,7 @@ class Profile:
     events_burst: int  # bench/events.py: the burst with and without a receiver
     dispatch_events: int  # ... and the events queued at once for the dispatcher
     experiments: tuple[str, ...] = ()  # run by default besides the strategies
+    batched_bursts: tuple[int, ...] = ()  # further burst sizes for the batched strategy
     concurrency: int = 2
     poll_interval: float = 1.0
     pending_spread: float = 30 * 60  # deadlines of the pending timers, over this window
@@ -92,6 +96,7 @@ QUICK = Profile(
     burst_size=500,
     pending_sizes=(1_000, 5_000),
     batched_sizes=(),
+    rearm_orders=5_000,
     sweep_interval=5,
     arming_orders=160,
     query_orders=100,
@@ -107,6 +112,7 @@ FULL = Profile(
     burst_size=10_000,
     pending_sizes=(10_000, 100_000),
     batched_sizes=(1_000_000,),
+    rearm_orders=1_000_000,
     sweep_interval=60,
     arming_orders=1_000,
     query_orders=1_000,
@@ -114,6 +120,7 @@ FULL = Profile(
     events_burst=10_000,
     dispatch_events=5_000,
     experiments=EXPERIMENTS,
+    batched_bursts=(100_000,),
 )
 # A mid-sized run, to check the harness end to end before a full one (about 6 minutes).
 MEDIUM = Profile(
@@ -124,6 +131,7 @@ MEDIUM = Profile(
     burst_size=3_000,
     pending_sizes=(3_000, 20_000),
     batched_sizes=(100_000,),
+    rearm_orders=100_000,
     sweep_interval=15,
     arming_orders=600,
     query_orders=300,
@@ -197,6 +205,14 @@ class FloorResult:
 
 
 @dataclass
+class RearmResult:
+    orders: int
+    buckets: int  # distinct timer buckets (deadlines and reminders) added
+    seconds: float  # services.rearm_timers (orders_rearm), batched mode
+    floor_seconds: float  # one raw UPDATE marking the same rows armed
+
+
+@dataclass
 class MemoryPoint:
     strategy: str
     pending: int
@@ -242,6 +258,7 @@ class Results:
     arming: list[ArmingResult] = field(default_factory=list)
     queries: list[QueriesResult] = field(default_factory=list)
     floor: FloorResult | None = None
+    rearm: RearmResult | None = None
     lateness: list[LatenessResult] = field(default_factory=list)
     bursts: list[BurstResult] = field(default_factory=list)
     memory: list[MemoryPoint] = field(default_factory=list)
@@ -257,7 +274,7 @@ class Results:
 def _direct_arm(strategy: str, ids: list[Any], deadlines: list[datetime]) -> None:
     """Arm timers for rows inserted directly, through the scheduling module's own
     publish functions (what ``place_order`` runs on commit). Batched: one call per
-    bucket not yet armed, since the rest of a bucket's orders only find its SET NX key."""
+    bucket not yet armed, since the rest of a bucket's orders only find it in the set."""
     if strategy in (PER_ORDER, PER_ORDER_RECONNECT):
         for pk, deadline in zip(ids, deadlines, strict=True):
             scheduling.publish_expiry_timer(str(pk), deadline)
@@ -521,6 +538,35 @@ class Bench:
             with_history_rate=n / best_history if best_history else None,
         )
 
+    def rearm(self) -> None:
+        """``orders_rearm`` after Redis lost the timers: ``rearm_orders`` unpaid orders,
+        deadlines spread over the horizon, none marked armed; then the floor, one raw
+        UPDATE marking the same rows armed."""
+        n = self.profile.rearm_orders
+        data.clear_orders()
+        self.purge_queues()
+        start = timezone.now() + timedelta(minutes=5)
+        spread = get_settings().TIMER_HORIZON - 600
+        data.insert_orders(
+            [start + timedelta(seconds=self.rng.uniform(0, spread)) for _ in range(n)], armed=False
+        )
+        orders = dict(settings.ORDERS) | {"TIMER_MODE": BATCHED}
+        with override_settings(ORDERS=orders):
+            started = time.perf_counter()
+            for _ in services.rearm_timers():
+                pass
+            took = time.perf_counter() - started
+        buckets = int(self.redis.zcard(scheduling.timers_key()))
+        Order.objects.update(timer_armed_for=None)
+        started = time.perf_counter()
+        Order.objects.filter(status=Status.CREATED).update(timer_armed_for=F("expires_at"))
+        floor = time.perf_counter() - started
+        self.results.rearm = RearmResult(
+            orders=n, buckets=buckets, seconds=took, floor_seconds=floor
+        )
+        data.clear_orders()
+        self.purge_queues()
+
     # Experiments with a strategy process --------------------------------------------
 
     def run_strategy(self, strategy: str) -> None:
@@ -536,7 +582,11 @@ class Bench:
                 self.sustained(strategy)
                 self.say(f"  {strategy}: sustained load done ({time.monotonic() - t:.0f}s)")
                 t = time.monotonic()
-                self.burst(strategy, proc)
+                bursts: tuple[int, ...] = (self.profile.burst_size,)
+                if strategy == BATCHED:
+                    bursts += self.profile.batched_bursts
+                for size in bursts:
+                    self.burst(strategy, proc, size)
                 self.say(f"  {strategy}: burst done ({time.monotonic() - t:.0f}s)")
                 if strategy in STRATEGIES:
                     t = time.monotonic()
@@ -586,9 +636,8 @@ class Bench:
         )
         data.clear_orders()
 
-    def burst(self, strategy: str, proc: BenchProcess) -> None:
-        """``burst_size`` orders sharing one deadline, their timers armed beforehand."""
-        n = self.profile.burst_size
+    def burst(self, strategy: str, proc: BenchProcess, n: int) -> None:
+        """``n`` orders sharing one deadline, their timers armed beforehand."""
         data.clear_orders()
         per_timer = {PER_ORDER: 0.0015, PER_ORDER_RECONNECT: 0.0015, BATCHED: 0.0001}.get(
             strategy, 0.0
@@ -599,7 +648,7 @@ class Bench:
         deadlines = [deadline] * n
         ids = data.insert_orders(deadlines, armed=strategy in TIMERS)
         if strategy == BATCHED:
-            # place_order's real path for every order: one SET NX each, one publish.
+            # place_order's real path for every order: one ZADD each.
             for pk in ids:
                 scheduling.publish_bucket_timer(str(pk), deadline)
         else:

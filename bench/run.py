@@ -196,6 +196,7 @@ def run_strategies(bench: Bench, strategies: list[str], out: Path, profile: bool
         ("arming cost", bench.arming_cost),
         ("SQL per expired order", bench.queries_per_order),
         ("floor", bench.floor),
+        ("re-arm", bench.rearm),
     ]
     for name, step in steps:
         t = time.monotonic()

@@ -124,9 +124,23 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
             Error(
                 f"ORDERS['TIMER_MODE'] must be one of {', '.join(TIMER_MODES)}, "
                 f"got {merged['TIMER_MODE']!r}.",
-                hint="'per_order' is the default; 'batched' bounds worker memory for very "
-                "large shops.",
+                hint="'batched' (the default) keeps timers in Redis, in buckets "
+                "TIMER_RESOLUTION wide; 'per_order' sends one Celery countdown task per order.",
                 id="orders.E007",
+            )
+        )
+    resolution = merged["TIMER_RESOLUTION"]
+    if (
+        not isinstance(resolution, int | float)
+        or not 0.001 <= resolution <= 60
+        or abs(resolution * 1000 - round(resolution * 1000)) > 1e-9
+    ):
+        errors.append(
+            Error(
+                f"ORDERS['TIMER_RESOLUTION'] must be a number of seconds from 0.001 to 60 in "
+                f"whole milliseconds, got {resolution!r}.",
+                hint="0.1 (the default) expires an order within about 0.1 s of its deadline.",
+                id="orders.E015",
             )
         )
     if merged["SWEEP_INTERVAL"] > merged["TIMER_HORIZON"]:

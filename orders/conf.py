@@ -28,10 +28,14 @@ class OrdersSettings:
     # sweep arms them once they come this close. Must stay below the broker's
     # visibility_timeout, or Redis redelivers the pending timer while a worker holds it.
     TIMER_HORIZON: int = 50 * 60
-    # "per_order": one countdown task per order (precise, ~9 KB of worker memory per
-    # pending order). "batched": one countdown task per second-wide bucket of deadlines,
-    # armed once with a Redis SET NX; pending tasks are bounded by the timeout in seconds.
-    TIMER_MODE: str = "per_order"
+    # "batched": deadlines fall into buckets TIMER_RESOLUTION seconds wide, kept in one
+    # Redis sorted set; a waker thread in each worker publishes a bucket's task when it
+    # is due (orders.waker). Nothing pending sits in a worker. "per_order": one Celery
+    # countdown task per order, ~9 KB of worker memory per pending order.
+    TIMER_MODE: str = "batched"
+    # The width of a timer bucket (seconds, whole milliseconds): a bucket fires at its
+    # end, so an order expires up to this much after its deadline, plus the task's run.
+    TIMER_RESOLUTION: float = 0.1
     # How often beat runs the sweep, and how long past its deadline an unpaid order must
     # be before the sweep (rather than its own timer) expires it (seconds).
     SWEEP_INTERVAL: int = 30

@@ -4,10 +4,9 @@ and never at the cost of the order when the broker is down (the sweep recovers).
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable
-from datetime import datetime, timedelta
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
 
@@ -67,29 +66,29 @@ def within_horizon(deadline: datetime, now: datetime | None = None) -> bool:
 
 
 def arm_expiry_timer(
-    order: AbstractOrder, *, now: datetime | None = None, rearm_run: str | None = None
+    order: AbstractOrder, *, now: datetime | None = None, rearm: bool = False
 ) -> bool:
     """Arm the order's expiry timer for its current deadline once the caller's
     transaction commits; the caller saves ``order``. Returns whether a timer will be sent.
 
-    A deadline that already has its timer is left alone, unless this is part of the
-    re-arm run ``rearm_run`` (the broker lost the timers: see ``publish_bucket_timer``).
+    A deadline that already has its timer is left alone, unless this is a re-arm (the
+    broker lost the timers: ``services.rearm_timers``).
     A deadline beyond the horizon is left for the sweep to arm later, so that no
     countdown outlives the broker's visibility timeout or sits in worker memory for days.
     """
-    already_armed = order.timer_armed_for == order.expires_at and rearm_run is None
+    already_armed = order.timer_armed_for == order.expires_at and not rearm
     if already_armed or not within_horizon(order.expires_at, now):
         return False
     order.timer_armed_for = order.expires_at
     order_id, deadline = str(order.pk), order.expires_at
     if get_settings().TIMER_MODE == "batched":
-        transaction.on_commit(lambda: publish_bucket_timer(order_id, deadline, rearm_run))
+        transaction.on_commit(lambda: publish_bucket_timer(order_id, deadline))
     else:
         transaction.on_commit(lambda: publish_expiry_timer(order_id, deadline))
     # The reminder rides along: armed with the deadline's timer, so by the same rule.
     remind_at = reminder_time(order)
     if remind_at is not None:
-        arm_reminder_timer(order_id, deadline, remind_at, rearm_run=rearm_run)
+        arm_reminder_timer(order_id, deadline, remind_at)
     return True
 
 
@@ -105,14 +104,12 @@ def reminder_time(order: AbstractOrder) -> datetime | None:
     return order.expires_at - timedelta(seconds=before)
 
 
-def arm_reminder_timer(
-    order_id: str, deadline: datetime, remind_at: datetime, *, rearm_run: str | None = None
-) -> None:
+def arm_reminder_timer(order_id: str, deadline: datetime, remind_at: datetime) -> None:
     """Send the reminder's timer for ``deadline`` once the caller's transaction commits,
     to fire at ``remind_at`` (at once if that has passed). Only ``arm_expiry_timer``
     decides to, and ``services.remind_order`` when a timer fired a moment early."""
     if get_settings().TIMER_MODE == "batched":
-        transaction.on_commit(lambda: publish_reminder_bucket(order_id, remind_at, rearm_run))
+        transaction.on_commit(lambda: publish_reminder_bucket(order_id, remind_at))
     else:
         transaction.on_commit(lambda: publish_reminder_timer(order_id, deadline, remind_at))
 
@@ -161,98 +158,87 @@ def publish_reminder_timer(order_id: str, deadline: datetime, remind_at: datetim
         )
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+#: What a timer bucket is for, in its sorted-set member ``"<kind>:<end in ms>"``.
+EXPIRE, REMIND = "expire", "remind"
+
+
 def bucket_of(deadline: datetime) -> int:
-    """The second-wide bucket whose timer covers ``deadline``: the next whole second, so
-    that a bucket never fires before any of its deadlines."""
-    return math.ceil(deadline.timestamp())
+    """The bucket whose timer covers ``deadline``, as its end in milliseconds since the
+    epoch: the next multiple of ``TIMER_RESOLUTION``, so that a bucket never fires before
+    any of its deadlines."""
+    step = round(get_settings().TIMER_RESOLUTION * 1000) * 1000  # microseconds
+    at = (deadline - EPOCH) // timedelta(microseconds=1)
+    return -(-at // step) * step // 1000
 
 
-def publish_bucket_timer(order_id: str, deadline: datetime, rearm_run: str | None = None) -> None:
-    """Send the countdown task of the deadline's bucket (batched mode), unless the bucket
-    is armed already: the first order of a bucket arms it, the rest only see its key.
+def timers_key() -> str:
+    """The one sorted set of timer buckets (member ``"<kind>:<end ms>"``, score its end
+    in ms) that ``orders.waker`` turns into tasks when they come due."""
+    return f"{broker.key_prefix()}orders:timers"
 
-    A re-arm run (``rearm_run``: the broker lost its timers, but perhaps not the keys,
-    as after a failover to a replica) arms each bucket once more, once per run."""
-    from orders.tasks import expire_bucket_task
 
+def publish_bucket_timer(order_id: str, deadline: datetime) -> None:
+    """Add the deadline's bucket to the timers' sorted set (batched mode): the first order
+    of a bucket adds it, the rest find it there. No task waits in a worker meanwhile."""
     bucket = bucket_of(deadline)
     try:
-        countdown = _arm_bucket(expire_bucket_task, "timer-bucket", bucket, order_id, rearm_run)
+        added = add_buckets(EXPIRE, [bucket])
     except BROKER_ERRORS as exc:
         _forget_timer(order_id, deadline, exc)
     else:
-        if countdown is None:
-            return
-        log_event(
-            logger,
-            "timer.bucket_armed",
-            "Timer bucket {bucket} armed by order {order_id}: fires in {countdown_s:.1f}s.",
-            bucket=bucket,
-            order_id=order_id,
-            countdown_s=countdown,
-            expires_at=deadline.isoformat(),
-        )
+        if added:
+            log_event(
+                logger,
+                "timer.bucket_armed",
+                "Timer bucket {bucket} armed by order {order_id}: fires in {countdown_s:.1f}s.",
+                bucket=bucket,
+                order_id=order_id,
+                countdown_s=max(0.0, bucket / 1000 - time.time()),
+                expires_at=deadline.isoformat(),
+            )
 
 
-def publish_reminder_bucket(order_id: str, remind_at: datetime, rearm_run: str | None) -> None:
-    """Send the countdown task of the reminder's own bucket (batched mode), as
-    ``publish_bucket_timer`` does for deadlines. A reminder time already past goes to
-    the coming second's bucket: a past bucket may have fired already."""
-    from orders.tasks import remind_bucket_task
-
+def publish_reminder_bucket(order_id: str, remind_at: datetime) -> None:
+    """Add the reminder's bucket, as ``publish_bucket_timer`` does for deadlines. A
+    reminder time already past goes to the coming bucket, which the waker takes at once."""
     bucket = bucket_of(max(remind_at, timezone.now()))
     try:
-        countdown = _arm_bucket(remind_bucket_task, "remind-bucket", bucket, order_id, rearm_run)
+        added = add_buckets(REMIND, [bucket])
     except BROKER_ERRORS as exc:
         _reminder_not_armed(order_id, remind_at, exc)
     else:
-        if countdown is None:
-            return
-        log_event(
-            logger,
-            "timer.reminder_bucket_armed",
-            "Reminder bucket {bucket} armed by order {order_id}: fires in {countdown_s:.1f}s.",
-            bucket=bucket,
-            order_id=order_id,
-            countdown_s=countdown,
-            remind_at=remind_at.isoformat(),
-        )
+        if added:
+            log_event(
+                logger,
+                "timer.reminder_bucket_armed",
+                "Reminder bucket {bucket} armed by order {order_id}: fires in {countdown_s:.1f}s.",
+                bucket=bucket,
+                order_id=order_id,
+                countdown_s=max(0.0, bucket / 1000 - time.time()),
+                remind_at=remind_at.isoformat(),
+            )
 
 
-def rearm_bucket(bucket: int, rearm_run: str, *, reminder: bool = False) -> bool:
-    """Arm a deadline bucket (or a reminder bucket) once in the re-arm run ``rearm_run``,
-    whatever its key says (``services.rearm_timers`` in batched mode). Returns whether
-    this call armed it; raises the broker's error."""
-    from orders.tasks import expire_bucket_task, remind_bucket_task
-
-    task, kind = (
-        (remind_bucket_task, "remind-bucket") if reminder else (expire_bucket_task, "timer-bucket")
-    )
-    return _arm_bucket(task, kind, bucket, "", rearm_run) is not None
+#: Buckets per ZADD (of one pipeline) in a re-arm.
+ADD_CHUNK = 10_000
 
 
-def _arm_bucket(
-    task: Any, kind: str, bucket: int, order_id: str, rearm_run: str | None
-) -> float | None:
-    """Publish ``task(bucket)`` to fire at the bucket's second, unless its key says it is
-    armed (or re-armed by this run) already; returns the countdown, or None if it was.
-    Raises the broker's error, leaving the key free for the next order to try."""
-    countdown = max(0.0, bucket - time.time())
-    key = f"{broker.key_prefix()}orders:{kind}:{bucket}"
-    client = _redis()
-    # The key lives until well after the bucket fired, so a late order re-arms nothing.
-    expiry = int(countdown) + 3600
-    if rearm_run is None:
-        if not client.set(key, order_id, nx=True, ex=expiry):
-            return None
-    elif client.set(key, rearm_run, get=True, ex=expiry) == rearm_run.encode():
-        return None  # this run re-armed the bucket already
-    try:
-        publish(task, args=(bucket,), countdown=countdown)
-    except BROKER_ERRORS:
-        client.delete(key)
-        raise
-    return countdown
+def add_buckets(kind: str, buckets: Iterable[int]) -> int:
+    """Add buckets of ``kind`` (EXPIRE or REMIND) to the timers' sorted set; returns how
+    many were new. Adding one twice is a no-op, so a re-arm needs no bookkeeping of its
+    own. Raises the broker's error."""
+    pipe, key = _redis().pipeline(transaction=False), timers_key()
+    chunk: dict[str, int] = {}
+    for bucket in buckets:
+        chunk[f"{kind}:{bucket}"] = bucket
+        if len(chunk) == ADD_CHUNK:
+            pipe.zadd(key, chunk)
+            chunk = {}
+    if chunk:
+        pipe.zadd(key, chunk)
+    return sum(pipe.execute())
 
 
 def _reminder_not_armed(order_id: str, remind_at: datetime, exc: BaseException) -> None:

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import re
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -1143,9 +1142,10 @@ def _expire_batch_in_one_statement(
 
 
 def expire_bucket(*, bucket: int, now: datetime | None = None) -> int:
-    """The batched timer of one second-wide bucket: expire every unpaid order due by the
-    bucket's end (and any earlier straggler), under the same lock and re-check."""
-    due_by = datetime.fromtimestamp(bucket, tz=UTC)
+    """The batched timer of one bucket (its end, ms since the epoch): expire every unpaid
+    order due by the bucket's end (and any earlier straggler), under the same lock and
+    re-check."""
+    due_by = _bucket_end(bucket)
     expired, lateness = expire_due_orders(due_by=due_by, by=TIMER, now=now)
     log_event(
         logger,
@@ -1156,6 +1156,11 @@ def expire_bucket(*, bucket: int, now: datetime | None = None) -> int:
         lateness_s=lateness,
     )
     return expired
+
+
+def _bucket_end(bucket: int) -> datetime:
+    # Milliseconds; a bucket task queued by version 0.3 (whole seconds) still works.
+    return datetime.fromtimestamp(bucket / 1000 if bucket > 10**11 else bucket, tz=UTC)
 
 
 def extend_order(
@@ -1381,9 +1386,9 @@ def remind_due_orders(*, due_by: datetime, by: Actor, now: datetime | None = Non
 
 
 def remind_bucket(*, bucket: int, now: datetime | None = None) -> int:
-    """The batched reminder timer of one second-wide bucket: remind every order whose
-    reminder is due by the bucket's end (and any earlier straggler)."""
-    reminded = remind_due_orders(due_by=datetime.fromtimestamp(bucket, tz=UTC), by=TIMER, now=now)
+    """The batched reminder timer of one bucket: remind every order whose reminder is due
+    by the bucket's end (and any earlier straggler)."""
+    reminded = remind_due_orders(due_by=_bucket_end(bucket), by=TIMER, now=now)
     log_event(
         logger,
         "timer.reminder_bucket_fired",
@@ -1916,11 +1921,9 @@ def sweep(
 def rearm_timers(*, now: datetime | None = None) -> Iterator[tuple[int, int]]:
     """Arm again the timer of every unpaid order within the horizon, for when the broker
     lost them (Redis flushed, failed over without persistence). Yields (done, total) after
-    each batch. Safe to repeat and to run beside workers: a timer too many is a no-op.
-    In batched mode each bucket is armed once per run, even if its key survived."""
+    each batch. Safe to repeat and to run beside workers: a timer too many is a no-op."""
     conf = get_settings()
     now = now or timezone.now()
-    run = uuid.uuid4().hex
     unpaid = (
         get_order_model()
         .objects.filter(
@@ -1929,7 +1932,7 @@ def rearm_timers(*, now: datetime | None = None) -> Iterator[tuple[int, int]]:
         .order_by("expires_at", "pk")
     )
     if conf.TIMER_MODE == "batched":
-        yield from _rearm_buckets(unpaid, now=now, run=run)
+        yield from _rearm_buckets(unpaid, now=now)
         return
     total, done = unpaid.count(), 0
     after: Q = Q()
@@ -1937,7 +1940,7 @@ def rearm_timers(*, now: datetime | None = None) -> Iterator[tuple[int, int]]:
         with transaction.atomic():
             batch = list(unpaid.filter(after).select_for_update()[: conf.SWEEP_BATCH_SIZE])
             for order in batch:
-                scheduling.arm_expiry_timer(order, now=now, rearm_run=run)
+                scheduling.arm_expiry_timer(order, now=now, rearm=True)
                 order.save(update_fields=["timer_armed_for", "updated_at"])
         if not batch:
             return
@@ -1947,27 +1950,23 @@ def rearm_timers(*, now: datetime | None = None) -> Iterator[tuple[int, int]]:
         yield done, max(total, done)
 
 
-def _rearm_buckets(
-    unpaid: QuerySet[AbstractOrder], *, now: datetime, run: str
-) -> Iterator[tuple[int, int]]:
-    """Batched mode: arm each bucket of the orders' deadlines (and of their reminders)
-    once in this run, reading only the distinct deadlines, then mark the orders armed,
-    10,000 per UPDATE: a round trip per bucket, not per order. A broker error stops the run
-    before anything is marked (the sweep still expires every order, late)."""
+def _rearm_buckets(unpaid: QuerySet[AbstractOrder], *, now: datetime) -> Iterator[tuple[int, int]]:
+    """Batched mode: add each bucket of the orders' deadlines (and of their reminders) to
+    the timers' sorted set, reading only the distinct deadlines, 10,000 buckets per ZADD;
+    then mark the orders armed, 10,000 per UPDATE. A broker error stops the run before
+    anything is marked (the sweep still expires every order, late)."""
     unpaid = unpaid.order_by()
     total = unpaid.count()
     deadlines = unpaid.values_list("expires_at", flat=True).distinct()
-    buckets = sorted({scheduling.bucket_of(d) for d in deadlines.iterator(chunk_size=10_000)})
+    buckets = {scheduling.bucket_of(d) for d in deadlines.iterator(chunk_size=10_000)}
     reminders: set[int] = set()
     before = get_settings().REMIND_BEFORE
     if before:  # as scheduling.reminder_time: not sent for this deadline, not held
         owed = unpaid.exclude(reminded_for=F("expires_at")).filter(original_expires_at__isnull=True)
         for deadline in owed.values_list("expires_at", flat=True).distinct().iterator(10_000):
             reminders.add(scheduling.bucket_of(max(deadline - timedelta(seconds=before), now)))
-    for bucket in buckets:
-        scheduling.rearm_bucket(bucket, run)
-    for bucket in sorted(reminders):
-        scheduling.rearm_bucket(bucket, run, reminder=True)
+    scheduling.add_buckets(scheduling.EXPIRE, sorted(buckets))
+    scheduling.add_buckets(scheduling.REMIND, sorted(reminders))
     # Marked in chunks, each its own short transaction: one UPDATE of a million rows
     # would hold all their locks (and a payment waiting on one) for seconds.
     marked = 0

@@ -181,6 +181,20 @@ def test_known_timer_modes_are_allowed(settings: Settings, mode: str) -> None:
     assert ids_with(settings, TIMER_MODE=mode) == []
 
 
+@pytest.mark.parametrize("resolution", [0, 0.0005, 0.0015, 61, -1, "0.1", None, float("nan")])
+def test_a_timer_resolution_that_is_not_whole_milliseconds_up_to_a_minute_is_reported(
+    settings: Settings, resolution: Any
+) -> None:
+    assert ids_with(settings, TIMER_RESOLUTION=resolution) == ["orders.E015"]
+
+
+@pytest.mark.parametrize("resolution", [0.001, 0.1, 1, 60])
+def test_a_timer_resolution_in_whole_milliseconds_is_allowed(
+    settings: Settings, resolution: float
+) -> None:
+    assert ids_with(settings, TIMER_RESOLUTION=resolution) == []
+
+
 @pytest.mark.parametrize("key", ["API_TOKEN", "PAYMENT_WEBHOOK_SECRET", "LOGISTICS_WEBHOOK_SECRET"])
 def test_empty_secret_is_a_warning(settings: Settings, key: str) -> None:
     [message] = messages_with(settings, **{key: ""})

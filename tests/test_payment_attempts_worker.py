@@ -56,6 +56,14 @@ Order = get_order_model()
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
+
+@pytest.fixture(autouse=True)
+def _per_order_timers(settings: Settings) -> None:
+    """Per-order timers, whose log names each order's timer run; the batched engine is
+    tested at the end."""
+    settings.ORDERS = settings.ORDERS | {"TIMER_MODE": "per_order"}
+
+
 AMOUNT = "10.00"
 QUICK_CAP = 4  # ORDERS["PAYMENT_HOLD"]["quick"] in tests/settings.py
 
@@ -468,8 +476,8 @@ def test_attempts_racing_the_sweep_each_order_has_one_outcome(
 
 
 def test_batched_timers_ask_pay_expire_and_close_as_per_order_timers_do(settings: Settings) -> None:
-    """Paid after the deadline, failed, and never answered, on a worker whose timers are
-    one task per second-wide bucket (it re-arms held orders in buckets too)."""
+    """Paid after the deadline, failed, and never answered, with batched timers: one task
+    per bucket (held orders are re-armed in buckets too)."""
     settings.ORDERS = settings.ORDERS | {"TIMER_MODE": "batched"}
     prefix = key_prefix("attempts-batched")
     env = worker_env(CELERY_KEY_PREFIX=prefix, ORDERS_TIMER_MODE="batched")

@@ -65,8 +65,10 @@ def scaled(postgres: int, sqlite: int) -> int:
 
 @pytest.fixture
 def broker(settings: Settings) -> Iterator[tuple[RedisServer, str]]:
-    """A private Redis, and this process publishing to it with a key prefix of its own."""
-    settings.ORDERS = settings.ORDERS | {"SWEEP_GRACE": GRACE}
+    """A private Redis, and this process publishing to it with a key prefix of its own.
+    Per-order timers: these tests follow the countdowns a worker holds in memory (the
+    batched engine's faults are in test_reliability_batched.py)."""
+    settings.ORDERS = settings.ORDERS | {"SWEEP_GRACE": GRACE, "TIMER_MODE": "per_order"}
     prefix = key_prefix("chaos")
     with RedisServer() as server, publishing_to(server.url, prefix):
         yield server, prefix

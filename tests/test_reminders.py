@@ -24,7 +24,7 @@ from django.db import connection
 from django.utils import timezone
 from pytest_django import DjangoCaptureOnCommitCallbacks, Settings
 
-from orders import get_order_model, scheduling, services
+from orders import broker, get_order_model, scheduling, services
 from orders.conf import DEFAULTS
 from orders.models import REMIND, SWEEP, TIMER, AbstractOrder, OrderTransition, Status
 from orders.services import ReminderOutcome
@@ -78,8 +78,10 @@ class Sent:
 
 
 @pytest.fixture
-def sent(monkeypatch: pytest.MonkeyPatch) -> list[Sent]:
-    """What the timers and follow-up tasks would have sent to the broker."""
+def sent(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> list[Sent]:
+    """What the timers and follow-up tasks would have sent to the broker, in per-order
+    mode (a countdown task per timer, so there is something to see)."""
+    settings.ORDERS = settings.ORDERS | {"TIMER_MODE": "per_order"}
     record: list[Sent] = []
 
     def publish(task: Any, **options: Any) -> None:
@@ -274,30 +276,36 @@ def test_batched_mode_arms_each_reminder_bucket_once(
     sent: list[Sent],
     django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
-    settings.ORDERS = settings.ORDERS | {"TIMER_MODE": "batched"}
-    # A second of its own: a bucket's key lives in Redis for the whole run, and another
-    # test's batched order of this second would have armed it already.
+    settings.ORDERS = settings.ORDERS | {"TIMER_MODE": "batched", "TIMER_RESOLUTION": 1}
+    client = broker.redis_client()
+    client.delete(scheduling.timers_key())
     now = timezone.now().replace(microsecond=0) + timedelta(days=uuid.uuid4().int % 10_000)
     with django_capture_on_commit_callbacks(execute=True):
         orders = [place(timeout=TIMEOUT + 0.1 * i, now=now) for i in range(1, 6)]
 
     deadline_bucket = scheduling.bucket_of(orders[-1].expires_at)
     reminder_bucket = scheduling.bucket_of(orders[-1].expires_at - timedelta(seconds=BEFORE))
-    assert [s.args for s in timers(sent, "orders.expire_bucket")] == [(deadline_bucket,)]
-    assert [s.args for s in timers(sent, "orders.remind_bucket")] == [(reminder_bucket,)]
-    assert not timers(sent, "orders.remind_order")
+    assert client.zrange(scheduling.timers_key(), 0, -1) == [
+        f"remind:{reminder_bucket}".encode(),
+        f"expire:{deadline_bucket}".encode(),
+    ]
+    assert sent == [], "no task is published until a bucket is due"
+    client.delete(scheduling.timers_key())
 
 
 @pytest.mark.django_db
-def test_a_reminder_bucket_reminds_the_orders_due_by_its_second_only(remind_before: int) -> None:
+def test_a_reminder_bucket_reminds_the_orders_due_by_its_end_only(
+    remind_before: int, settings: Settings
+) -> None:
+    settings.ORDERS = settings.ORDERS | {"TIMER_RESOLUTION": 1}
     early, late, later = (place(timeout=TIMEOUT + offset) for offset in (0.2, 0.9, 1.5))
     bucket = scheduling.bucket_of(late.expires_at - timedelta(seconds=BEFORE))
 
     assert services.remind_bucket(bucket=bucket, now=at(BEFORE + 1)) == 2
 
     assert [len(reminders(order)) for order in (early, late, later)] == [1, 1, 0]
-    assert services.remind_bucket(bucket=bucket + 1, now=at(BEFORE + 2)) == 1
-    assert services.remind_bucket(bucket=bucket + 1, now=at(BEFORE + 2)) == 0
+    assert services.remind_bucket(bucket=bucket + 1000, now=at(BEFORE + 2)) == 1
+    assert services.remind_bucket(bucket=bucket + 1000, now=at(BEFORE + 2)) == 0
 
 
 @pytest.mark.django_db
