@@ -1,5 +1,5 @@
 """The broker's Redis, for the app's own few commands beside Celery's (the batched
-timers' ``SET NX``, the health check, the workers' heartbeat): one place that turns
+timers' sorted set, the health check, the workers' heartbeat): one place that turns
 Celery's broker URL into a redis-py client, a Sentinel-managed one for ``sentinel://``."""
 
 from __future__ import annotations
