@@ -1953,12 +1953,15 @@ def rearm_timers(*, now: datetime | None = None) -> Iterator[tuple[int, int]]:
 def _rearm_buckets(unpaid: QuerySet[AbstractOrder], *, now: datetime) -> Iterator[tuple[int, int]]:
     """Batched mode: add each bucket of the orders' deadlines (and of their reminders) to
     the timers' sorted set, reading only the distinct deadlines, 10,000 buckets per ZADD;
-    then mark the orders armed, 10,000 per UPDATE. A broker error stops the run before
-    anything is marked (the sweep still expires every order, late)."""
+    then mark the orders armed, one UPDATE per range of 10,000 distinct deadlines (an
+    index range, never a row twice). A broker error stops the run before anything is
+    marked (the sweep still expires every order, late)."""
     unpaid = unpaid.order_by()
     total = unpaid.count()
-    deadlines = unpaid.values_list("expires_at", flat=True).distinct()
-    buckets = {scheduling.bucket_of(d) for d in deadlines.iterator(chunk_size=10_000)}
+    deadlines = sorted(
+        unpaid.values_list("expires_at", flat=True).distinct().iterator(chunk_size=10_000)
+    )
+    buckets = {scheduling.bucket_of(d) for d in deadlines}
     reminders: set[int] = set()
     before = get_settings().REMIND_BEFORE
     if before:  # as scheduling.reminder_time: not sent for this deadline, not held
@@ -1967,12 +1970,16 @@ def _rearm_buckets(unpaid: QuerySet[AbstractOrder], *, now: datetime) -> Iterato
             reminders.add(scheduling.bucket_of(max(deadline - timedelta(seconds=before), now)))
     scheduling.add_buckets(scheduling.EXPIRE, sorted(buckets))
     scheduling.add_buckets(scheduling.REMIND, sorted(reminders))
-    # Marked in chunks, each its own short transaction: one UPDATE of a million rows
+    # Marked in ranges, each its own short transaction: one UPDATE of a million rows
     # would hold all their locks (and a payment waiting on one) for seconds.
     marked = 0
-    unmarked = unpaid.exclude(timer_armed_for=F("expires_at"))
-    while chunk := list(unmarked.values_list("pk", flat=True)[:REARM_CHUNK]):
-        marked += unpaid.filter(pk__in=chunk).update(timer_armed_for=F("expires_at"))
+    for start in range(0, len(deadlines), REARM_CHUNK):
+        first, last = deadlines[start], deadlines[min(start + REARM_CHUNK, len(deadlines)) - 1]
+        marked += (
+            unpaid.filter(expires_at__gte=first, expires_at__lte=last)
+            .exclude(timer_armed_for=F("expires_at"))
+            .update(timer_armed_for=F("expires_at"))
+        )
         yield marked, max(total, marked)
     log_event(
         logger,
@@ -1985,7 +1992,7 @@ def _rearm_buckets(unpaid: QuerySet[AbstractOrder], *, now: datetime) -> Iterato
     yield total, total
 
 
-#: Orders marked armed per UPDATE by a batched re-arm.
+#: Distinct deadlines whose orders are marked armed per UPDATE by a batched re-arm.
 REARM_CHUNK = 10_000
 
 
