@@ -964,10 +964,11 @@ def _expired(order: AbstractOrder, *, now: datetime, by: Actor, reason: str) -> 
 
 
 def expire_due_orders(
-    *, due_by: datetime, by: Actor, now: datetime | None = None
+    *, due_by: datetime, by: Actor, now: datetime | None = None, due_after: datetime | None = None
 ) -> tuple[int, float]:
     """Expire every unpaid order whose deadline is at or before ``due_by`` (and has passed),
-    in batches of ``SWEEP_BATCH_SIZE``, each batch one transaction over rows locked with
+    and after ``due_after`` if given (a timer bucket's own orders), in batches of
+    ``SWEEP_BATCH_SIZE``, each batch one transaction over rows locked with
     ``skip_locked`` (a row another process holds is being paid or expired by it).
     Returns how many expired and the greatest lateness in seconds.
 
@@ -980,6 +981,8 @@ def expire_due_orders(
         .objects.filter(status=Status.CREATED, expires_at__lte=min(due_by, now or timezone.now()))
         .order_by("expires_at")
     )
+    if due_after is not None:
+        due = due.filter(expires_at__gt=due_after)
     # An order a payment attempt holds is asked about, one by one, after the batches.
     # (Its mark is on its own row: a batch that locks a row marked meanwhile sees it.)
     held = Q(original_expires_at__isnull=False)
@@ -1142,11 +1145,15 @@ def _expire_batch_in_one_statement(
 
 
 def expire_bucket(*, bucket: int, now: datetime | None = None) -> int:
-    """The batched timer of one bucket (its end, ms since the epoch): expire every unpaid
-    order due by the bucket's end (and any earlier straggler), under the same lock and
-    re-check."""
-    due_by = _bucket_end(bucket)
-    expired, lateness = expire_due_orders(due_by=due_by, by=TIMER, now=now)
+    """The batched timer of one bucket (its end, ms since the epoch): expire the unpaid
+    orders whose deadlines fall in the bucket, under the same lock and re-check. Orders
+    due earlier are their own buckets' or, if those were lost, the sweep's: a bucket's
+    task is not a sweep. A bucket that fires before its end (a worker's clock behind the
+    waker's) is added again, for what is not due yet."""
+    start, end = _bucket_window(bucket)
+    expired, lateness = expire_due_orders(due_by=end, due_after=start, by=TIMER, now=now)
+    if (now or timezone.now()) < end:
+        scheduling.add_buckets(scheduling.EXPIRE, [bucket])
     log_event(
         logger,
         "timer.bucket_fired",
@@ -1158,9 +1165,14 @@ def expire_bucket(*, bucket: int, now: datetime | None = None) -> int:
     return expired
 
 
-def _bucket_end(bucket: int) -> datetime:
-    # Milliseconds; a bucket task queued by version 0.3 (whole seconds) still works.
-    return datetime.fromtimestamp(bucket / 1000 if bucket > 10**11 else bucket, tz=UTC)
+def _bucket_window(bucket: int) -> tuple[datetime, datetime]:
+    """The deadlines a bucket covers: (start, end]. A bucket is given by its end in ms;
+    one queued by version 0.3 by its end in whole seconds, a second wide."""
+    if bucket > 10**11:
+        end = datetime.fromtimestamp(bucket / 1000, tz=UTC)
+        return end - timedelta(seconds=get_settings().TIMER_RESOLUTION), end
+    end = datetime.fromtimestamp(bucket, tz=UTC)
+    return end - timedelta(seconds=1), end
 
 
 def extend_order(
@@ -1388,7 +1400,7 @@ def remind_due_orders(*, due_by: datetime, by: Actor, now: datetime | None = Non
 def remind_bucket(*, bucket: int, now: datetime | None = None) -> int:
     """The batched reminder timer of one bucket: remind every order whose reminder is due
     by the bucket's end (and any earlier straggler)."""
-    reminded = remind_due_orders(due_by=_bucket_end(bucket), by=TIMER, now=now)
+    reminded = remind_due_orders(due_by=_bucket_window(bucket)[1], by=TIMER, now=now)
     log_event(
         logger,
         "timer.reminder_bucket_fired",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,7 +14,7 @@ from django.conf import settings
 from django.db import connection
 
 from config import embedded_redis, processes
-from orders import events, services
+from orders import broker, events, scheduling, services
 from orders.models import AbstractOrder
 
 # Tests reach the order model as everything else does, through get_order_model(), and
@@ -52,6 +53,17 @@ def _fresh_endpoint_list() -> None:
     (orders.events); a test starts with the database's own (a previous test's may have
     been truncated away, which sends no signal)."""
     events.forget_endpoints()
+
+
+@pytest.fixture
+def timers_key(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A timers' sorted set of this test's own, that no running worker's waker reads
+    (the session's worker would take its due buckets); deleted at the end."""
+    key = f"orders-test-{uuid.uuid4().hex}:orders:timers"
+    client = broker.redis_client()  # taken now: a test may patch redis_client
+    monkeypatch.setattr(scheduling, "timers_key", lambda: key)
+    yield key
+    client.delete(key)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from django.contrib.auth.models import Permission, User
 from django.test import Client
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
-from pytest_django import DjangoCaptureOnCommitCallbacks
+from pytest_django import DjangoCaptureOnCommitCallbacks, Settings
 
 from orders import broker, heartbeat, services
 from orders.logging import JsonFormatter
@@ -492,8 +492,10 @@ def events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecor
 def test_timer_events_carry_structured_fields(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
     django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
+    settings.ORDERS = settings.ORDERS | {"TIMER_MODE": "per_order"}  # a countdown's events
     monkeypatch.setattr(expire_order_task, "apply_async", lambda *args, **kwargs: None)
     caplog.set_level(logging.INFO, logger="orders")
 
@@ -521,8 +523,11 @@ def test_timer_events_carry_structured_fields(
 def test_a_timer_the_broker_refused_is_logged_as_not_armed(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
     django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
+    settings.ORDERS = settings.ORDERS | {"TIMER_MODE": "per_order"}  # a countdown's events
+
     def broker_down(*args: Any, **kwargs: Any) -> None:
         raise kombu.exceptions.OperationalError("connection refused")
 

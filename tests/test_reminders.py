@@ -274,11 +274,11 @@ def test_batched_mode_arms_each_reminder_bucket_once(
     remind_before: int,
     settings: Settings,
     sent: list[Sent],
+    timers_key: str,
     django_capture_on_commit_callbacks: DjangoCaptureOnCommitCallbacks,
 ) -> None:
     settings.ORDERS = settings.ORDERS | {"TIMER_MODE": "batched", "TIMER_RESOLUTION": 1}
     client = broker.redis_client()
-    client.delete(scheduling.timers_key())
     now = timezone.now().replace(microsecond=0) + timedelta(days=uuid.uuid4().int % 10_000)
     with django_capture_on_commit_callbacks(execute=True):
         orders = [place(timeout=TIMEOUT + 0.1 * i, now=now) for i in range(1, 6)]
@@ -290,7 +290,6 @@ def test_batched_mode_arms_each_reminder_bucket_once(
         f"expire:{deadline_bucket}".encode(),
     ]
     assert sent == [], "no task is published until a bucket is due"
-    client.delete(scheduling.timers_key())
 
 
 @pytest.mark.django_db

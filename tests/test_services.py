@@ -1440,12 +1440,24 @@ def test_bucket_timer_expires_the_orders_due_within_its_tenth_of_a_second() -> N
     assert reloaded(next_bucket).status == Status.CREATED
 
 
-def test_bucket_timer_fired_early_expires_nothing_before_its_deadline() -> None:
+def test_bucket_timer_fired_early_expires_nothing_before_its_deadline_and_comes_again(
+    timers_key: str,
+) -> None:
     order = place(timeout=600.5)
+    bucket = scheduling.bucket_of(at(600.5))
 
-    assert services.expire_bucket(bucket=scheduling.bucket_of(at(600.5)), now=at(600.4)) == 0
+    assert services.expire_bucket(bucket=bucket, now=at(600.4)) == 0
 
     assert reloaded(order).status == Status.CREATED
+    assert broker.redis_client().zscore(timers_key, f"expire:{bucket}") == bucket
+
+
+def test_a_bucket_timer_leaves_the_orders_of_earlier_buckets_to_theirs_and_the_sweep() -> None:
+    earlier, own = place(timeout=599.9), place(timeout=600.05)
+
+    assert services.expire_bucket(bucket=scheduling.bucket_of(at(600.05)), now=at(601)) == 1
+
+    assert (reloaded(earlier).status, reloaded(own).status) == (Status.CREATED, Status.CANCELLED)
 
 
 def test_a_bucket_task_queued_by_the_previous_version_in_whole_seconds_still_works() -> None:
@@ -1453,6 +1465,7 @@ def test_a_bucket_task_queued_by_the_previous_version_in_whole_seconds_still_wor
 
     assert services.expire_bucket(bucket=int(at(601).timestamp()), now=at(601)) == 1
     assert reloaded(order).status == Status.CANCELLED
+    assert services.expire_bucket(bucket=int(at(600).timestamp()), now=at(601)) == 0
 
 
 # Signals ------------------------------------------------------------------------------
@@ -1714,11 +1727,10 @@ def test_status_cannot_be_assigned_directly() -> None:
 
 @pytest.mark.django_db
 def test_batched_rearm_adds_a_bucket_not_an_order_and_marks_all_in_few_queries(
-    settings: Settings, django_assert_max_num_queries: Any
+    settings: Settings, django_assert_max_num_queries: Any, timers_key: str
 ) -> None:
     settings.ORDERS = settings.ORDERS | {"TIMER_MODE": "batched", "REMIND_BEFORE": 60}
     client = broker.redis_client()
-    client.delete(scheduling.timers_key())
     now = datetime.now(UTC).replace(microsecond=0) + timedelta(days=uuid.uuid4().int % 10_000)
     orders = [services.place_order(amount="10.00", timeout=600 + i % 3, now=now) for i in range(60)]
     services.start_payment(
@@ -1743,7 +1755,6 @@ def test_batched_rearm_adds_a_bucket_not_an_order_and_marks_all_in_few_queries(
             + [(f"remind:{b}".encode(), float(b)) for b in reminders]
         ), f"run {run}"
         assert not Order.objects.exclude(timer_armed_for=F("expires_at")).exists()
-    client.delete(scheduling.timers_key())
 
 
 @pytest.mark.django_db

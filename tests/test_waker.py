@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,11 +20,9 @@ T = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def client() -> Iterator[redis.Redis]:
-    client = broker.redis_client()
-    client.delete(scheduling.timers_key())
-    yield client
-    client.delete(scheduling.timers_key())
+def client(timers_key: str) -> redis.Redis:
+    """The broker's Redis, the timers' set being this test's own."""
+    return broker.redis_client()
 
 
 @pytest.fixture
