@@ -41,6 +41,10 @@ class OrdersSettings:
     SWEEP_INTERVAL: int = 30
     SWEEP_GRACE: int = 5
     SWEEP_BATCH_SIZE: int = 500
+    # Orders expired per transaction by the set-based expiry (a bucket's task, the sweep):
+    # each batch holds its rows' locks for one statement (about 0.4 s for 5,000 on a
+    # small machine); bigger batches are fewer commits and deferred checks.
+    EXPIRY_BATCH_SIZE: int = 5000
     # A paid order whose shipping task has not shipped it after this long is re-queued
     # by the sweep (seconds).
     SHIPPING_RETRY_AFTER: int = 60

@@ -968,7 +968,7 @@ def expire_due_orders(
 ) -> tuple[int, float]:
     """Expire every unpaid order whose deadline is at or before ``due_by`` (and has passed),
     and after ``due_after`` if given (a timer bucket's own orders), in batches of
-    ``SWEEP_BATCH_SIZE``, each batch one transaction over rows locked with
+    ``EXPIRY_BATCH_SIZE``, each batch one transaction over rows locked with
     ``skip_locked`` (a row another process holds is being paid or expired by it).
     Returns how many expired and the greatest lateness in seconds.
 
@@ -1059,7 +1059,7 @@ def _expiry_transition(model: type[AbstractOrder]) -> tuple[tuple[str, ...], str
 def _expire_batch(
     due: QuerySet[AbstractOrder], *, target: str, by: str, at: datetime
 ) -> list[tuple[Any, datetime]]:
-    """One batch, in the caller's transaction: up to ``SWEEP_BATCH_SIZE`` due rows locked
+    """One batch, in the caller's transaction: up to ``EXPIRY_BATCH_SIZE`` due rows locked
     (``skip_locked``: a row another process holds is being paid or expired by it), moved
     to ``target`` with what ``expire`` writes (``AbstractOrder.expiry_fields``), and their
     history rows (the events) written. Returns each order's (id, deadline).
@@ -1068,7 +1068,7 @@ def _expire_batch(
     elsewhere three (SELECT, UPDATE, INSERT)."""
     model = get_order_model()
     locked = due.select_for_update(skip_locked=True).values_list("pk", "expires_at", "status")[
-        : get_settings().SWEEP_BATCH_SIZE
+        : get_settings().EXPIRY_BATCH_SIZE
     ]
     changes = {"status": target, "updated_at": at, **model.expiry_fields(at)}
     if connection.vendor == "postgresql":

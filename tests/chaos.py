@@ -272,7 +272,7 @@ def passed_over_by_sweeps(
     conf = get_settings()
     grace = timedelta(seconds=conf.SWEEP_GRACE)
     found = []
-    complete = [(s, e) for s, e, expired in sweeps if expired < conf.SWEEP_BATCH_SIZE]
+    complete = [(s, e) for s, e, expired in sweeps if expired < conf.EXPIRY_BATCH_SIZE]
     for order in orders.filter(cancel_reason=CancelReason.TIMEOUT):
         assert order.cancelled_at is not None
         overdue = order.expires_at + grace

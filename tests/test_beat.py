@@ -108,7 +108,7 @@ def test_two_beats_sweep_at_once_and_every_overdue_order_expires_once() -> None:
     env = worker_env(
         CELERY_KEY_PREFIX=key_prefix("beats"),
         ORDERS_SWEEP_INTERVAL="1",
-        ORDERS_SWEEP_BATCH_SIZE="50",
+        ORDERS_EXPIRY_BATCH_SIZE="50",
         ORDERS_TEST_EXPIRY_DELAY="0.002",
     )
     with workers("beats", 1, env, concurrency=2) as [worker], beats(["a", "b"], env) as both:

@@ -79,6 +79,7 @@ def test_unknown_key_is_reported_by_name(settings: Settings) -> None:
         ("SWEEP_INTERVAL", True),
         ("SWEEP_GRACE", -1),
         ("SWEEP_BATCH_SIZE", 0),
+        ("EXPIRY_BATCH_SIZE", 0),
         ("SHIPPING_RETRY_AFTER", "60"),
         ("BULK_REFUND_LIMIT", 0),
         ("BULK_REFUND_LIMIT", "50"),

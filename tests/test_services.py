@@ -1413,7 +1413,7 @@ def test_sweep_reports_a_refund_the_gateway_refuses_and_carries_on(
 
 
 def test_sweep_expires_every_overdue_order_batch_by_batch(settings: Settings) -> None:
-    settings.ORDERS = settings.ORDERS | {"SWEEP_BATCH_SIZE": 2}
+    settings.ORDERS = settings.ORDERS | {"EXPIRY_BATCH_SIZE": 2}
     orders = [place(timeout=60 + i) for i in range(5)]
 
     report = services.sweep(now=at(600))
