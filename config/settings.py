@@ -105,6 +105,18 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
     # A file, not :memory:, so that the worker processes of the tests share it.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.mysql":
+    # MySQL or MariaDB through PyMySQL, standing in for mysqlclient (no C headers).
+    import pymysql  # type: ignore[import-untyped]
+
+    pymysql.install_as_MySQLdb()
+    DATABASES["default"]["OPTIONS"] = {
+        "charset": "utf8mb4",
+        # Django's default, said out loud: a locking read sees the latest row either way,
+        # and READ COMMITTED takes no gap locks, which deadlock a burst of expiries.
+        "isolation_level": "read committed",
+    }
+    DATABASES["default"]["TEST"] = {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"}
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

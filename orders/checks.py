@@ -9,8 +9,9 @@ import re
 from typing import Any
 
 from celery import current_app
-from django.core.checks import CheckMessage, Error, Warning, register
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.core.exceptions import ImproperlyConfigured
+from django.db import connections
 from django.utils.module_loading import import_string
 
 from orders.conf import DEFAULTS, INTEGER_SETTINGS, PAYMENT_METHOD_PATTERN, user_settings
@@ -318,3 +319,44 @@ def _check_payment_hold(hold: Any) -> list[CheckMessage]:
             id="orders.E014",
         )
     ]
+
+
+#: Isolation levels under which the expiry's locking reads and its re-checks disagree on
+#: MySQL/MariaDB (a plain read sees the transaction's first snapshot, not the locked row).
+SNAPSHOT_LEVELS = ("repeatable read", "serializable")
+
+
+@register(Tags.database)
+def check_database(
+    app_configs: Any = None, databases: Any = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """MySQL and MariaDB: the expiry locks due rows with ``SKIP LOCKED`` (MySQL 8.0.1+,
+    MariaDB 10.6+), and expects READ COMMITTED, Django's default there."""
+    messages: list[CheckMessage] = []
+    for alias in databases or ():
+        connection = connections[alias]
+        if connection.vendor != "mysql":
+            continue
+        if not connection.features.has_select_for_update_skip_locked:
+            messages.append(
+                Warning(
+                    f"Database {alias!r} ({connection.display_name}) has no SELECT ... FOR "
+                    "UPDATE SKIP LOCKED: concurrent sweeps and bucket tasks wait for each "
+                    "other's rows instead of taking the next ones.",
+                    hint="Use MariaDB 10.6 or newer, or MySQL 8.0.1 or newer.",
+                    id="orders.W003",
+                )
+            )
+        level = str((connection.settings_dict.get("OPTIONS") or {}).get("isolation_level") or "")
+        if level.lower() in SNAPSHOT_LEVELS:
+            messages.append(
+                Warning(
+                    f"Database {alias!r} runs at {level.upper()}: a plain read inside a "
+                    "transaction sees its first snapshot, so a re-check after a lock may "
+                    "read an order as it was before another process changed it.",
+                    hint='Remove OPTIONS["isolation_level"] (Django uses READ COMMITTED on '
+                    'MySQL and MariaDB) or set it to "read committed".',
+                    id="orders.W004",
+                )
+            )
+    return messages

@@ -581,7 +581,12 @@ def prune(*, now: datetime | None = None) -> tuple[int, int]:
     receiver, and their other records say who already took them."""
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=get_settings().EVENT_RETENTION)
-    parked_orders = EventDelivery.objects.filter(parked_at__isnull=False).values("event__order_id")
+    # Read first: MySQL and MariaDB refuse a DELETE whose subquery reads its own table.
+    parked_orders = set(
+        EventDelivery.objects.filter(parked_at__isnull=False).values_list(
+            "event__order_id", flat=True
+        )
+    )
     records, _ = (
         EventDelivery.objects.filter(delivered_at__lt=cutoff)
         .exclude(event__order_id__in=parked_orders)

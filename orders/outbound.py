@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 from standardwebhooks.webhooks import Webhook
 
@@ -152,20 +152,32 @@ def _claim(delivery_id: Any, *, skip_endpoints: set[int]) -> WebhookDelivery | N
     """The delivery, leased to this worker, if it is owed and due, no other worker holds
     it and its endpoint is not one of ``skip_endpoints``; else None."""
     now = timezone.now()
+    owed = WebhookDelivery.objects.filter(
+        pk=delivery_id,
+        delivered_at__isnull=True,
+        gave_up_at__isnull=True,
+        next_attempt_at__lte=now,
+        endpoint__active=True,
+    ).exclude(endpoint_id__in=skip_endpoints)
     with transaction.atomic():
-        delivery = (
-            WebhookDelivery.objects.select_for_update(skip_locked=True, of=("self",))
-            .select_related("endpoint", "event")
-            .filter(
-                pk=delivery_id,
-                delivered_at__isnull=True,
-                gave_up_at__isnull=True,
-                next_attempt_at__lte=now,
-                endpoint__active=True,
+        if connection.vendor != "mysql" or connection.features.has_select_for_update_of:
+            locked = owed.select_for_update(skip_locked=True, of=("self",))
+            delivery = locked.select_related("endpoint", "event").first()
+        else:
+            # MariaDB: no FOR UPDATE OF, and a locking join would lock the endpoint's row
+            # too (a second delivery of it would be skipped). The delivery's row alone.
+            # The delivery's own conditions again under its lock: another worker may have
+            # claimed it between the two reads.
+            delivery = (
+                WebhookDelivery.objects.select_for_update(skip_locked=True)
+                .filter(
+                    pk__in=list(owed.values_list("pk", flat=True)),
+                    delivered_at__isnull=True,
+                    gave_up_at__isnull=True,
+                    next_attempt_at__lte=now,
+                )
+                .first()
             )
-            .exclude(endpoint_id__in=skip_endpoints)
-            .first()
-        )
         if delivery is None:
             return None
         lease = get_settings().WEBHOOK_TIMEOUT * LEASE_TIMEOUTS

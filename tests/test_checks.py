@@ -360,3 +360,39 @@ def test_the_readme_lists_every_setting_and_every_check_id() -> None:
     ids = re.findall(r'id="orders\.(E\d+)"', Path(checks_module.__file__).read_text())
     # "`orders.E001`-`E014`", with an en dash as README writes ranges.
     assert f"`orders.E001`\N{EN DASH}`{max(ids)}`" in readme
+
+
+class FakeFeatures:
+    def __init__(self, skip_locked: bool) -> None:
+        self.has_select_for_update_skip_locked = skip_locked
+
+
+class FakeConnection:
+    def __init__(self, vendor: str, *, skip_locked: bool = True, level: str | None = None):
+        self.vendor = vendor
+        self.display_name = "MariaDB"
+        self.features = FakeFeatures(skip_locked)
+        self.settings_dict = {"OPTIONS": {"isolation_level": level} if level else {}}
+
+
+@pytest.mark.parametrize(
+    ("connection", "ids"),
+    [
+        (FakeConnection("mysql"), []),
+        (FakeConnection("mysql", level="read committed"), []),
+        (FakeConnection("mysql", skip_locked=False), ["orders.W003"]),
+        (FakeConnection("mysql", level="REPEATABLE READ"), ["orders.W004"]),
+        (
+            FakeConnection("mysql", skip_locked=False, level="serializable"),
+            ["orders.W003", "orders.W004"],
+        ),
+        (FakeConnection("postgresql", skip_locked=False, level="serializable"), []),
+    ],
+)
+def test_a_mysql_database_without_skip_locked_or_at_a_snapshot_isolation_level_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, connection: FakeConnection, ids: list[str]
+) -> None:
+    monkeypatch.setattr(checks_module, "connections", {"default": connection})
+
+    assert [m.id for m in checks_module.check_database(databases=["default"])] == ids
+    assert checks_module.check_database(databases=None) == [], "database checks only when asked"
