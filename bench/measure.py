@@ -57,7 +57,7 @@ LABELS = {
     POLL: "1. polling every 1 s (article)",
     SWEEP: "2. sweep only (cron)",
     PER_ORDER: "3. countdown per order",
-    BATCHED: "4. batched timers (buckets in a Redis sorted set, the default)",
+    BATCHED: "4. batched timers (buckets in a Redis sorted set)",
     FLOOR: "5. floor: one raw UPDATE",
     PER_ORDER_RECONNECT: "3b. countdown per order, new DB connection per task (before the fix)",
 }

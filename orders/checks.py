@@ -125,8 +125,8 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
             Error(
                 f"ORDERS['TIMER_MODE'] must be one of {', '.join(TIMER_MODES)}, "
                 f"got {merged['TIMER_MODE']!r}.",
-                hint="'batched' (the default) keeps timers in Redis, in buckets "
-                "TIMER_RESOLUTION wide; 'per_order' sends one Celery countdown task per order.",
+                hint="'per_order' (the default) sends one Celery countdown task per order; "
+                "'batched' keeps timers in Redis, in buckets TIMER_RESOLUTION wide.",
                 id="orders.E007",
             )
         )
