@@ -1,8 +1,8 @@
 """The benchmark's own environment: its own database, its own Redis key prefix.
 
-Nothing here touches a developer's data. On PostgreSQL the bench creates (and drops)
-a database ``orders_bench`` on the server that ``DATABASE_URL`` names; on SQLite it
-uses ``var/bench.sqlite3``. Every Redis key it makes starts with a fresh random
+Nothing here touches a developer's data. On PostgreSQL and MySQL/MariaDB the bench
+creates (and drops) a database ``orders_bench`` on the server that ``DATABASE_URL``
+names; on SQLite it uses ``var/bench.sqlite3``. Every Redis key it makes starts with a fresh random
 ``CELERY_KEY_PREFIX``, and only keys with that prefix are deleted at the end.
 
 This module must be importable before Django is set up: it reads no settings.
@@ -29,7 +29,7 @@ SQLITE_PATH = VAR_DIR / "bench.sqlite3"
 @dataclass(frozen=True)
 class BenchEnv:
     database_url: str  # the bench's own database
-    admin_url: str | None  # PostgreSQL: the developer's URL, used only to CREATE/DROP ours
+    admin_url: str | None  # a server's: the developer's URL, used only to CREATE/DROP ours
     redis_url: str  # as Celery takes it (redis://, or redis+socket:// when embedded)
     key_prefix: str
     redis_embedded: bool
@@ -42,14 +42,15 @@ class BenchEnv:
         return _sqlite_path(self.database_name)
 
     @property
-    def is_postgres(self) -> bool:
-        return self.admin_url is not None
+    def is_mysql(self) -> bool:
+        return self.database_url.startswith("mysql://")
 
     def describe(self) -> dict[str, str]:
-        if self.is_postgres:
+        if self.admin_url is not None:
             parts = urlsplit(self.database_url)
-            server = f"{parts.hostname}:{parts.port or 5432}"
-            database = f"PostgreSQL, database {self.database_name} on {server}"
+            kind, port = ("MySQL/MariaDB", 3306) if self.is_mysql else ("PostgreSQL", 5432)
+            server = f"{parts.hostname}:{parts.port or port}"
+            database = f"{kind}, database {self.database_name} on {server}"
         else:
             database = f"SQLite ({self.sqlite_path.relative_to(BASE_DIR)}), embedded default"
         if self.redis_embedded:
@@ -97,22 +98,45 @@ def _pg_admin(url: str, statement: str) -> None:
         conn.execute(statement.encode())
 
 
+def _mysql_admin(url: str, statement: str) -> None:
+    import pymysql  # type: ignore[import-untyped]
+
+    parts = urlsplit(url)
+    conn = pymysql.connect(
+        host=parts.hostname or "localhost",
+        port=parts.port or 3306,
+        user=unquote(parts.username or "root"),
+        password=unquote(parts.password or ""),
+        connect_timeout=5,
+        autocommit=True,
+    )
+    with conn, conn.cursor() as cursor:
+        cursor.execute(statement)
+
+
 def prepare(name: str = BENCH_DB_NAME) -> BenchEnv:
     """Choose the stack from the environment and create the bench's empty database
     ``name``. Call before Django is imported: it rewrites DATABASE_URL and friends in
     os.environ."""
     VAR_DIR.mkdir(exist_ok=True)  # logs and status files, whichever the database
     given_db = os.environ.get("DATABASE_URL", "")
-    if given_db.startswith(("postgres://", "postgresql://", "pgsql://")):
+    is_postgres = given_db.startswith(("postgres://", "postgresql://", "pgsql://"))
+    if is_postgres or given_db.startswith("mysql://"):
         parts = urlsplit(given_db)
         if unquote(parts.path.lstrip("/")) == name:
             raise SystemExit(f"DATABASE_URL already names {name}; point it elsewhere.")
         database_url = urlunsplit(parts._replace(path=f"/{name}"))
-        _pg_admin(given_db, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        _pg_admin(given_db, f'CREATE DATABASE "{name}"')
+        if is_postgres:
+            _pg_admin(given_db, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            _pg_admin(given_db, f'CREATE DATABASE "{name}"')
+        else:
+            _mysql_admin(given_db, f"DROP DATABASE IF EXISTS `{name}`")
+            _mysql_admin(given_db, f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
         admin_url: str | None = given_db
     elif given_db and not given_db.startswith("sqlite"):
-        raise SystemExit(f"The bench runs on PostgreSQL or SQLite; DATABASE_URL={given_db!r}.")
+        raise SystemExit(
+            f"The bench runs on PostgreSQL, MySQL/MariaDB or SQLite; DATABASE_URL={given_db!r}."
+        )
     else:
         _remove_sqlite(_sqlite_path(name))
         database_url, admin_url = f"sqlite:///{_sqlite_path(name)}", None
@@ -177,7 +201,9 @@ def teardown(bench: BenchEnv) -> None:
     try:
         delete_bench_keys(redis_client(bench.redis_url), bench.key_prefix)
     finally:
-        if bench.admin_url is not None:
+        if bench.is_mysql and bench.admin_url is not None:
+            _mysql_admin(bench.admin_url, f"DROP DATABASE IF EXISTS `{bench.database_name}`")
+        elif bench.admin_url is not None:
             _pg_admin(
                 bench.admin_url, f'DROP DATABASE IF EXISTS "{bench.database_name}" WITH (FORCE)'
             )

@@ -184,7 +184,7 @@ def goals(results: Results) -> list[list[str]]:
                 [
                     f"{LABELS[strategy][3:]}: expiries/s in a burst against the floor",
                     "within 3x",
-                    f"{slower:,.0f}x slower ({_f(b.processing_rate, 0)}/s vs "
+                    f"{slower:,.1f}x slower ({_f(b.processing_rate, 0)}/s vs "
                     f"{_f(results.floor.rate, 0)}/s)"
                     + (
                         f" (before the connection fix, 3b: {_f(old.processing_rate, 0)}/s)"
@@ -284,7 +284,8 @@ def markdown(results: Results) -> str:
         "",
         f"{p.burst_size:,} orders due at the same instant, timers armed beforehand. "
         "'all expired after': from the deadline until no order of the burst is unpaid, as "
-        "seen by the bench. 'expiries/s': orders over the span of their row writes. 'worker "
+        "seen by the bench. 'expiries/s': orders over the time from the first batch's "
+        "start until all were seen committed (batches side by side share it). 'worker "
         "CPU': CPU time of the worker's (or loop's) processes over the burst, per order, "
         "which the machine's noise moves less than wall time (PostgreSQL's own CPU is not "
         "in it). The "
@@ -750,5 +751,7 @@ def write(results: Results, out: Path) -> list[Path]:
     for item in raw["lateness"]:
         del item["samples"]  # in the plot; thousands of numbers are no use in a diff
     (out / "results.json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
+    if not (results.lateness or results.memory):  # --bursts-only: nothing to plot
+        return [out / "RESULTS.md", out / "results.json"]
     plots(results, out)
     return [out / n for n in ("RESULTS.md", "results.json", "lateness.png", "memory.png")]

@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run only the events scenario (bench/events.py) and write only events.md",
     )
+    parser.add_argument(
+        "--bursts-only",
+        action="store_true",
+        help="only the floor and the strategies' bursts (no sustained load, memory or "
+        "events): a database's column beside another's, each against its own floor",
+    )
     parser.add_argument("--out", type=Path, help="where to write the results")
     parser.add_argument(
         "--note",
@@ -106,7 +112,7 @@ def _quiet_logging() -> None:
     root.addHandler(handler)
 
 
-def _machine(env_is_pg: bool) -> dict[str, str]:
+def _machine() -> dict[str, str]:
     import celery
     import django
     import psutil  # type: ignore[import-untyped]
@@ -115,19 +121,29 @@ def _machine(env_is_pg: bool) -> dict[str, str]:
     from bench.env import redis_client
 
     connection.ensure_connection()
-    db_version: int | None = getattr(connection, "pg_version", None) if env_is_pg else None
     redis_version = redis_client(os.environ["REDIS_URL"]).info("server")["redis_version"]
     return {
         "Machine": f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
         f"{platform.system()} {platform.release()}",
         "Versions": f"Python {platform.python_version()}, Django {django.get_version()}, "
-        f"Celery {celery.__version__}, Redis {redis_version}"
-        + (f", PostgreSQL {db_version // 10000}.{db_version % 10000}" if db_version else "")
-        + (f", SQLite {sqlite3.sqlite_version}" if not env_is_pg else ""),
+        f"Celery {celery.__version__}, Redis {redis_version}, {_database_version()}",
         "Load at start": "1-minute load average {:.1f}, 5-minute {:.1f}".format(
             *os.getloadavg()[:2]
         ),
     }
+
+
+def _database_version() -> str:
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        version = connection.pg_version  # type: ignore[attr-defined]
+        return f"PostgreSQL {version // 10000}.{version % 10000}"
+    if connection.vendor == "mysql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT VERSION()")
+            return f"MySQL/MariaDB {cursor.fetchone()[0]}"
+    return f"SQLite {sqlite3.sqlite_version}"
 
 
 def run(env: object, args: argparse.Namespace) -> None:
@@ -161,30 +177,44 @@ def run(env: object, args: argparse.Namespace) -> None:
         profile=profile,
         stack=stack,
         started=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        machine=_machine(env.is_postgres),
+        machine=_machine(),
     )
     if args.note:
         results.machine["Note"] = args.note
     bench = measure.Bench(env, profile, results, out)
-    if not args.only_events:
+    if args.bursts_only:
+        run_bursts(bench, strategies)
+    elif not args.only_events:
         run_strategies(bench, strategies, out, args.profile)
-    from bench import events
+    if not args.bursts_only:
+        from bench import events
 
-    print("events: what they add to a burst, and the dispatcher's rate", flush=True)
-    results.events = events.EventCost(bench).run()
-    results.durations["events"] = results.events.durations["events"]
+        print("events: what they add to a burst, and the dispatcher's rate", flush=True)
+        results.events = events.EventCost(bench).run()
+        results.durations["events"] = results.events.durations["events"]
     results.machine["Load at end"] = "1-minute load average {:.1f}, 5-minute {:.1f}".format(
         *os.getloadavg()[:2]
     )
 
     written = [] if args.only_events else report.write(results, out)
-    written += report.write_events(results, out)
     if not args.only_events:
         print(report.markdown(results).split("## Lateness")[0].split("## Goals")[1], flush=True)
-    events_md = report.events_markdown(results).split("## 1.", 1)[1].split("## Run time")[0]
-    print("\n## 1." + "\n".join(ln for ln in events_md.splitlines() if ln[:1] in "#|-"))
+    if not args.bursts_only:
+        written += report.write_events(results, out)
+        events_md = report.events_markdown(results).split("## 1.", 1)[1].split("## Run time")[0]
+        print("\n## 1." + "\n".join(ln for ln in events_md.splitlines() if ln[:1] in "#|-"))
     shown = [p.relative_to(BASE_DIR) if p.is_relative_to(BASE_DIR) else p for p in written]
     print("Wrote " + ", ".join(str(p) for p in shown), flush=True)
+
+
+def run_bursts(bench: Bench, strategies: list[str]) -> None:
+    """The floor, then each strategy's bursts alone."""
+    t = time.monotonic()
+    bench.floor()
+    bench.results.durations["floor"] = time.monotonic() - t
+    for strategy in strategies:
+        print(f"strategy {strategy}: bursts", flush=True)
+        bench.run_strategy(strategy, bursts_only=True)
 
 
 def run_strategies(bench: Bench, strategies: list[str], out: Path, profile: bool) -> None:

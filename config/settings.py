@@ -135,7 +135,7 @@ ORDERS = {
     "SWEEP_INTERVAL": env.int("ORDERS_SWEEP_INTERVAL", default=30),
     "SWEEP_GRACE": env.int("ORDERS_SWEEP_GRACE", default=5),
     "TIMER_HORIZON": env.int("ORDERS_TIMER_HORIZON", default=50 * 60),
-    "TIMER_MODE": env("ORDERS_TIMER_MODE", default="per_order"),
+    "TIMER_MODE": env("ORDERS_TIMER_MODE", default="batched"),
     "TIMER_RESOLUTION": env.float("ORDERS_TIMER_RESOLUTION", default=0.1),
     "API_TOKEN": env("ORDERS_API_TOKEN", default=""),
     # Standard Webhooks secrets ("whsec_" + base64), one per provider.

@@ -16,8 +16,8 @@ from django.utils.module_loading import import_string
 
 from orders.conf import DEFAULTS, INTEGER_SETTINGS, PAYMENT_METHOD_PATTERN, user_settings
 
-#: Integer settings for which 0 means something (no grace; no reminder).
-ZERO_ALLOWED = ("SWEEP_GRACE", "REMIND_BEFORE")
+#: Integer settings for which 0 means something (no grace; no reminder; no helpers).
+ZERO_ALLOWED = ("SWEEP_GRACE", "REMIND_BEFORE", "EXPIRY_HELPERS")
 
 TIMER_MODES = ("per_order", "batched")
 # Time kept between the horizon and the visibility timeout, so that a timer is always
@@ -45,6 +45,8 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
             if "BATCH" in key or "LIMIT" in key
             else "attempts"
             if "ATTEMPTS" in key
+            else "tasks"
+            if "HELPERS" in key
             else "seconds"
         )
         if (
@@ -125,8 +127,8 @@ def check_orders_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckM
             Error(
                 f"ORDERS['TIMER_MODE'] must be one of {', '.join(TIMER_MODES)}, "
                 f"got {merged['TIMER_MODE']!r}.",
-                hint="'per_order' (the default) sends one Celery countdown task per order; "
-                "'batched' keeps timers in Redis, in buckets TIMER_RESOLUTION wide.",
+                hint="'batched' (the default) keeps timers in Redis, in buckets "
+                "TIMER_RESOLUTION wide; 'per_order' sends one Celery countdown task per order.",
                 id="orders.E007",
             )
         )

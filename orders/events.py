@@ -21,8 +21,10 @@ retried on their own.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -32,7 +34,7 @@ from itertools import groupby
 from typing import Any
 
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.db import IntegrityError, models, transaction
+from django.db import IntegrityError, connection, models, transaction
 from django.db.models import Exists, OuterRef
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
@@ -50,6 +52,7 @@ from orders.models import (
     Payment,
     WebhookDelivery,
     WebhookEndpoint,
+    concrete_field,
     event_type_of,
 )
 from orders.signals import SIGNALS
@@ -146,28 +149,75 @@ def owed(heard: Audience, at: datetime) -> dict[str, Any]:
     return {"owed_to": list(heard.receivers), "next_dispatch_at": at if heard else None}
 
 
+#: A bulk write's rows, given as one JSON parameter ``[[event id, order id, source],
+#: ...]``, read as a table ``j``. (On PostgreSQL the expiry writes its history in its own
+#: statement, from the rows it updated.)
+_JSON_ROWS = {
+    "mysql": "JSON_TABLE(%s, '$[*]' COLUMNS (event_id VARCHAR(36) PATH '$[0]', "
+    "order_id VARCHAR(64) PATH '$[1]', source VARCHAR(64) PATH '$[2]')) AS j",
+    "sqlite": "(SELECT json_extract(value, '$[0]') AS event_id, json_extract(value, '$[1]') "
+    "AS order_id, json_extract(value, '$[2]') AS source FROM json_each(%s)) AS j",
+}
+
+
+#: The history's columns a bulk write fills, in the order its ``SELECT`` gives them.
+_BULK_FIELDS = (
+    "event_id",
+    "event_type",
+    "order",
+    "transition",
+    "source",
+    "target",
+    "actor",
+    "reason",
+    "at",
+    "owed_to",
+    "next_dispatch_at",
+)
+
+
+def bulk_history_table() -> str:
+    """``<history table> (<columns>)`` for an ``INSERT ... SELECT`` of bulk history rows,
+    whose ``SELECT`` gives event id, event type, order id, transition, source, target,
+    actor, reason, at, owed_to and next_dispatch_at, in that order."""
+    qn = connection.ops.quote_name
+    columns = ", ".join(qn(concrete_field(OrderTransition, name).column) for name in _BULK_FIELDS)
+    return f"{qn(OrderTransition._meta.db_table)} ({columns})"
+
+
 def record_in_bulk(
     rows: list[tuple[Any, str]], *, transition: str, target: str, by: str, reason: str, at: datetime
 ) -> None:
     """Write one event ``transition`` for each (order id, source status) of ``rows``, in
-    the caller's transaction and with one INSERT (the bulk expiry's history, written with
-    no order instance at hand), and queue their dispatch on commit."""
-    model = get_order_model()
-    heard = audience(event_type_of(transition), model)
-    OrderTransition.objects.bulk_create(
-        OrderTransition(
-            order_id=order_id,
-            event_type=event_type_of(transition),
-            transition=transition,
-            source=source,
-            target=target,
-            actor=by,
-            reason=reason,
-            at=at,
-            **owed(heard, at),
+    the caller's transaction and with one ``INSERT ... SELECT`` from the rows passed as
+    one JSON parameter (the bulk expiry's history, written with no order instance at
+    hand), and queue their dispatch on commit. Not ``bulk_create``: compiling and
+    escaping each value in Python was three quarters of a MariaDB batch's time."""
+    heard = audience(event_type_of(transition), get_order_model())
+    debt = owed(heard, at)
+
+    def db(name: str, value: Any) -> Any:
+        value = concrete_field(OrderTransition, name).get_db_prep_save(value, connection)
+        return str(value) if isinstance(value, uuid.UUID) else value  # a native uuid column
+
+    data = [[db("event_id", uuid.uuid4()), db("order", pk), source] for pk, source in rows]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {bulk_history_table()} "
+            "SELECT j.event_id, %s, j.order_id, %s, j.source, %s, %s, %s, %s, %s, %s "
+            f"FROM {_JSON_ROWS[connection.vendor]}",
+            [
+                event_type_of(transition),
+                transition,
+                target,
+                by,
+                reason,
+                db("at", at),
+                db("owed_to", debt["owed_to"]),
+                db("next_dispatch_at", debt["next_dispatch_at"]),
+                json.dumps(data),
+            ],
         )
-        for order_id, source in rows
-    )
     if heard:
         announce([order_id for order_id, _ in rows])
 

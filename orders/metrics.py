@@ -1,4 +1,5 @@
-"""Prometheus metrics at ``/metrics``, read from the database at scrape time.
+"""Prometheus metrics at ``/metrics``, read from the database at scrape time (and the
+timers' sorted set in Redis, for the wakers' lag).
 
 The workers are prefork processes that come and go, so counters kept in a process's
 memory would be partial and reset on every restart; the database is the truth. Each
@@ -22,6 +23,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from orders import scheduling
 from orders.http import json_endpoint, require_operator
 from orders.selectors import read_snapshot
 
@@ -51,6 +53,13 @@ SWEEP_GAUGES = (
 
 def _epoch(moment: datetime | None) -> float:
     return moment.timestamp() if moment is not None else 0.0
+
+
+def _waker_lag() -> float:
+    try:
+        return scheduling.waker_lag()
+    except scheduling.BROKER_ERRORS:
+        return float("nan")
 
 
 class OrdersCollector(Collector):
@@ -101,6 +110,14 @@ class OrdersCollector(Collector):
             "orders_unpaid_overdue_max_seconds",
             "How far past its deadline the oldest overdue unpaid order is (0 if none).",
             value=(snap.at - oldest).total_seconds() if oldest is not None else 0.0,
+        )
+
+        yield GaugeMetricFamily(
+            "orders_timer_waker_lag_seconds",
+            "How long the oldest due timer bucket (batched timers) has waited for a worker's "
+            "waker: 0 if none is due, NaN if Redis did not answer. Above a few tenths of a "
+            "second for long: no worker runs, or their wakers cannot reach Redis.",
+            value=_waker_lag(),
         )
 
         sweep = snap.last_sweep

@@ -83,6 +83,14 @@ def _default_currency() -> str:
     return get_settings().CURRENCY
 
 
+def concrete_field(model: type[models.Model], name: str) -> models.Field[Any, Any]:
+    """A model's column-backed field by name (``"pk"``: its primary key), for SQL written
+    by hand."""
+    field = model._meta.pk if name == "pk" else model._meta.get_field(name)
+    assert isinstance(field, models.Field)
+    return field
+
+
 def permission_name(model: type[models.Model] | models.Model, codename: str) -> str:
     """``"<app_label>.<codename>"`` for the order model, whichever app it lives in."""
     return f"{model._meta.app_label}.{codename}"

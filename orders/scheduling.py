@@ -159,6 +159,7 @@ def publish_reminder_timer(order_id: str, deadline: datetime, remind_at: datetim
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MILLISECOND = timedelta(milliseconds=1)
 
 #: What a timer bucket is for, in its sorted-set member ``"<kind>:<end in ms>"``.
 EXPIRE, REMIND = "expire", "remind"
@@ -181,10 +182,14 @@ def timers_key() -> str:
 
 def publish_bucket_timer(order_id: str, deadline: datetime) -> None:
     """Add the deadline's bucket to the timers' sorted set (batched mode): the first order
-    of a bucket adds it, the rest find it there. No task waits in a worker meanwhile."""
+    of a bucket adds it, the rest find it there. No task waits in a worker meanwhile.
+
+    The bucket comes due at the earliest deadline armed in it, not at its end: the orders
+    of a sale, which share one deadline, expire from that moment. Its task comes again at
+    the bucket's end for the bucket's later deadlines, if it has any."""
     bucket = bucket_of(deadline)
     try:
-        added = add_buckets(EXPIRE, [bucket])
+        added = add_buckets(EXPIRE, [bucket], due_ms=-(-(deadline - EPOCH) // MILLISECOND))
     except BROKER_ERRORS as exc:
         _forget_timer(order_id, deadline, exc)
     else:
@@ -195,7 +200,7 @@ def publish_bucket_timer(order_id: str, deadline: datetime) -> None:
                 "Timer bucket {bucket} armed by order {order_id}: fires in {countdown_s:.1f}s.",
                 bucket=bucket,
                 order_id=order_id,
-                countdown_s=max(0.0, bucket / 1000 - time.time()),
+                countdown_s=max(0.0, deadline.timestamp() - time.time()),
                 expires_at=deadline.isoformat(),
             )
 
@@ -221,23 +226,80 @@ def publish_reminder_bucket(order_id: str, remind_at: datetime) -> None:
             )
 
 
+def share_bucket(bucket: int, helpers: int) -> None:
+    """Publish ``helpers`` more tasks of an expiry bucket, which take its batches side by
+    side with the task that calls this. With the broker down, that task does it all."""
+    from orders.tasks import expire_bucket_task
+
+    try:
+        for _ in range(helpers):
+            publish(expire_bucket_task, args=(bucket,), kwargs={"share": False})
+    except BROKER_ERRORS as exc:
+        log_event(
+            logger,
+            "timer.bucket_not_shared",
+            "Timer bucket {bucket} not shared, the broker is unreachable ({error}); one task "
+            "expires it all.",
+            level=logging.WARNING,
+            bucket=bucket,
+            error=str(exc),
+        )
+    else:
+        if helpers:
+            log_event(
+                logger,
+                "timer.bucket_shared",
+                "Timer bucket {bucket} shared with {helpers} more tasks.",
+                bucket=bucket,
+                helpers=helpers,
+            )
+
+
+def fire_bucket_again(bucket: int) -> None:
+    """Add back, due at its end, an expiry bucket whose task ran before its end (at its
+    earliest deadline, or on a worker's clock behind the waker's), for its orders not due
+    yet. With Redis down, the sweep expires them."""
+    try:
+        add_buckets(EXPIRE, [bucket])
+    except BROKER_ERRORS as exc:
+        log_event(
+            logger,
+            "timer.bucket_not_armed",
+            "Timer bucket {bucket} fired early and could NOT be armed again, the broker is "
+            "unreachable ({error}); the sweep will expire its orders.",
+            level=logging.ERROR,
+            bucket=bucket,
+            error=str(exc),
+        )
+
+
+def waker_lag() -> float:
+    """How long (seconds) the oldest due bucket has waited for a waker; 0 if none is due.
+    A bucket a waker claimed is not due (its lease moved it ahead). Raises the broker's
+    error."""
+    now_ms = time.time() * 1000
+    oldest = _redis().zrangebyscore(timers_key(), "-inf", now_ms, start=0, num=1, withscores=True)
+    return (now_ms - float(oldest[0][1])) / 1000 if oldest else 0.0
+
+
 #: Buckets per ZADD (of one pipeline) in a re-arm.
 ADD_CHUNK = 10_000
 
 
-def add_buckets(kind: str, buckets: Iterable[int]) -> int:
-    """Add buckets of ``kind`` (EXPIRE or REMIND) to the timers' sorted set; returns how
-    many were new. Adding one twice is a no-op, so a re-arm needs no bookkeeping of its
-    own. Raises the broker's error."""
+def add_buckets(kind: str, buckets: Iterable[int], *, due_ms: int | None = None) -> int:
+    """Add buckets of ``kind`` (EXPIRE or REMIND) to the timers' sorted set, each due at
+    its end or at ``due_ms`` if that is earlier; returns how many were new. A bucket
+    already there keeps the earlier of its two times (``ZADD LT``), so adding one twice is
+    a no-op and a re-arm needs no bookkeeping of its own. Raises the broker's error."""
     pipe, key = _redis().pipeline(transaction=False), timers_key()
     chunk: dict[str, int] = {}
     for bucket in buckets:
-        chunk[f"{kind}:{bucket}"] = bucket
+        chunk[f"{kind}:{bucket}"] = bucket if due_ms is None else min(bucket, due_ms)
         if len(chunk) == ADD_CHUNK:
-            pipe.zadd(key, chunk)
+            pipe.zadd(key, chunk, lt=True)
             chunk = {}
     if chunk:
-        pipe.zadd(key, chunk)
+        pipe.zadd(key, chunk, lt=True)
     return sum(pipe.execute())
 
 

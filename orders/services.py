@@ -25,7 +25,7 @@ from functools import cache, partial
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured, ValidationError
-from django.db import IntegrityError, connection, models, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 from django.utils.module_loading import import_string
@@ -66,6 +66,7 @@ from orders.models import (
     PaymentAttempt,
     Status,
     SweepRun,
+    concrete_field,
     event_type_of,
 )
 
@@ -976,13 +977,7 @@ def expire_due_orders(
     transition's sources and target, ``AbstractOrder.expiry_fields``); the rows are
     written set-wise (``_expire_batch``), with their history rows (the events). An order
     a payment attempt holds is not among them: the provider is asked about it first."""
-    due = (
-        get_order_model()
-        .objects.filter(status=Status.CREATED, expires_at__lte=min(due_by, now or timezone.now()))
-        .order_by("expires_at")
-    )
-    if due_after is not None:
-        due = due.filter(expires_at__gt=due_after)
+    due = _due_orders(due_by=due_by, due_after=due_after, now=now)
     # An order a payment attempt holds is asked about, one by one, after the batches.
     # (Its mark is on its own row: a batch that locks a row marked meanwhile sees it.)
     held = Q(original_expires_at__isnull=False)
@@ -993,6 +988,20 @@ def expire_due_orders(
         if expire_order(order_id=order_id, by=by, now=now) is ExpiryOutcome.EXPIRED:
             expired += 1
     return expired, max_lateness
+
+
+def _due_orders(
+    *, due_by: datetime, due_after: datetime | None, now: datetime | None
+) -> QuerySet[AbstractOrder]:
+    """Unpaid orders whose deadline is in (``due_after``, ``due_by``] and has passed."""
+    due = _unpaid_due_in(after=due_after, by=min(due_by, now or timezone.now()))
+    return due.order_by("expires_at")
+
+
+def _unpaid_due_in(*, after: datetime | None, by: datetime) -> QuerySet[AbstractOrder]:
+    """Unpaid orders whose deadline is in (``after``, ``by``]."""
+    unpaid = get_order_model().objects.filter(status=Status.CREATED, expires_at__lte=by)
+    return unpaid if after is None else unpaid.filter(expires_at__gt=after)
 
 
 def _expire_in_batches(
@@ -1013,7 +1022,7 @@ def _expire_in_batches(
         if not batch:
             return expired, max_lateness
         expired += len(batch)
-        lateness = [(stamp - deadline).total_seconds() for _, deadline in batch]
+        lateness = [late for _, late in batch]
         max_lateness = max(max_lateness, *lateness)
         log_event(
             logger,
@@ -1027,7 +1036,7 @@ def _expire_in_batches(
             max_lateness_s=max(lateness),
         )
         if logger.isEnabledFor(logging.DEBUG):
-            for order_id, deadline in batch:
+            for order_id, late in batch:
                 log_event(
                     logger,
                     "order.expired",
@@ -1036,8 +1045,8 @@ def _expire_in_batches(
                     level=logging.DEBUG,
                     order_id=str(order_id),
                     by=by,
-                    expires_at=deadline.isoformat(),
-                    lateness_s=(stamp - deadline).total_seconds(),
+                    expires_at=(stamp - timedelta(seconds=late)).isoformat(),
+                    lateness_s=late,
                 )
 
 
@@ -1058,11 +1067,12 @@ def _expiry_transition(model: type[AbstractOrder]) -> tuple[tuple[str, ...], str
 
 def _expire_batch(
     due: QuerySet[AbstractOrder], *, target: str, by: str, at: datetime
-) -> list[tuple[Any, datetime]]:
+) -> list[tuple[Any, float]]:
     """One batch, in the caller's transaction: up to ``EXPIRY_BATCH_SIZE`` due rows locked
     (``skip_locked``: a row another process holds is being paid or expired by it), moved
     to ``target`` with what ``expire`` writes (``AbstractOrder.expiry_fields``), and their
-    history rows (the events) written. Returns each order's (id, deadline).
+    history rows (the events) written. Returns each order's id and lateness (seconds from
+    its deadline to ``at``).
 
     On PostgreSQL that is one statement (the lock, the UPDATE and the history's INSERT);
     elsewhere three (SELECT, UPDATE, INSERT)."""
@@ -1072,37 +1082,31 @@ def _expire_batch(
     ]
     changes = {"status": target, "updated_at": at, **model.expiry_fields(at)}
     if connection.vendor == "postgresql":
-        rows = _expire_batch_in_one_statement(locked, changes, by=by, at=at)
-    else:
-        rows = list(locked)
-        model.objects.filter(pk__in=[order_id for order_id, *_ in rows]).update(**changes)
-        events.record_in_bulk(
-            [(order_id, source) for order_id, _, source in rows],
-            transition="expire",
-            target=target,
-            by=by,
-            reason=EXPIRED_REASON,
-            at=at,
-        )
-    return [(order_id, deadline) for order_id, deadline, _ in rows]
-
-
-def _concrete_field(model: type[AbstractOrder], name: str) -> models.Field[Any, Any]:
-    field = model._meta.pk if name == "pk" else model._meta.get_field(name)
-    assert isinstance(field, models.Field)
-    return field
+        return _expire_batch_in_one_statement(locked, changes, by=by, at=at)
+    rows = list(locked)
+    model.objects.filter(pk__in=[order_id for order_id, *_ in rows]).update(**changes)
+    events.record_in_bulk(
+        [(order_id, source) for order_id, _, source in rows],
+        transition="expire",
+        target=target,
+        by=by,
+        reason=EXPIRED_REASON,
+        at=at,
+    )
+    return [(order_id, (at - deadline).total_seconds()) for order_id, deadline, _ in rows]
 
 
 def _expire_batch_in_one_statement(
     locked: QuerySet[Any, Any], changes: dict[str, Any], *, by: str, at: datetime
-) -> list[tuple[Any, datetime, str]]:
+) -> list[tuple[Any, float]]:
     """PostgreSQL: lock, update and write the history of a batch in one statement (data-
-    modifying CTEs), no row passing through Python but the ids and deadlines it returns."""
+    modifying CTEs), no row passing through Python but the ids and latenesses it returns
+    (computed by the database: loading a timestamp per row costs Python more than the
+    row's UPDATE)."""
     model = get_order_model()
     qn = connection.ops.quote_name
-    fields = {name: _concrete_field(model, name) for name in [*changes, "pk", "expires_at"]}
+    fields = {name: concrete_field(model, name) for name in [*changes, "pk", "expires_at"]}
     select_sql, select_params = locked.query.sql_with_params()
-    history = OrderTransition._meta
     heard = events.audience(event_type_of("expire"), model)
     debt = events.owed(heard, at)
     pk, expires_at = qn(fields["pk"].column), qn(fields["expires_at"].column)
@@ -1115,14 +1119,11 @@ def _expire_batch_in_one_statement(
             RETURNING o.{pk}, due.{expires_at}, due.source
         ),
         written AS (
-            INSERT INTO {qn(history.db_table)} (
-                event_id, event_type, order_id, transition, source, target, actor, reason,
-                at, owed_to, next_dispatch_at
-            )
+            INSERT INTO {events.bulk_history_table()}
             SELECT gen_random_uuid(), %s, {pk}, %s, source, %s, %s, %s, %s, %s::jsonb, %s
             FROM expired
         )
-        SELECT {pk}, {expires_at}, source FROM expired
+        SELECT {pk}, EXTRACT(EPOCH FROM %s::timestamptz - {expires_at})::float8 FROM expired
     """
     params = [
         *select_params,
@@ -1135,25 +1136,37 @@ def _expire_batch_in_one_statement(
         at,
         json.dumps(debt["owed_to"]),
         debt["next_dispatch_at"],
+        at,
     ]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        rows = [(order_id, deadline, source) for order_id, deadline, source in cursor.fetchall()]
+        rows: list[tuple[Any, float]] = cursor.fetchall()
     if heard and rows:
-        events.announce([order_id for order_id, *_ in rows])
+        events.announce([order_id for order_id, _ in rows])
     return rows
 
 
-def expire_bucket(*, bucket: int, now: datetime | None = None) -> int:
+def expire_bucket(*, bucket: int, now: datetime | None = None, share: bool = True) -> int:
     """The batched timer of one bucket (its end, ms since the epoch): expire the unpaid
-    orders whose deadlines fall in the bucket, under the same lock and re-check. Orders
-    due earlier are their own buckets' or, if those were lost, the sweep's: a bucket's
-    task is not a sweep. A bucket that fires before its end (a worker's clock behind the
-    waker's) is added again, for what is not due yet."""
+    orders whose deadlines fall in the bucket and have passed, under the same lock and
+    re-check. Orders due earlier are their own buckets' or, if those were lost, the
+    sweep's: a bucket's task is not a sweep. A bucket fires at its earliest deadline
+    (``scheduling.publish_bucket_timer``); if it holds later ones, it is added again, due
+    at its end.
+
+    A bucket of more than one batch (a sale's orders sharing a deadline) is ``share``d
+    first: up to ``EXPIRY_HELPERS`` more tasks of it, which do not share again, take its
+    batches side by side with this one."""
     start, end = _bucket_window(bucket)
-    expired, lateness = expire_due_orders(due_by=end, due_after=start, by=TIMER, now=now)
-    if (now or timezone.now()) < end:
-        scheduling.add_buckets(scheduling.EXPIRE, [bucket])
+    # What is due by now is this task's; what is due later, the bucket's next firing.
+    cutoff = min(end, now or timezone.now())
+    if share:
+        scheduling.share_bucket(
+            bucket, _helpers_for(_due_orders(due_by=cutoff, due_after=start, now=now))
+        )
+    expired, lateness = expire_due_orders(due_by=cutoff, due_after=start, by=TIMER, now=now)
+    if share and cutoff < end and _unpaid_due_in(after=max(start, cutoff), by=end).exists():
+        scheduling.fire_bucket_again(bucket)
     log_event(
         logger,
         "timer.bucket_fired",
@@ -1163,6 +1176,17 @@ def expire_bucket(*, bucket: int, now: datetime | None = None) -> int:
         lateness_s=lateness,
     )
     return expired
+
+
+def _helpers_for(due: QuerySet[AbstractOrder]) -> int:
+    """How many more tasks a bucket's orders keep busy: one per batch beyond the first,
+    up to ``EXPIRY_HELPERS``; none where the database cannot skip locked rows."""
+    conf = get_settings()
+    if not conf.EXPIRY_HELPERS or not connection.features.has_select_for_update_skip_locked:
+        return 0
+    batch = conf.EXPIRY_BATCH_SIZE
+    rows = due[: batch * (conf.EXPIRY_HELPERS + 1)].count()
+    return min(conf.EXPIRY_HELPERS, max(0, rows - 1) // batch)
 
 
 def _bucket_window(bucket: int) -> tuple[datetime, datetime]:

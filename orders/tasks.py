@@ -27,8 +27,8 @@ def expire_order_task(order_id: str) -> str:
 
 
 @shared_task(name="orders.expire_bucket", acks_late=True)
-def expire_bucket_task(bucket: int) -> int:
-    return services.expire_bucket(bucket=bucket)
+def expire_bucket_task(bucket: int, share: bool = True) -> int:
+    return services.expire_bucket(bucket=bucket, share=share)
 
 
 @shared_task(name="orders.remind_order", acks_late=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import uuid
@@ -47,12 +48,75 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
 
 
+#: What a failed test's report shows of each process log written while it ran.
+LOG_LINES_SHOWN = 150
+
+
+def _log_sizes() -> dict[Path, int]:
+    """The logs of the worker and beat processes the tests start (``test-*.log`` in
+    VAR_DIR; not CI's or the bench's, nor another pass's in a folder below) by size."""
+    sizes = {}
+    for path in embedded_redis.VAR_DIR.glob("test-*.log"):
+        with contextlib.suppress(OSError):  # a test may remove a log as we look
+            sizes[path] = path.stat().st_size
+    return sizes
+
+
+_LOG_SIZES = pytest.StashKey[dict[Path, int]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Note how long the test processes' logs (``_log_sizes``) are as the test starts,
+    for ``pytest_runtest_makereport``."""
+    item.stash[_LOG_SIZES] = _log_sizes()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test's report ends with what the worker and beat processes logged while it
+    ran (the last lines of each log that grew): a timer that was late or a task that
+    failed says why there, and CI keeps only its own output."""
+    report = yield
+    if report.when == "call" and report.failed and _LOG_SIZES in item.stash:
+        before = item.stash[_LOG_SIZES]
+        for path, size in sorted(_log_sizes().items()):
+            start = before.get(path, 0)
+            if size < start:  # a worker started again under the same name
+                start = 0
+            if size > start:
+                with path.open("rb") as log:
+                    log.seek(start)
+                    lines = log.read().decode(errors="replace").splitlines()
+                report.sections.append(
+                    (
+                        f"{path.name}, the last {LOG_LINES_SHOWN} lines it logged during the test",
+                        "\n".join(lines[-LOG_LINES_SHOWN:]),
+                    )
+                )
+    return report
+
+
 @pytest.fixture(autouse=True)
 def _fresh_endpoint_list() -> None:
     """The process's list of active webhook endpoints is trusted for a few seconds
     (orders.events); a test starts with the database's own (a previous test's may have
     been truncated away, which sends no signal)."""
     events.forget_endpoints()
+
+
+@pytest.fixture(autouse=True)
+def _no_buckets_left_behind() -> Iterator[None]:
+    """Empty the session's timers' sorted set after each test. A test whose orders are
+    rolled back or truncated away leaves their buckets behind (due in 10 or 30 minutes);
+    the session's worker, which has no receivers, would fire them while a later test
+    runs and expire that test's orders whose deadlines fall in the same 0.1 s: a bucket
+    names a window of deadlines, not orders (in production every worker has the same
+    receivers, and a bucket without orders is a no-op)."""
+    client, key = broker.redis_client(), scheduling.timers_key()  # before any patching
+    yield
+    client.delete(key)
 
 
 @pytest.fixture

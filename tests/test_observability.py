@@ -6,9 +6,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
+import time
 import uuid
 from datetime import timedelta
 from decimal import Decimal
@@ -26,7 +28,7 @@ from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_django import DjangoCaptureOnCommitCallbacks, Settings
 
-from orders import broker, heartbeat, services
+from orders import broker, heartbeat, scheduling, services
 from orders.logging import JsonFormatter
 from orders.models import PaymentAttempt, SweepRun
 from orders.tasks import expire_order_task
@@ -144,6 +146,27 @@ def test_metrics_count_orders_expiries_lateness_timers_and_refunds(client: Clien
     assert metrics["orders_refunds_failing"] == {("orders_refunds_failing", ()): 1}
     assert metrics["orders_shipments_pending"] == {("orders_shipments_pending", ()): 1}
     assert metrics["orders_shipments_stuck"] == {("orders_shipments_stuck", ()): 0}
+
+
+@pytest.mark.django_db
+def test_metrics_say_how_long_the_oldest_due_timer_bucket_has_waited_for_a_waker(
+    client: Client, timers_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def lag() -> float:
+        family = scrape(client)["orders_timer_waker_lag_seconds"]
+        return family[("orders_timer_waker_lag_seconds", ())]
+
+    assert lag() == 0
+    now_ms = time.time() * 1000
+    # Due 5 s ago, due 2 s ago, and one a waker holds (its lease moved it ahead).
+    broker.redis_client().zadd(
+        timers_key,
+        {"expire:1": now_ms - 5000, "expire:2": now_ms - 2000, "remind:3": now_ms + 9000},
+    )
+    assert lag() == pytest.approx(5, abs=1)
+
+    monkeypatch.setattr(scheduling, "_redis", lambda: redis.Redis(port=1))  # nothing listens
+    assert math.isnan(lag())
 
 
 def _attempted(attempt_ref: str, **hold: Any) -> Any:

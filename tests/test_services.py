@@ -22,7 +22,7 @@ import pytest
 import redis
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 from pytest_django import DjangoCaptureOnCommitCallbacks, Settings
 
@@ -1452,6 +1452,92 @@ def test_bucket_timer_fired_early_expires_nothing_before_its_deadline_and_comes_
     assert broker.redis_client().zscore(timers_key, f"expire:{bucket}") == bucket
 
 
+def test_a_bucket_fired_at_its_earliest_deadline_comes_again_only_for_later_ones(
+    timers_key: str,
+) -> None:
+    first, later = place(timeout=600.41), place(timeout=600.47)
+    bucket = scheduling.bucket_of(at(600.41))
+    client = broker.redis_client()
+
+    assert services.expire_bucket(bucket=bucket, now=at(600.41)) == 1
+    assert client.zscore(timers_key, f"expire:{bucket}") == bucket  # for the later order
+    client.delete(timers_key)
+    assert services.expire_bucket(bucket=bucket, now=at(600.47)) == 1
+    assert client.zscore(timers_key, f"expire:{bucket}") is None  # nothing left in it
+
+    assert (reloaded(first).status, reloaded(later).status) == (Status.CANCELLED,) * 2
+
+
+def test_a_bucket_task_that_ends_after_the_bucket_still_comes_again_for_what_it_left(
+    timers_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task decides what is its own once: a clock that moves on while it works (here
+    30 ms a reading) does not make it drop the orders due after that moment."""
+    first, later = place(timeout=600.41), place(timeout=600.47)
+    bucket = scheduling.bucket_of(at(600.41))
+    readings = iter(range(1000))
+    monkeypatch.setattr(services.timezone, "now", lambda: at(600.41 + 0.03 * next(readings)))
+
+    assert services.expire_bucket(bucket=bucket) == 1
+
+    assert (reloaded(first).status, reloaded(later).status) == (Status.CANCELLED, Status.CREATED)
+    assert broker.redis_client().zscore(timers_key, f"expire:{bucket}") == bucket
+
+
+@pytest.mark.parametrize(("helpers", "published"), [(3, 2), (1, 1), (0, 0)])
+def test_a_bucket_of_more_than_one_batch_is_shared_by_helpers_that_do_not_share_again(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, helpers: int, published: int
+) -> None:
+    settings.ORDERS = settings.ORDERS | {"EXPIRY_BATCH_SIZE": 2, "EXPIRY_HELPERS": helpers}
+    sent: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(scheduling, "publish", lambda task, **kw: sent.append((task.name, kw)))
+    bucket = scheduling.bucket_of(at(600.15))
+    first = [place(timeout=600.15) for _ in range(5)]  # three batches
+
+    assert services.expire_bucket(bucket=bucket, now=at(601)) == 5
+
+    if connection.vendor == "sqlite":  # no skip_locked: one task a bucket
+        published = 0
+    helper = ("orders.expire_bucket", {"args": (bucket,), "kwargs": {"share": False}})
+    assert sent == [helper] * published
+    assert {reloaded(o).status for o in first} == {Status.CANCELLED}
+    sent.clear()
+    more = [place(timeout=600.12) for _ in range(5)]
+    assert services.expire_bucket(bucket=bucket, now=at(601), share=False) == 5
+    assert sent == []
+    assert {reloaded(o).status for o in more} == {Status.CANCELLED}
+
+
+def test_a_bucket_not_shared_for_want_of_a_broker_is_expired_by_its_own_task(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def down(task: Any, **options: Any) -> NoReturn:
+        raise kombu.exceptions.OperationalError("connection refused")
+
+    monkeypatch.setattr(scheduling, "publish", down)
+
+    scheduling.share_bucket(1_700_000_000_100, 2)  # no error: the caller goes on alone
+
+    assert "Timer bucket 1700000000100 not shared, the broker is unreachable" in caplog.text
+
+
+def test_a_bucket_fired_early_with_redis_down_is_left_to_the_sweep(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    order = place(timeout=600.5)
+    bucket = scheduling.bucket_of(at(600.5))
+
+    def down(kind: str, buckets: Any) -> NoReturn:
+        raise redis.ConnectionError("connection refused")
+
+    monkeypatch.setattr(scheduling, "add_buckets", down)
+
+    assert services.expire_bucket(bucket=bucket, now=at(600.4)) == 0
+    assert reloaded(order).status == Status.CREATED
+    assert "could NOT be armed again" in caplog.text
+    assert services.sweep(now=at(700)).expired == 1
+
+
 def test_a_bucket_timer_leaves_the_orders_of_earlier_buckets_to_theirs_and_the_sweep() -> None:
     earlier, own = place(timeout=599.9), place(timeout=600.05)
 
@@ -1801,3 +1887,26 @@ def test_orders_without_a_reference_are_many_and_one_with_a_reference_is_one() -
     assert Order.objects.get(reference="shop-7").metadata == {"a": 1}
     assert Order.objects.count() == 4
     assert reloaded(unreferenced[0]).metadata == {}
+
+
+def test_after_the_resolution_is_lowered_a_rearm_gives_each_order_a_bucket_of_the_new_width(
+    settings: Settings, timers_key: str
+) -> None:
+    """A bucket armed before the change keeps its old end; its task takes only the new
+    width before that end. ``orders_rearm`` (README, TIMER_RESOLUTION) arms the rest."""
+    settings.ORDERS = settings.ORDERS | {"TIMER_MODE": "batched", "TIMER_RESOLUTION": 1.0}
+    early, late = place(timeout=600.2), place(timeout=600.95)
+    old_bucket = scheduling.bucket_of(at(600.2))
+    assert old_bucket == scheduling.bucket_of(at(600.95))  # one bucket, a second wide
+
+    settings.ORDERS = settings.ORDERS | {"TIMER_RESOLUTION": 0.1}
+    assert services.expire_bucket(bucket=old_bucket, now=at(601.05)) == 1
+    assert (reloaded(early).status, reloaded(late).status) == (Status.CREATED, Status.CANCELLED)
+
+    for _ in services.rearm_timers(now=at(601.05)):
+        pass
+    new_bucket = scheduling.bucket_of(at(600.2))
+    assert new_bucket != old_bucket
+    assert broker.redis_client().zscore(timers_key, f"expire:{new_bucket}") is not None
+    assert services.expire_bucket(bucket=new_bucket, now=at(601.05)) == 1
+    assert reloaded(early).status == Status.CANCELLED

@@ -6,6 +6,7 @@ Deadlines are a few seconds away; the tests wait on the database, not on mocks.
 from __future__ import annotations
 
 import random
+import re
 import subprocess
 import sys
 import time
@@ -14,12 +15,15 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from orders import get_order_model, scheduling, services
 from orders.models import PLACE, REFUND_PAYMENT, AbstractOrder, CancelReason, Payment, Status
 from orders.tasks import expire_order_task
+from tests.chaos import key_prefix, workers
 from tests.conftest import BASE_DIR, WorkerProcess, worker_env
+from tests.redis_server import publishing_to
 
 Order = get_order_model()
 
@@ -260,3 +264,47 @@ def test_batched_timers_expire_every_order_of_a_bucket_with_one_task_per_bucket(
     log = celery_worker_process.log()
     runs = [log.count(f"Timer bucket {b} expired") for b in sorted(buckets)]
     assert runs == [1] * len(buckets), "one task per bucket, not one per order"
+
+
+@pytest.mark.skipif(
+    connection.vendor == "sqlite",
+    reason="SQLite's writers queue behind one another: a bucket is never shared there",
+)
+def test_a_bucket_bigger_than_a_batch_is_shared_by_tasks_that_expire_each_order_once(
+    settings: Any,
+) -> None:
+    """A sale's orders sharing one deadline, five batches of them: the bucket's task
+    publishes helpers, the worker's two processes take batches side by side (skip_locked
+    keeps them apart), and each order is expired once, by one of them."""
+    settings.ORDERS = settings.ORDERS | {
+        "TIMER_MODE": "batched",
+        "EXPIRY_BATCH_SIZE": 20,
+        "EXPIRY_HELPERS": 3,
+    }
+    prefix = key_prefix("share")
+    # Each batch of 20 held 0.4 s (tests/slow_expiry): 2 s for one task alone, so that
+    # the helpers start while the bucket's own task is still at it, however loaded the
+    # machine.
+    env = worker_env(
+        CELERY_KEY_PREFIX=prefix, ORDERS_EXPIRY_BATCH_SIZE="20", ORDERS_TEST_EXPIRY_DELAY="0.02"
+    )
+    with workers("share", 1, env) as [worker], publishing_to(settings.CELERY_BROKER_URL, prefix):
+        start = timezone.now()
+        orders = [services.place_order(amount="10.00", timeout=4, now=start) for _ in range(100)]
+        [bucket] = {scheduling.bucket_of(o.expires_at) for o in orders}
+
+        wait_for(lambda: statuses(orders) == {Status.CANCELLED}, 20, "every order to expire")
+        wait_for(
+            lambda: worker.log().count(f"Timer bucket {bucket} expired") == 4,
+            10,
+            "the bucket's task and its three helpers to report",
+        )
+
+    assert f"Timer bucket {bucket} shared with 3 more tasks." in worker.log()
+    expired_by_task = [
+        int(n) for n in re.findall(rf"Timer bucket {bucket} expired (\d+) orders", worker.log())
+    ]
+    assert sum(expired_by_task) == 100
+    assert len([n for n in expired_by_task if n]) >= 2, "one task did all the work alone"
+    for order in Order.objects.filter(pk__in=[o.pk for o in orders]):
+        assert [h.transition for h in order.history.all()] == [PLACE, "expire"]

@@ -1,5 +1,6 @@
 """The run command, as a new user runs it: ``manage.py up`` (what ``.ci/up`` calls after
-installing) starts web, worker and beat; the printed login works and a short order
+installing) starts web, worker and beat, on a fresh database of the kind the run tests
+on (SQLite, PostgreSQL or MariaDB); the printed login works and a short order
 placed through the printed API token is cancelled by the worker it started. A worker
 killed under it is started again (config/supervise.py), without stopping web and beat,
 and the new worker cancels the next order."""
@@ -18,12 +19,14 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from django.db import connection
 
-from tests.conftest import BASE_DIR
+from tests.conftest import BASE_DIR, database_url
 
 pytestmark = pytest.mark.integration
 
@@ -49,13 +52,32 @@ def request(
         return exc.code, exc.read()
 
 
+@pytest.fixture
+def up_database_url(tmp_path: Path, django_db_setup: Any, django_db_blocker: Any) -> Iterator[str]:
+    """An empty database for ``up`` of its own, of the kind this run tests on: a fresh
+    one on the same server (PostgreSQL, MariaDB), dropped after; else a SQLite file."""
+    if connection.vendor == "sqlite":
+        yield f"sqlite:///{tmp_path / 'up.sqlite3'}"
+        return
+    name = f"orders_up_{uuid.uuid4().hex[:8]}"
+    force = " WITH (FORCE)" if connection.vendor == "postgresql" else ""
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    try:
+        yield database_url().rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with django_db_blocker.unblock(), connection.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {name}{force}")
+
+
 def test_up_runs_web_worker_and_beat_its_login_and_token_work_and_a_killed_worker_comes_back(
+    up_database_url: str,
     tmp_path: Path,
 ) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")} | {
         "DJANGO_SETTINGS_MODULE": "config.settings",
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'up.sqlite3'}",
+        "DATABASE_URL": up_database_url,
         "CELERY_KEY_PREFIX": f"orders-up-{uuid.uuid4().hex[:8]}:",
         "PYTHONUNBUFFERED": "1",
     }

@@ -78,6 +78,21 @@ def test_adding_a_bucket_twice_keeps_one(client: redis.Redis) -> None:
     ]
 
 
+def test_a_bucket_comes_due_at_the_earliest_deadline_armed_in_it(client: redis.Redis) -> None:
+    bucket = ms(T) + 100
+    member = f"expire:{bucket}"
+
+    scheduling.publish_bucket_timer("a", T + timedelta(milliseconds=60, microseconds=1))
+    assert client.zscore(scheduling.timers_key(), member) == ms(T) + 61  # never before it
+    scheduling.publish_bucket_timer("b", T + timedelta(milliseconds=90))  # later: no change
+    assert client.zscore(scheduling.timers_key(), member) == ms(T) + 61
+    scheduling.publish_bucket_timer("c", T + timedelta(milliseconds=20))
+    assert client.zscore(scheduling.timers_key(), member) == ms(T) + 20
+    scheduling.add_buckets(scheduling.EXPIRE, [bucket])  # a re-arm, due at the end
+    assert client.zscore(scheduling.timers_key(), member) == ms(T) + 20
+    assert client.zcard(scheduling.timers_key()) == 1
+
+
 def test_a_wake_publishes_each_due_bucket_once_and_keeps_the_rest(
     client: redis.Redis, sent: list[tuple[str, int]]
 ) -> None:
