@@ -187,43 +187,69 @@ def publish_bucket_timer(order_id: str, deadline: datetime) -> None:
     The bucket comes due at the earliest deadline armed in it, not at its end: the orders
     of a sale, which share one deadline, expire from that moment. Its task comes again at
     the bucket's end for the bucket's later deadlines, if it has any."""
-    bucket = bucket_of(deadline)
-    try:
-        added = add_buckets(EXPIRE, [bucket], due_ms=-(-(deadline - EPOCH) // MILLISECOND))
-    except BROKER_ERRORS as exc:
-        _forget_timer(order_id, deadline, exc)
-    else:
-        if added:
-            log_event(
-                logger,
-                "timer.bucket_armed",
-                "Timer bucket {bucket} armed by order {order_id}: fires in {countdown_s:.1f}s.",
-                bucket=bucket,
-                order_id=order_id,
-                countdown_s=max(0.0, deadline.timestamp() - time.time()),
-                expires_at=deadline.isoformat(),
-            )
+    _add_bucket(
+        EXPIRE,
+        order_id,
+        deadline,
+        bucket=bucket_of(deadline),
+        due_ms=-(-(deadline - EPOCH) // MILLISECOND),
+        not_added=_forget_timer,
+        expires_at=deadline.isoformat(),
+    )
 
 
 def publish_reminder_bucket(order_id: str, remind_at: datetime) -> None:
-    """Add the reminder's bucket, as ``publish_bucket_timer`` does for deadlines. A
-    reminder time already past goes to the coming bucket, which the waker takes at once."""
-    bucket = bucket_of(max(remind_at, timezone.now()))
+    """Add the reminder's bucket, as ``publish_bucket_timer`` does for deadlines, due at
+    its end (a reminder is never early). A reminder time already past goes to the coming
+    bucket, which the waker takes at once."""
+    _add_bucket(
+        REMIND,
+        order_id,
+        remind_at,
+        bucket=bucket_of(max(remind_at, timezone.now())),
+        due_ms=None,
+        not_added=_reminder_not_armed,
+        remind_at=remind_at.isoformat(),
+    )
+
+
+#: The log line of a bucket added to the timers' set, by its kind.
+_BUCKET_ARMED = {
+    EXPIRE: ("timer.bucket_armed", "Timer bucket"),
+    REMIND: ("timer.reminder_bucket_armed", "Reminder bucket"),
+}
+
+
+def _add_bucket(
+    kind: str,
+    order_id: str,
+    at: datetime,
+    *,
+    bucket: int,
+    due_ms: int | None,
+    not_added: Callable[[str, datetime, BaseException], None],
+    **fields: Any,
+) -> None:
+    """Add ``bucket`` (``add_buckets``) for one order's deadline or reminder ``at``, and
+    log it if the order was its first; with the broker down, ``not_added(order_id, at,
+    error)`` says so and leaves the order to the sweep."""
     try:
-        added = add_buckets(REMIND, [bucket])
+        added = add_buckets(kind, [bucket], due_ms=due_ms)
     except BROKER_ERRORS as exc:
-        _reminder_not_armed(order_id, remind_at, exc)
-    else:
-        if added:
-            log_event(
-                logger,
-                "timer.reminder_bucket_armed",
-                "Reminder bucket {bucket} armed by order {order_id}: fires in {countdown_s:.1f}s.",
-                bucket=bucket,
-                order_id=order_id,
-                countdown_s=max(0.0, bucket / 1000 - time.time()),
-                remind_at=remind_at.isoformat(),
-            )
+        not_added(order_id, at, exc)
+        return
+    if added:
+        event, what = _BUCKET_ARMED[kind]
+        fires_at = bucket if due_ms is None else min(bucket, due_ms)
+        log_event(
+            logger,
+            event,
+            what + " {bucket} armed by order {order_id}: fires in {countdown_s:.1f}s.",
+            bucket=bucket,
+            order_id=order_id,
+            countdown_s=max(0.0, fires_at / 1000 - time.time()),
+            **fields,
+        )
 
 
 def share_bucket(bucket: int, helpers: int) -> None:

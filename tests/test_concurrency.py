@@ -477,7 +477,12 @@ def test_randomized_orders_payments_and_duplicates_never_break_the_guarantee(
     print_report(mine, plan, sweeps, record, actors, found)
     print(f"settled after {settled:.1f}s, whole test {time.monotonic() - started:.1f}s")
     Record.clear(broker, records)
-    assert found == [], f"{len(found)} violations, the first ones:\n" + "\n".join(found[:30])
+    # The first line is what a CI summary shows: the seed that replays the run, and one
+    # violation.
+    assert found == [], (
+        f"{len(found)} violations (ORDERS_CHAOS_SEED={seed}), the first: {found[0]}\n"
+        + "\n".join(found[1:30])
+    )
 
 
 def provider_violations(mine: Any, record: Record) -> list[str]:
