@@ -154,7 +154,7 @@ def owed(heard: Audience, at: datetime) -> dict[str, Any]:
 #: statement, from the rows it updated.)
 _JSON_ROWS = {
     "mysql": "JSON_TABLE(%s, '$[*]' COLUMNS (event_id VARCHAR(36) PATH '$[0]', "
-    "order_id VARCHAR(64) PATH '$[1]', source VARCHAR(64) PATH '$[2]')) AS j",
+    "order_id VARCHAR(255) PATH '$[1]', source VARCHAR(64) PATH '$[2]')) AS j",
     "sqlite": "(SELECT json_extract(value, '$[0]') AS event_id, json_extract(value, '$[1]') "
     "AS order_id, json_extract(value, '$[2]') AS source FROM json_each(%s)) AS j",
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
@@ -174,9 +174,15 @@ def bucket_of(deadline: datetime) -> int:
     return -(-at // step) * step // 1000
 
 
+def ms_after(moment: datetime) -> int:
+    """``moment`` in milliseconds since the epoch, rounded up (a timer never before it)."""
+    return -(-(moment - EPOCH) // MILLISECOND)
+
+
 def timers_key() -> str:
-    """The one sorted set of timer buckets (member ``"<kind>:<end ms>"``, score its end
-    in ms) that ``orders.waker`` turns into tasks when they come due."""
+    """The one sorted set of timer buckets (member ``"<kind>:<end ms>"``, score when it
+    is due in ms: its end, or the earliest deadline armed in it) that ``orders.waker``
+    turns into tasks when they come due."""
     return f"{broker.key_prefix()}orders:timers"
 
 
@@ -192,7 +198,7 @@ def publish_bucket_timer(order_id: str, deadline: datetime) -> None:
         order_id,
         deadline,
         bucket=bucket_of(deadline),
-        due_ms=-(-(deadline - EPOCH) // MILLISECOND),
+        due_ms=ms_after(deadline),
         not_added=_forget_timer,
         expires_at=deadline.isoformat(),
     )
@@ -234,7 +240,7 @@ def _add_bucket(
     log it if the order was its first; with the broker down, ``not_added(order_id, at,
     error)`` says so and leaves the order to the sweep."""
     try:
-        added = add_buckets(kind, [bucket], due_ms=due_ms)
+        added = add_buckets(kind, [bucket], due=None if due_ms is None else {bucket: due_ms})
     except BROKER_ERRORS as exc:
         not_added(order_id, at, exc)
         return
@@ -312,15 +318,16 @@ def waker_lag() -> float:
 ADD_CHUNK = 10_000
 
 
-def add_buckets(kind: str, buckets: Iterable[int], *, due_ms: int | None = None) -> int:
+def add_buckets(kind: str, buckets: Iterable[int], *, due: Mapping[int, int] | None = None) -> int:
     """Add buckets of ``kind`` (EXPIRE or REMIND) to the timers' sorted set, each due at
-    its end or at ``due_ms`` if that is earlier; returns how many were new. A bucket
-    already there keeps the earlier of its two times (``ZADD LT``), so adding one twice is
-    a no-op and a re-arm needs no bookkeeping of its own. Raises the broker's error."""
+    its end or at ``due[bucket]`` (ms) if that is earlier; returns how many were new. A
+    bucket already there keeps the earlier of its two times (``ZADD LT``), so adding one
+    twice is a no-op and a re-arm needs no bookkeeping of its own. Raises the broker's
+    error."""
     pipe, key = _redis().pipeline(transaction=False), timers_key()
     chunk: dict[str, int] = {}
     for bucket in buckets:
-        chunk[f"{kind}:{bucket}"] = bucket if due_ms is None else min(bucket, due_ms)
+        chunk[f"{kind}:{bucket}"] = min(bucket, (due or {}).get(bucket, bucket))
         if len(chunk) == ADD_CHUNK:
             pipe.zadd(key, chunk, lt=True)
             chunk = {}

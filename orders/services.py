@@ -630,6 +630,8 @@ def _same_attempt(order: AbstractOrder, attempt: PaymentAttempt) -> PaymentAttem
 
 #: The order's fields a hold changes.
 HOLD_FIELDS = ["expires_at", "original_expires_at", "timer_armed_for"]
+#: Orders a payment attempt holds (marked on their own rows).
+HELD = Q(original_expires_at__isnull=False)
 
 
 def _open_attempts(order: AbstractOrder | Any) -> QuerySet[PaymentAttempt]:
@@ -965,7 +967,12 @@ def _expired(order: AbstractOrder, *, now: datetime, by: Actor, reason: str) -> 
 
 
 def expire_due_orders(
-    *, due_by: datetime, by: Actor, now: datetime | None = None, due_after: datetime | None = None
+    *,
+    due_by: datetime,
+    by: Actor,
+    now: datetime | None = None,
+    due_after: datetime | None = None,
+    ask_held: bool = True,
 ) -> tuple[int, float]:
     """Expire every unpaid order whose deadline is at or before ``due_by`` (and has passed),
     and after ``due_after`` if given (a timer bucket's own orders), in batches of
@@ -976,13 +983,15 @@ def expire_due_orders(
     The state machine says which rows may expire and what expiring writes (the ``expire``
     transition's sources and target, ``AbstractOrder.expiry_fields``); the rows are
     written set-wise (``_expire_batch``), with their history rows (the events). An order
-    a payment attempt holds is not among them: the provider is asked about it first."""
+    a payment attempt holds is not among them: the provider is asked about it first,
+    unless not ``ask_held`` (a bucket's helper task leaves that to the bucket's own)."""
     due = _due_orders(due_by=due_by, due_after=due_after, now=now)
     # An order a payment attempt holds is asked about, one by one, after the batches.
     # (Its mark is on its own row: a batch that locks a row marked meanwhile sees it.)
-    held = Q(original_expires_at__isnull=False)
-    expired, max_lateness = _expire_in_batches(due.exclude(held), by=by, now=now)
-    for order_id in due.filter(held).values_list("pk", flat=True)[
+    expired, max_lateness = _expire_in_batches(due.exclude(HELD), by=by, now=now)
+    if not ask_held:
+        return expired, max_lateness
+    for order_id in due.filter(HELD).values_list("pk", flat=True)[
         : get_settings().SWEEP_BATCH_SIZE
     ]:
         if expire_order(order_id=order_id, by=by, now=now) is ExpiryOutcome.EXPIRED:
@@ -1084,6 +1093,8 @@ def _expire_batch(
     if connection.vendor == "postgresql":
         return _expire_batch_in_one_statement(locked, changes, by=by, at=at)
     rows = list(locked)
+    if not rows:
+        return []
     model.objects.filter(pk__in=[order_id for order_id, *_ in rows]).update(**changes)
     events.record_in_bulk(
         [(order_id, source) for order_id, _, source in rows],
@@ -1156,17 +1167,22 @@ def expire_bucket(*, bucket: int, now: datetime | None = None, share: bool = Tru
 
     A bucket of more than one batch (a sale's orders sharing a deadline) is ``share``d
     first: up to ``EXPIRY_HELPERS`` more tasks of it, which do not share again, take its
-    batches side by side with this one."""
+    batches side by side with this one (and leave its held orders to it)."""
     start, end = _bucket_window(bucket)
-    # What is due by now is this task's; what is due later, the bucket's next firing.
+    # What is due by now is this task's; what is due later, the bucket's next firing,
+    # added first: neither a long run here (a sale's batches, a provider asked about a
+    # held order) nor a crash delays the later deadlines.
     cutoff = min(end, now or timezone.now())
+    if share and cutoff < end and _unpaid_due_in(after=max(start, cutoff), by=end).exists():
+        scheduling.fire_bucket_again(bucket)
     if share:
         scheduling.share_bucket(
             bucket, _helpers_for(_due_orders(due_by=cutoff, due_after=start, now=now))
         )
-    expired, lateness = expire_due_orders(due_by=cutoff, due_after=start, by=TIMER, now=now)
-    if share and cutoff < end and _unpaid_due_in(after=max(start, cutoff), by=end).exists():
-        scheduling.fire_bucket_again(bucket)
+    # The held orders are asked about by the bucket's own task alone, not by its helpers.
+    expired, lateness = expire_due_orders(
+        due_by=cutoff, due_after=start, by=TIMER, now=now, ask_held=share
+    )
     log_event(
         logger,
         "timer.bucket_fired",
@@ -1180,12 +1196,13 @@ def expire_bucket(*, bucket: int, now: datetime | None = None, share: bool = Tru
 
 def _helpers_for(due: QuerySet[AbstractOrder]) -> int:
     """How many more tasks a bucket's orders keep busy: one per batch beyond the first,
-    up to ``EXPIRY_HELPERS``; none where the database cannot skip locked rows."""
+    up to ``EXPIRY_HELPERS`` (held orders are not batched); none where the database
+    cannot skip locked rows."""
     conf = get_settings()
     if not conf.EXPIRY_HELPERS or not connection.features.has_select_for_update_skip_locked:
         return 0
     batch = conf.EXPIRY_BATCH_SIZE
-    rows = due[: batch * (conf.EXPIRY_HELPERS + 1)].count()
+    rows = due.exclude(HELD)[: batch * (conf.EXPIRY_HELPERS + 1)].count()
     return min(conf.EXPIRY_HELPERS, max(0, rows - 1) // batch)
 
 
@@ -1397,7 +1414,7 @@ def remind_due_orders(*, due_by: datetime, by: Actor, now: datetime | None = Non
                     expires_at__gt=stamp,
                 )
                 .exclude(reminded_for=F("expires_at"))
-                .filter(original_expires_at__isnull=True)  # not while a payment is on its way
+                .exclude(HELD)  # not while a payment is on its way
                 .order_by("expires_at")
             )
             batch = _lock_batch(due, get_settings().SWEEP_BATCH_SIZE)
@@ -1997,14 +2014,17 @@ def _rearm_buckets(unpaid: QuerySet[AbstractOrder], *, now: datetime) -> Iterato
     deadlines = sorted(
         unpaid.values_list("expires_at", flat=True).distinct().iterator(chunk_size=10_000)
     )
-    buckets = {scheduling.bucket_of(d) for d in deadlines}
+    # Each bucket due at the earliest deadline in it, as arming one order at a time does.
+    buckets: dict[int, int] = {}
+    for deadline in deadlines:
+        buckets.setdefault(scheduling.bucket_of(deadline), scheduling.ms_after(deadline))
     reminders: set[int] = set()
     before = get_settings().REMIND_BEFORE
     if before:  # as scheduling.reminder_time: not sent for this deadline, not held
-        owed = unpaid.exclude(reminded_for=F("expires_at")).filter(original_expires_at__isnull=True)
+        owed = unpaid.exclude(reminded_for=F("expires_at")).exclude(HELD)
         for deadline in owed.values_list("expires_at", flat=True).distinct().iterator(10_000):
             reminders.add(scheduling.bucket_of(max(deadline - timedelta(seconds=before), now)))
-    scheduling.add_buckets(scheduling.EXPIRE, sorted(buckets))
+    scheduling.add_buckets(scheduling.EXPIRE, sorted(buckets), due=buckets)
     scheduling.add_buckets(scheduling.REMIND, sorted(reminders))
     # Marked in ranges, each its own short transaction: one UPDATE of a million rows
     # would hold all their locks (and a payment waiting on one) for seconds.

@@ -2,11 +2,12 @@
 every worker that turns the buckets coming due into tasks.
 
 Arming (``scheduling.publish_bucket_timer``) adds the deadline's bucket, a member
-``"expire:<end ms>"`` scored by its end, to the set: one ``ZADD``, nothing held in a
-worker. The waker, a thread each worker runs beside its consumer, sleeps until the
-earliest bucket is due (at most ``TIMER_RESOLUTION``, so that a bucket added meanwhile
-waits no longer), then claims the due buckets with one Lua script and publishes
-``orders.expire_bucket`` (or ``orders.remind_bucket``) for each, at once.
+``"expire:<end ms>"`` scored by the earliest deadline armed in it, to the set: one
+``ZADD``, nothing held in a worker. The waker, a thread each worker runs beside its
+consumer, sleeps until the earliest bucket is due (at most ``TIMER_RESOLUTION``, so
+that a bucket added meanwhile waits no longer), then claims the due buckets with one
+Lua script and publishes ``orders.expire_bucket`` (or ``orders.remind_bucket``) for
+each, at once.
 
 Claiming does not remove a bucket: it moves its score ``LEASE`` ahead, and the bucket
 is removed once its task is published. A waker that dies between the two leaves the
@@ -85,10 +86,10 @@ def wake(client: redis.Redis, *, now_ms: int | None = None) -> float:
             log_event(
                 logger,
                 "timer.bucket_due",
-                "Timer bucket {member} published, {lateness_ms} ms after its end.",
+                "Timer bucket {member} published, {to_end_ms} ms before its end.",
                 level=logging.DEBUG,
                 member=member.decode(),
-                lateness_ms=now_ms - int(bucket),
+                to_end_ms=int(bucket) - now_ms,
             )
         published.append(member)
     if published:

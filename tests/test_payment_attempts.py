@@ -17,7 +17,7 @@ import pytest
 from django.db import transaction
 from pytest_django import Settings
 
-from orders import get_order_model, services
+from orders import get_order_model, scheduling, services
 from orders.gateways import GatewayError, LocalPaymentGateway, payment_gateway
 from orders.models import (
     PAYMENT_FAILED,
@@ -395,6 +395,25 @@ def test_the_sweep_expires_the_unheld_in_bulk_and_asks_about_the_held(settings: 
     assert fresh(plain).status == Status.CANCELLED
     assert fresh(failed).status == Status.CANCELLED
     assert fresh(held).status == Status.CREATED  # its hold has not ended
+
+
+def test_a_buckets_helper_tasks_leave_its_held_orders_to_the_buckets_own_task() -> None:
+    """A held order due in a bucket is asked about once, by the bucket's own task: its
+    helpers (``share=False``) take only the batches, so a provider is not asked the same
+    question by every helper, and a bucket of held orders gets no helpers."""
+    plain, held = place(timeout=60), place(timeout=60)
+    held_ref = ref()
+    start(held, held_ref, hold_for=20, when=10)  # held until 60: due with the deadline
+    gateway().simulate(held_ref, "failed")
+    bucket = scheduling.bucket_of(at(60))
+
+    assert services.expire_bucket(bucket=bucket, now=at(61), share=False) == 1
+    assert (fresh(plain).status, fresh(held).status) == (Status.CANCELLED, Status.CREATED)
+    assert PaymentAttempt.objects.get(reference=held_ref).is_open  # nobody asked
+
+    assert services.expire_bucket(bucket=bucket, now=at(61)) == 1
+    assert fresh(held).status == Status.CANCELLED
+    assert PaymentAttempt.objects.get(reference=held_ref).outcome == PaymentAttempt.Outcome.FAILED
 
 
 def test_an_extension_moves_the_shops_deadline_and_keeps_the_hold() -> None:

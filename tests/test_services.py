@@ -1484,6 +1484,25 @@ def test_a_bucket_task_that_ends_after_the_bucket_still_comes_again_for_what_it_
     assert broker.redis_client().zscore(timers_key, f"expire:{bucket}") == bucket
 
 
+def test_a_bucket_comes_again_for_its_later_deadlines_before_its_task_expires_anything(
+    timers_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bucket is added back first: a task that runs long (a sale's batches, a
+    provider asked about a held order) or dies does not hold back the later deadlines."""
+    first, later = place(timeout=600.41), place(timeout=600.47)
+    bucket = scheduling.bucket_of(at(600.41))
+
+    def worker_lost(**kwargs: Any) -> NoReturn:
+        raise SystemExit("worker lost")
+
+    monkeypatch.setattr(services, "expire_due_orders", worker_lost)
+    with pytest.raises(SystemExit):
+        services.expire_bucket(bucket=bucket, now=at(600.41))
+
+    assert broker.redis_client().zscore(timers_key, f"expire:{bucket}") == bucket
+    assert (reloaded(first).status, reloaded(later).status) == (Status.CREATED,) * 2
+
+
 @pytest.mark.parametrize(("helpers", "published"), [(3, 2), (1, 1), (0, 0)])
 def test_a_bucket_of_more_than_one_batch_is_shared_by_helpers_that_do_not_share_again(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, helpers: int, published: int
@@ -1841,6 +1860,26 @@ def test_batched_rearm_adds_a_bucket_not_an_order_and_marks_all_in_few_queries(
             + [(f"remind:{b}".encode(), float(b)) for b in reminders]
         ), f"run {run}"
         assert not Order.objects.exclude(timer_armed_for=F("expires_at")).exists()
+
+
+def test_a_rearmed_bucket_comes_due_at_the_earliest_deadline_in_it(
+    settings: Settings, timers_key: str
+) -> None:
+    """As arming one order at a time does: a sale's orders expire from their deadline,
+    not up to a bucket's width later, after ``orders_rearm`` too."""
+    settings.ORDERS = settings.ORDERS | {"TIMER_MODE": "batched"}
+    now = datetime.now(UTC).replace(microsecond=0) + timedelta(days=uuid.uuid4().int % 10_000)
+    orders = [services.place_order(amount="10.00", timeout=t, now=now) for t in (600.07, 600.03)]
+    Order.objects.update(timer_armed_for=None)
+    broker.redis_client().delete(timers_key)  # Redis lost them
+
+    for _ in services.rearm_timers(now=now):
+        pass
+
+    [bucket] = {scheduling.bucket_of(order.expires_at) for order in orders}
+    due = scheduling.ms_after(now + timedelta(seconds=600.03))
+    assert due < bucket
+    assert broker.redis_client().zscore(timers_key, f"expire:{bucket}") == due
 
 
 @pytest.mark.django_db
