@@ -114,6 +114,14 @@ def _mysql_admin(url: str, statement: str) -> None:
         cursor.execute(statement)
 
 
+def _drop_database(admin_url: str, name: str) -> None:
+    """Drop the bench's database ``name`` on the server of ``admin_url``, if it is there."""
+    if admin_url.startswith("mysql://"):
+        _mysql_admin(admin_url, f"DROP DATABASE IF EXISTS `{name}`")
+    else:
+        _pg_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def prepare(name: str = BENCH_DB_NAME) -> BenchEnv:
     """Choose the stack from the environment and create the bench's empty database
     ``name``. Call before Django is imported: it rewrites DATABASE_URL and friends in
@@ -126,11 +134,10 @@ def prepare(name: str = BENCH_DB_NAME) -> BenchEnv:
         if unquote(parts.path.lstrip("/")) == name:
             raise SystemExit(f"DATABASE_URL already names {name}; point it elsewhere.")
         database_url = urlunsplit(parts._replace(path=f"/{name}"))
+        _drop_database(given_db, name)
         if is_postgres:
-            _pg_admin(given_db, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             _pg_admin(given_db, f'CREATE DATABASE "{name}"')
         else:
-            _mysql_admin(given_db, f"DROP DATABASE IF EXISTS `{name}`")
             _mysql_admin(given_db, f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
         admin_url: str | None = given_db
     elif given_db and not given_db.startswith("sqlite"):
@@ -201,11 +208,7 @@ def teardown(bench: BenchEnv) -> None:
     try:
         delete_bench_keys(redis_client(bench.redis_url), bench.key_prefix)
     finally:
-        if bench.is_mysql and bench.admin_url is not None:
-            _mysql_admin(bench.admin_url, f"DROP DATABASE IF EXISTS `{bench.database_name}`")
-        elif bench.admin_url is not None:
-            _pg_admin(
-                bench.admin_url, f'DROP DATABASE IF EXISTS "{bench.database_name}" WITH (FORCE)'
-            )
+        if bench.admin_url is not None:
+            _drop_database(bench.admin_url, bench.database_name)
         else:
             _remove_sqlite(bench.sqlite_path)

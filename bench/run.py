@@ -182,10 +182,8 @@ def run(env: object, args: argparse.Namespace) -> None:
     if args.note:
         results.machine["Note"] = args.note
     bench = measure.Bench(env, profile, results, out)
-    if args.bursts_only:
-        run_bursts(bench, strategies)
-    elif not args.only_events:
-        run_strategies(bench, strategies, out, args.profile)
+    if not args.only_events:
+        run_strategies(bench, strategies, out, args.profile, bursts_only=args.bursts_only)
     if not args.bursts_only:
         from bench import events
 
@@ -207,18 +205,11 @@ def run(env: object, args: argparse.Namespace) -> None:
     print("Wrote " + ", ".join(str(p) for p in shown), flush=True)
 
 
-def run_bursts(bench: Bench, strategies: list[str]) -> None:
-    """The floor, then each strategy's bursts alone."""
-    t = time.monotonic()
-    bench.floor()
-    bench.results.durations["floor"] = time.monotonic() - t
-    for strategy in strategies:
-        print(f"strategy {strategy}: bursts", flush=True)
-        bench.run_strategy(strategy, bursts_only=True)
-
-
-def run_strategies(bench: Bench, strategies: list[str], out: Path, profile: bool) -> None:
-    """The steps of RESULTS.md: the in-process measurements, then each strategy."""
+def run_strategies(
+    bench: Bench, strategies: list[str], out: Path, profile: bool, *, bursts_only: bool = False
+) -> None:
+    """The steps of RESULTS.md: the in-process measurements, then each strategy; with
+    ``bursts_only``, the floor and each strategy's bursts alone."""
     from bench import measure
 
     results = bench.results
@@ -228,6 +219,8 @@ def run_strategies(bench: Bench, strategies: list[str], out: Path, profile: bool
         ("floor", bench.floor),
         ("re-arm", bench.rearm),
     ]
+    if bursts_only:
+        steps, profile = [("floor", bench.floor)], False
     for name, step in steps:
         t = time.monotonic()
         step()
@@ -235,7 +228,7 @@ def run_strategies(bench: Bench, strategies: list[str], out: Path, profile: bool
         print(f"{name}: {results.durations[name]:.0f}s", flush=True)
     for strategy in strategies:
         print(f"strategy {measure.LABELS[strategy]}", flush=True)
-        bench.run_strategy(strategy)
+        bench.run_strategy(strategy, bursts_only=bursts_only)
     if profile:
         from bench import profiling
 

@@ -198,7 +198,7 @@ def publish_bucket_timer(order_id: str, deadline: datetime) -> None:
         order_id,
         deadline,
         bucket=bucket_of(deadline),
-        due_ms=ms_after(deadline),
+        due_ms=ms_after(deadline),  # never after the bucket's end
         not_added=_forget_timer,
         expires_at=deadline.isoformat(),
     )
@@ -208,12 +208,13 @@ def publish_reminder_bucket(order_id: str, remind_at: datetime) -> None:
     """Add the reminder's bucket, as ``publish_bucket_timer`` does for deadlines, due at
     its end (a reminder is never early). A reminder time already past goes to the coming
     bucket, which the waker takes at once."""
+    bucket = bucket_of(max(remind_at, timezone.now()))
     _add_bucket(
         REMIND,
         order_id,
         remind_at,
-        bucket=bucket_of(max(remind_at, timezone.now())),
-        due_ms=None,
+        bucket=bucket,
+        due_ms=bucket,
         not_added=_reminder_not_armed,
         remind_at=remind_at.isoformat(),
     )
@@ -232,28 +233,27 @@ def _add_bucket(
     at: datetime,
     *,
     bucket: int,
-    due_ms: int | None,
+    due_ms: int,
     not_added: Callable[[str, datetime, BaseException], None],
     **fields: Any,
 ) -> None:
-    """Add ``bucket`` (``add_buckets``) for one order's deadline or reminder ``at``, and
-    log it if the order was its first; with the broker down, ``not_added(order_id, at,
-    error)`` says so and leaves the order to the sweep."""
+    """Add ``bucket`` (``add_buckets``), due at ``due_ms``, for one order's deadline or
+    reminder ``at``, and log it if the order was its first; with the broker down,
+    ``not_added(order_id, at, error)`` says so and leaves the order to the sweep."""
     try:
-        added = add_buckets(kind, [bucket], due=None if due_ms is None else {bucket: due_ms})
+        added = add_buckets(kind, [bucket], due={bucket: due_ms})
     except BROKER_ERRORS as exc:
         not_added(order_id, at, exc)
         return
     if added:
         event, what = _BUCKET_ARMED[kind]
-        fires_at = bucket if due_ms is None else min(bucket, due_ms)
         log_event(
             logger,
             event,
             what + " {bucket} armed by order {order_id}: fires in {countdown_s:.1f}s.",
             bucket=bucket,
             order_id=order_id,
-            countdown_s=max(0.0, fires_at / 1000 - time.time()),
+            countdown_s=max(0.0, due_ms / 1000 - time.time()),
             **fields,
         )
 
